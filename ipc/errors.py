@@ -1,0 +1,103 @@
+"""The error vocabulary shared by both ends of the wire.
+
+Every refusal the broker sends carries one numbered code from `ErrorCode`;
+the worker turns it back into the matching exception class, so code inside a
+run can `except Revoked:` without parsing strings. The numbers are part of the
+protocol (docs/protocol.md) and never change meaning.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+
+class DeadstopError(Exception):
+    """Root of every error deadstop raises, on either side of the wire."""
+
+
+class ErrorCode(enum.IntEnum):
+    MALFORMED = 1  # wrong frame count, bad JSON, schema violation
+    TOO_LARGE = 2  # request over the size cap
+    BAD_VERSION = 3  # protocol version frame not understood
+    UNAUTHENTICATED = 4  # unknown run id or credential mismatch
+    REVOKED = 5  # the run's egress was revoked (stop, kill, exit, quota...)
+    STALE_GENERATION = 6  # request carries a generation that is no longer current
+    TOOL_DENIED = 7  # tool exists but is not on this run's allow-list
+    UNKNOWN_TOOL = 8  # no tool of that name is registered
+    TOOL_ERROR = 9  # the handler raised
+    CANCELLED = 10  # handler cancelled by revoke; its result was discarded
+    BAD_ARGUMENTS = 11  # arguments do not fit the handler's signature
+    RESULT_NOT_JSON = 12  # handler returned something that is not JSON-able
+    PAUSED = 13  # reserved: request held while paused was dropped
+    QUOTA_EXCEEDED = 14  # a limit of the run was crossed
+    POLICY_DENIED = 15  # agent-to-agent policy refused the request
+    INTERNAL = 16  # bug in deadstop; the request had no effect
+
+
+class EgressRefused(DeadstopError):
+    """A tool call or event was refused by the supervisor's broker.
+
+    `code` is the wire code; `reason` quotes the revocation record or policy
+    that caused it when there is one.
+    """
+
+    code: ErrorCode = ErrorCode.INTERNAL
+
+    def __init__(self, message: str, *, code: ErrorCode | None = None, reason: str | None = None):
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+        self.reason = reason
+
+
+class Revoked(EgressRefused):
+    """The run's egress channel is revoked; nothing it asks for will happen."""
+
+    code = ErrorCode.REVOKED
+
+
+class StaleGeneration(Revoked):
+    """The run belongs to a superseded generation of its session."""
+
+    code = ErrorCode.STALE_GENERATION
+
+
+class ToolDenied(EgressRefused):
+    """The tool is unknown, not on the run's allow-list, or refused by policy."""
+
+    code = ErrorCode.TOOL_DENIED
+
+
+class ToolError(EgressRefused):
+    """The tool handler ran and failed; the message carries its error text."""
+
+    code = ErrorCode.TOOL_ERROR
+
+
+class QuotaExceeded(Revoked):
+    """A limit of the run was crossed; the run is being stopped."""
+
+    code = ErrorCode.QUOTA_EXCEEDED
+
+
+_CLASS_BY_CODE: dict[ErrorCode, type[EgressRefused]] = {
+    ErrorCode.REVOKED: Revoked,
+    ErrorCode.STALE_GENERATION: StaleGeneration,
+    ErrorCode.TOOL_DENIED: ToolDenied,
+    ErrorCode.UNKNOWN_TOOL: ToolDenied,
+    ErrorCode.POLICY_DENIED: ToolDenied,
+    ErrorCode.TOOL_ERROR: ToolError,
+    ErrorCode.CANCELLED: Revoked,
+    ErrorCode.QUOTA_EXCEEDED: QuotaExceeded,
+}
+
+
+def refusal_from_wire(error: dict[str, Any]) -> EgressRefused:
+    """Rebuild the exception a broker refusal stands for (unknown codes map to the base class)."""
+    try:
+        code = ErrorCode(int(error.get("code", ErrorCode.INTERNAL)))
+    except ValueError:
+        code = ErrorCode.INTERNAL
+    cls = _CLASS_BY_CODE.get(code, EgressRefused)
+    return cls(str(error.get("message", code.name)), code=code, reason=error.get("reason"))

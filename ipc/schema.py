@@ -1,0 +1,103 @@
+"""Typed message bodies of the egress protocol (see docs/protocol.md).
+
+msgspec decodes and validates in one pass, straight from bytes, which keeps
+validation off the profile of the egress hot path; a hand-written validator
+would be both slower and easier to get wrong. Unknown fields are ignored so
+that older brokers accept newer workers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+import msgspec
+
+
+class Call(msgspec.Struct, tag="call", tag_field="verb"):
+    """Ask the supervisor to run a registered tool."""
+
+    id: int
+    tool: str
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+
+
+class Emit(msgspec.Struct, tag="emit", tag_field="verb"):
+    """Publish an event to the supervisor's subscribers."""
+
+    id: int
+    kind: str
+    data: Any = None
+
+
+class Result(msgspec.Struct, tag="result", tag_field="verb"):
+    """The run's target returned this JSON value."""
+
+    id: int
+    value: Any = None
+
+
+class Failure(msgspec.Struct, tag="error", tag_field="verb"):
+    """The run's target raised; carried as text, never as a pickled exception."""
+
+    id: int
+    type: str
+    message: str
+    traceback: str = ""
+
+
+class Ping(msgspec.Struct, tag="ping", tag_field="verb"):
+    """Liveness probe; answered with the run's current state."""
+
+    id: int
+
+
+Request = Union[Call, Emit, Result, Failure, Ping]
+
+_request_decoder = msgspec.json.Decoder(Request)
+_encoder = msgspec.json.Encoder()
+
+
+class ErrorBody(msgspec.Struct):
+    code: int
+    name: str
+    message: str
+    reason: Union[str, None] = None
+
+
+class Reply(msgspec.Struct, omit_defaults=True):
+    """Every request gets exactly one reply with the same id."""
+
+    id: int
+    ok: bool
+    result: Any = None
+    error: Union[ErrorBody, None] = None
+
+
+_reply_decoder = msgspec.json.Decoder(Reply)
+
+
+def decode_request(body: bytes) -> Request:
+    """Raise msgspec.ValidationError / DecodeError with a readable message on bad input."""
+    return _request_decoder.decode(body)
+
+
+def encode(obj: Any) -> bytes:
+    """JSON-encode a message or a tool value; raises TypeError for non-JSON values."""
+    return _encoder.encode(obj)
+
+
+def decode_reply(body: bytes) -> Reply:
+    return _reply_decoder.decode(body)
+
+
+def decode_json(body: bytes) -> Any:
+    return msgspec.json.decode(body)
+
+
+def ensure_jsonable(value: Any) -> bytes:
+    """Encode `value` as JSON or raise TypeError naming the offending type."""
+    try:
+        return _encoder.encode(value)
+    except (TypeError, msgspec.EncodeError) as exc:
+        raise TypeError(f"value is not JSON-serialisable: {exc}") from None

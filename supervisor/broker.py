@@ -1,0 +1,285 @@
+"""The egress broker: one ZeroMQ ROUTER socket, every run's only way out.
+
+Each request is checked cheapest first (size, frame count, version,
+credential, revocation, generation, schema, tool allow-list) and every
+refusal is answered with a typed error and journaled; hostile input never
+raises out of the receive loop. Nothing from a worker is ever unpickled:
+bodies are JSON decoded by msgspec into fixed types.
+
+The socket is read with plain non-blocking receives from an asyncio reader
+callback, in batches, yielding to the event loop between batches so that a
+tool-call flood cannot delay a revoke queued behind it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from typing import Any, Protocol
+
+import msgspec
+import zmq
+
+from ipc import framing, schema
+from ipc.errors import ErrorCode
+from supervisor.channel import Channel, RevokeRecord
+from supervisor.journal import Journal
+from supervisor.tools import Tool, ToolCancelled, ToolContext, ToolRegistry
+
+log = logging.getLogger("deadstop.broker")
+
+BATCH = 64
+_id_only = msgspec.json.Decoder(type=dict)
+
+
+class BrokerSink(Protocol):
+    """What the broker hands upwards: events, final results, liveness questions."""
+
+    def on_event(self, run_id: str, kind: str, data: Any, t_ns: int) -> None: ...
+
+    def on_result(self, run_id: str, value: Any) -> None: ...
+
+    def on_failure(self, run_id: str, type_name: str, message: str, traceback: str) -> None: ...
+
+    def on_usage(self, run_id: str, tool: str, usage: dict[str, float]) -> None: ...
+
+    def state_of(self, run_id: str) -> str: ...
+
+
+def _guess_id(body: bytes) -> int:
+    """Best-effort request id for refusals issued before the body is validated."""
+    try:
+        value = _id_only.decode(body).get("id", 0)
+        return value if isinstance(value, int) else 0
+    except Exception:
+        return 0
+
+
+class Broker:
+    def __init__(self, loop: asyncio.AbstractEventLoop, address: str, journal: Journal,
+                 tools: ToolRegistry, sink: BrokerSink, *, max_request_bytes: int = framing.MAX_REQUEST_BYTES,
+                 tool_threads: int = 32):
+        self.loop = loop
+        self.address = address
+        self.journal = journal
+        self.tools = tools
+        self.sink = sink
+        self.max_request_bytes = max_request_bytes
+        self.channels: dict[str, Channel] = {}
+        self.executor = concurrent.futures.ThreadPoolExecutor(tool_threads, thread_name_prefix="deadstop-tool")
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, max(framing.HARD_FRAME_BYTES, 2 * max_request_bytes))
+        self.sock.setsockopt(zmq.RCVHWM, 100_000)
+        self.sock.setsockopt(zmq.SNDHWM, 100_000)
+        self.sock.bind(address)
+        self._fd = self.sock.getsockopt(zmq.FD)
+        self._drain_scheduled = False
+        loop.add_reader(self._fd, self._drain)
+
+    # -- channels --------------------------------------------------------------
+    def open_channel(self, run_id: str, credential: bytes, allowed: frozenset[str], generation: int = 0) -> Channel:
+        chan = Channel(run_id, credential, allowed, generation)
+        self.channels[run_id] = chan
+        return chan
+
+    def revoke(self, chan: Channel, source: str, reason: str) -> tuple[RevokeRecord, int]:
+        """Revoke, journal (committed), and cancel in-flight handlers. Returns (record, cancelled)."""
+        rec, first = chan.revoke(source, reason)
+        if not first:
+            return rec, 0
+        self.journal.revoked(chan.run_id, rec.at, source, reason)
+        cancelled = 0
+        for req_id, (handle, ctx) in list(chan.in_flight.items()):
+            ctx.cancelled = True
+            handle.cancel()  # an async handler stops at its next await; a queued sync one never starts
+            cancelled += 1
+        return rec, cancelled
+
+    # -- receive loop ------------------------------------------------------------
+    def _drain(self) -> None:
+        self._drain_scheduled = False
+        sock = self.sock
+        for _ in range(BATCH):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except zmq.ZMQError:
+                return  # closed under us
+            try:
+                self._handle(frames)
+            except Exception:  # a bug must never take the broker down
+                log.exception("egress: unexpected error handling a request")
+                self._reply_error(frames[0], 0, ErrorCode.INTERNAL, "internal error; the request had no effect")
+        self._schedule_drain()  # batch full: let other callbacks (a revoke) run first
+
+    def _schedule_drain(self) -> None:
+        if not self._drain_scheduled:
+            self._drain_scheduled = True
+            self.loop.call_soon(self._drain)
+
+    def _send(self, frames: list[bytes]) -> None:
+        try:
+            self.sock.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.ZMQError:
+            return  # peer gone or queue full: the run is dead or flooding
+        # The ZeroMQ fd is edge-triggered; a send can swallow the edge of an
+        # arrival, so look for pending input after every send.
+        if self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self._schedule_drain()
+
+    def _reply(self, ident: bytes, reply: schema.Reply) -> None:
+        self._send([ident, framing.VERSION, schema.encode(reply)])
+
+    def _reply_error(self, ident: bytes, req_id: int, code: ErrorCode, message: str, reason: str | None = None) -> None:
+        self._reply(ident, schema.Reply(id=req_id, ok=False,
+                                        error=schema.ErrorBody(int(code), code.name, message, reason)))
+
+    def _refuse(self, ident: bytes, chan: Channel | None, run_id: str | None, req_id: int, verb: str,
+                tool: str | None, code: ErrorCode, message: str, t_ns: int) -> None:
+        reason = chan.revoked_reason() if chan is not None else None
+        if chan is not None and chan.revocation is not None:
+            chan.refused_after_revoke += 1
+        self.journal.egress(run_id, t_ns, req_id, verb, tool, "refused", int(code), message)
+        self._reply_error(ident, req_id, code, message, reason)
+
+    def _handle(self, frames: list[bytes]) -> None:
+        t = time.monotonic_ns()
+        ident = frames[0]
+        size = sum(len(f) for f in frames)
+        if size > self.max_request_bytes:
+            self._refuse(ident, None, None, _guess_id(frames[-1]), "?", None, ErrorCode.TOO_LARGE,
+                         f"request of {size} bytes exceeds the {self.max_request_bytes}-byte limit", t)
+            return
+        if len(frames) != framing.REQUEST_FRAMES + 1:
+            self._refuse(ident, None, None, _guess_id(frames[-1]) if len(frames) > 1 else 0, "?", None,
+                         ErrorCode.MALFORMED, f"expected {framing.REQUEST_FRAMES} frames, got {len(frames) - 1}", t)
+            return
+        _, version, run_id_b, credential, gen_b, body = frames
+        if version != framing.VERSION:
+            self._refuse(ident, None, None, _guess_id(body), "?", None, ErrorCode.BAD_VERSION,
+                         f"protocol version {version[:16]!r} not supported; this broker speaks {framing.VERSION!r}", t)
+            return
+        run_id = run_id_b.decode("ascii", "replace")[:64]
+        chan = self.channels.get(run_id)
+        if chan is None or not chan.authenticates(credential):
+            self._refuse(ident, None, run_id, _guess_id(body), "?", None, ErrorCode.UNAUTHENTICATED,
+                         f"unknown run {run_id!r} or wrong credential", t)
+            return
+        if chan.revocation is not None:
+            self._refuse(ident, chan, run_id, _guess_id(body), "?", None, ErrorCode.REVOKED,
+                         f"run {run_id} is revoked ({chan.revoked_reason()})", t)
+            return
+        try:
+            gen = int(gen_b)
+        except ValueError:
+            gen = -1
+        if gen != chan.generation:
+            self._refuse(ident, chan, run_id, _guess_id(body), "?", None, ErrorCode.STALE_GENERATION,
+                         f"generation {gen_b[:20]!r} is not current ({chan.generation})", t)
+            return
+        try:
+            req = schema.decode_request(body)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            self._refuse(ident, chan, run_id, _guess_id(body), "?", None, ErrorCode.MALFORMED,
+                         f"invalid request body: {exc}", t)
+            return
+        if isinstance(req, schema.Call):
+            self._call(ident, chan, req, t)
+        elif isinstance(req, schema.Emit):
+            self.journal.egress(run_id, t, req.id, "emit", req.kind, "allowed")
+            self.sink.on_event(run_id, req.kind, req.data, t)
+            self._reply(ident, schema.Reply(id=req.id, ok=True))
+        elif isinstance(req, schema.Result):
+            self.journal.egress(run_id, t, req.id, "result", None, "allowed")
+            self.sink.on_result(run_id, req.value)
+            self._reply(ident, schema.Reply(id=req.id, ok=True))
+        elif isinstance(req, schema.Failure):
+            self.journal.egress(run_id, t, req.id, "error", req.type[:200], "allowed")
+            self.sink.on_failure(run_id, req.type, req.message, req.traceback)
+            self._reply(ident, schema.Reply(id=req.id, ok=True))
+        else:  # Ping
+            self._reply(ident, schema.Reply(id=req.id, ok=True, result={"state": self.sink.state_of(run_id)}))
+
+    # -- tool calls ----------------------------------------------------------------
+    def _call(self, ident: bytes, chan: Channel, req: schema.Call, t: int) -> None:
+        run_id = chan.run_id
+        tool = self.tools.get(req.tool)
+        if tool is None:
+            self._refuse(ident, chan, run_id, req.id, "call", req.tool[:200], ErrorCode.UNKNOWN_TOOL,
+                         f"no tool named {req.tool[:200]!r} is registered", t)
+            return
+        if req.tool not in chan.allowed:
+            self._refuse(ident, chan, run_id, req.id, "call", req.tool, ErrorCode.TOOL_DENIED,
+                         f"tool {req.tool!r} is not on run {run_id}'s allow-list", t)
+            return
+        ctx = ToolContext(run_id, req.tool, req.id, chan.gate, chan.revoked_reason)
+        try:
+            args, kwargs = tool.bind(req.args, req.kwargs, ctx)
+        except TypeError as exc:
+            self._refuse(ident, chan, run_id, req.id, "call", req.tool, ErrorCode.BAD_ARGUMENTS,
+                         f"arguments do not fit tool {req.tool!r}: {exc}", t)
+            return
+        # Dispatch decision. Revocation happens on this same thread, so the
+        # check above and this timestamp are ordered with `revoked_at`.
+        ctx.started_at = time.monotonic_ns()
+        chan.calls += 1
+        self.journal.egress(run_id, ctx.started_at, req.id, "call", req.tool, "dispatched")
+        if tool.is_async:
+            handle: Any = self.loop.create_task(tool.fn(*args, **kwargs))
+        else:
+            handle = self.loop.run_in_executor(self.executor, _run_sync_handler, tool, ctx, chan, args, kwargs)
+        chan.in_flight[req.id] = (handle, ctx)
+        handle.add_done_callback(lambda fut: self._finished(ident, chan, req.id, ctx, fut))
+
+    def _finished(self, ident: bytes, chan: Channel, req_id: int, ctx: ToolContext, fut: asyncio.Future) -> None:
+        chan.in_flight.pop(req_id, None)
+        t = time.monotonic_ns()
+        if ctx.usage:
+            self.sink.on_usage(chan.run_id, ctx.tool, ctx.usage)
+        if fut.cancelled() or ctx.cancelled or chan.revocation is not None:
+            if not fut.cancelled():
+                fut.exception()  # retrieve, so asyncio does not log it; the result is discarded
+            self.journal.egress(chan.run_id, t, req_id, "call", ctx.tool, "cancelled", int(ErrorCode.CANCELLED),
+                                chan.revoked_reason())
+            self._reply_error(ident, req_id, ErrorCode.CANCELLED,
+                              f"tool {ctx.tool!r} cancelled: run {chan.run_id} was revoked", chan.revoked_reason())
+            return
+        exc = fut.exception()
+        if isinstance(exc, ToolCancelled):
+            self.journal.egress(chan.run_id, t, req_id, "call", ctx.tool, "cancelled", int(ErrorCode.CANCELLED), str(exc))
+            self._reply_error(ident, req_id, ErrorCode.CANCELLED, str(exc))
+            return
+        if exc is not None:
+            text = f"{type(exc).__name__}: {exc}"[:4000]
+            self.journal.egress(chan.run_id, t, req_id, "call", ctx.tool, "failed", int(ErrorCode.TOOL_ERROR), text)
+            self._reply_error(ident, req_id, ErrorCode.TOOL_ERROR, f"tool {ctx.tool!r} failed: {text}")
+            return
+        try:
+            body = schema.encode(schema.Reply(id=req_id, ok=True, result=fut.result()))
+        except (TypeError, msgspec.EncodeError) as err:
+            self.journal.egress(chan.run_id, t, req_id, "call", ctx.tool, "failed", int(ErrorCode.RESULT_NOT_JSON), str(err))
+            self._reply_error(ident, req_id, ErrorCode.RESULT_NOT_JSON,
+                              f"tool {ctx.tool!r} returned a value that is not JSON: {err}")
+            return
+        self.journal.egress(chan.run_id, t, req_id, "call", ctx.tool, "completed")
+        self._send([ident, framing.VERSION, body])
+
+    def close(self) -> None:
+        self.loop.remove_reader(self._fd)
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.sock.close(0)
+        self.ctx.term()
+
+
+def _run_sync_handler(tool: Tool, ctx: ToolContext, chan: Channel, args: list[Any], kwargs: dict[str, Any]) -> Any:
+    # Thread-start gate: a sync handler queued before the revoke but not yet
+    # on a thread never starts.
+    with chan.gate:
+        if ctx.cancelled or chan.revocation is not None:
+            raise ToolCancelled(f"run {chan.run_id}: tool {tool.name!r} revoked before it started")
+    return tool.fn(*args, **kwargs)

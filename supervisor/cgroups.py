@@ -1,0 +1,240 @@
+"""cgroup v2: discovery, a per-supervisor subtree, and change notification.
+
+The v2 hierarchy is found from /proc/self/mountinfo (it may sit at
+/sys/fs/cgroup, /sys/fs/cgroup/unified beside v1 controllers, or anywhere a
+container put it) combined with this process's own cgroup from
+/proc/self/cgroup. Nothing is hard-coded.
+
+Layout, below the supervisor's own cgroup:
+
+    deadstop-<supervisor id>/        no processes of its own
+        spawner/                     the spawner
+        run-<run id>/                one per run, created before its fork
+
+Waiting is done on inotify events of cgroup.events (the kernel signals a
+change of `populated` / `frozen` as a file modification), never by polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import errno
+import os
+import struct
+from typing import Callable
+
+
+def find_cgroup2_mount(mountinfo: str = "/proc/self/mountinfo") -> tuple[str, str] | None:
+    """(mount point, mount root) of the cgroup2 filesystem, if mounted."""
+    try:
+        with open(mountinfo) as f:
+            lines = f.readlines()
+    except OSError:
+        return None
+    for line in lines:
+        left, sep, right = line.partition(" - ")
+        if not sep:
+            continue
+        if right.split()[0] == "cgroup2":
+            fields = left.split()
+            return _unescape(fields[4]), _unescape(fields[3])
+    return None
+
+
+def _unescape(path: str) -> str:
+    return path.encode().decode("unicode_escape") if "\\" in path else path
+
+
+def own_cgroup_path(proc_cgroup: str = "/proc/self/cgroup") -> str | None:
+    try:
+        with open(proc_cgroup) as f:
+            for line in f:
+                hier, _, rest = line.rstrip("\n").partition(":")
+                controllers, _, path = rest.partition(":")
+                if hier == "0" and controllers == "":
+                    return path
+    except OSError:
+        pass
+    return None
+
+
+def own_cgroup_dir() -> tuple[str | None, str]:
+    """Directory of this process's v2 cgroup, or (None, why not)."""
+    mount = find_cgroup2_mount()
+    if mount is None:
+        return None, "no cgroup2 filesystem is mounted"
+    point, root = mount
+    path = own_cgroup_path()
+    if path is None:
+        return None, "this process has no cgroup v2 membership line in /proc/self/cgroup"
+    rel = os.path.relpath(path, root) if root != "/" else path.lstrip("/")
+    if rel.startswith(".."):
+        return None, f"own cgroup {path} lies outside the visible mount root {root}"
+    return os.path.normpath(os.path.join(point, rel)), ""
+
+
+class Cgroup:
+    """One cgroup directory and the few files deadstop touches."""
+
+    __slots__ = ("path",)
+
+    def __init__(self, path: str):
+        self.path = path
+
+    @property
+    def procs_file(self) -> str:
+        return os.path.join(self.path, "cgroup.procs")
+
+    @property
+    def events_file(self) -> str:
+        return os.path.join(self.path, "cgroup.events")
+
+    def pids(self) -> list[int]:
+        try:
+            with open(self.procs_file, "rb") as f:
+                return [int(x) for x in f.read().split()]
+        except FileNotFoundError:
+            return []
+
+    def events(self) -> dict[str, int]:
+        try:
+            with open(self.events_file, "rb") as f:
+                return {k.decode(): int(v) for k, v in (line.split() for line in f.read().splitlines())}
+        except FileNotFoundError:
+            return {"populated": 0, "frozen": 0}
+
+    def populated(self) -> bool:
+        return bool(self.events().get("populated", 0))
+
+    def write(self, name: str, value: str) -> None:
+        with open(os.path.join(self.path, name), "w") as f:
+            f.write(value)
+
+    def has(self, name: str) -> bool:
+        return os.path.exists(os.path.join(self.path, name))
+
+    def kill(self) -> None:
+        """SIGKILL every process in the subtree, atomically with respect to forks."""
+        self.write("cgroup.kill", "1")
+
+    def freeze(self, frozen: bool) -> None:
+        self.write("cgroup.freeze", "1" if frozen else "0")
+
+    def remove(self) -> bool:
+        """rmdir, children first; False if something is still inside."""
+        ok = True
+        try:
+            entries = list(os.scandir(self.path))
+        except FileNotFoundError:
+            return True
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                ok = Cgroup(entry.path).remove() and ok
+        try:
+            os.rmdir(self.path)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            ok = False
+        return ok
+
+
+class CgroupTree:
+    """The supervisor's own subtree; created once, removed at close."""
+
+    def __init__(self, root: Cgroup, has_kill: bool):
+        self.root = root
+        self.has_kill = has_kill
+
+    @classmethod
+    def create(cls, supervisor_id: str) -> tuple["CgroupTree | None", str]:
+        """Make deadstop-<id> under our cgroup, or say why it cannot be done."""
+        base, why = own_cgroup_dir()
+        if base is None:
+            return None, why
+        path = os.path.join(base, f"deadstop-{supervisor_id}")
+        try:
+            os.mkdir(path)
+        except OSError as exc:
+            return None, f"cannot create {path}: {exc.strerror}"
+        root = Cgroup(path)
+        if not root.has("cgroup.freeze"):
+            root.remove()
+            return None, f"{path} has no cgroup.freeze (kernel older than 5.2)"
+        return cls(root, root.has("cgroup.kill")), ""
+
+    def child(self, name: str) -> Cgroup:
+        path = os.path.join(self.root.path, name)
+        os.mkdir(path)
+        return Cgroup(path)
+
+    def remove(self) -> bool:
+        return self.root.remove()
+
+
+class _InotifyEvent(ctypes.Structure):
+    _fields_ = [("wd", ctypes.c_int), ("mask", ctypes.c_uint32), ("cookie", ctypes.c_uint32), ("len", ctypes.c_uint32)]
+
+
+IN_MODIFY = 0x00000002
+IN_NONBLOCK = os.O_NONBLOCK
+IN_CLOEXEC = os.O_CLOEXEC
+_EVENT_HEADER = struct.Struct("iIII")
+
+
+class InotifyWatcher:
+    """One inotify descriptor on the event loop, dispatching file changes to callbacks."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        self._add = libc.inotify_add_watch
+        self._add.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+        self._rm = libc.inotify_rm_watch
+        self._rm.argtypes = [ctypes.c_int, ctypes.c_int]
+        fd = libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        self.fd = fd
+        self.loop = loop
+        self.callbacks: dict[int, Callable[[], None]] = {}
+        loop.add_reader(fd, self._drain)
+
+    def watch(self, path: str, callback: Callable[[], None]) -> int:
+        wd = self._add(self.fd, os.fsencode(path), IN_MODIFY)
+        if wd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), path)
+        self.callbacks[wd] = callback
+        return wd
+
+    def unwatch(self, wd: int) -> None:
+        if self.callbacks.pop(wd, None) is not None:
+            self._rm(self.fd, wd)  # EINVAL if the cgroup is already gone: harmless
+
+    def _drain(self) -> None:
+        try:
+            data = os.read(self.fd, 64 * 1024)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            if exc.errno == errno.EINTR:
+                return
+            raise
+        seen = set()
+        off = 0
+        while off + _EVENT_HEADER.size <= len(data):
+            wd, _mask, _cookie, length = _EVENT_HEADER.unpack_from(data, off)
+            off += _EVENT_HEADER.size + length
+            seen.add(wd)
+        for wd in seen:
+            cb = self.callbacks.get(wd)
+            if cb is not None:
+                cb()
+
+    def close(self) -> None:
+        self.loop.remove_reader(self.fd)
+        os.close(self.fd)
+        self.callbacks.clear()

@@ -1,0 +1,60 @@
+"""A run's egress channel: its credential, allow-list and revocation record.
+
+Revocation is physical: the credential bytes are dropped, so no frame can
+authenticate as the run any more, whatever the broker's other checks do. A
+digest of the old credential is kept only to tell a late request of the real
+run (answered REVOKED and counted) from a forgery (UNAUTHENTICATED).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import threading
+import time
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class RevokeRecord:
+    at: int  # time.monotonic_ns()
+    source: str  # api | exit | supervisor | spawner | quota | parent | gateway | restart
+    reason: str
+
+
+class Channel:
+    __slots__ = ("run_id", "_credential", "_digest", "allowed", "generation", "revocation", "gate",
+                 "in_flight", "refused_after_revoke", "calls")
+
+    def __init__(self, run_id: str, credential: bytes, allowed: frozenset[str], generation: int = 0):
+        self.run_id = run_id
+        self._credential: bytes | None = credential
+        self._digest = hashlib.sha256(credential).digest()
+        self.allowed = allowed
+        self.generation = generation
+        self.revocation: RevokeRecord | None = None
+        # Taken by revoke() and by every ToolContext.check(); see supervisor/tools.py.
+        self.gate = threading.Lock()
+        self.in_flight: dict[int, Any] = {}  # request id -> (asyncio handle, ToolContext)
+        self.refused_after_revoke = 0
+        self.calls = 0
+
+    def authenticates(self, presented: bytes) -> bool:
+        cred = self._credential
+        if cred is not None:
+            return hmac.compare_digest(cred, presented)
+        return hmac.compare_digest(self._digest, hashlib.sha256(presented).digest())
+
+    def revoked_reason(self) -> str | None:
+        rec = self.revocation
+        return None if rec is None else f"{rec.source}: {rec.reason}"
+
+    def revoke(self, source: str, reason: str) -> tuple[RevokeRecord, bool]:
+        """Close the channel; idempotent. Returns (record, whether this call revoked it)."""
+        with self.gate:
+            if self.revocation is not None:
+                return self.revocation, False
+            self.revocation = RevokeRecord(time.monotonic_ns(), source, reason)
+            self._credential = None
+            return self.revocation, True

@@ -1,0 +1,211 @@
+"""Containment layers: what "the run" is, physically, and how to end all of it.
+
+Each layer is a small class behind one protocol, chosen once per supervisor
+(strongest available first) and named in every report. The stop policy
+(revoke, SIGTERM, grace, SIGKILL, sweep) lives in supervisor/stop.py and
+does not know which layer it drives.
+
+* `cgroup`: the run's own cgroup v2. `members` is cgroup.procs, `kill` is
+  cgroup.kill (atomic against forks), waiting is an inotify event on
+  cgroup.events. setsid() and double forks do not leave a cgroup.
+* `process-group+subreaper`: the run's process group (pinned by its zombie
+  leader, see worker/spawner.py) for signals, and for the sweep every
+  descendant of the spawner (orphans come back to it as the subreaper) that
+  carries the run's environment marker.
+* `process-group`: as above where no subreaper exists (macOS); the sweep
+  then scans every process for the marker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from typing import Protocol
+
+import psutil
+
+from supervisor import procs
+from supervisor.cgroups import Cgroup, InotifyWatcher
+
+CGROUP = "cgroup"
+PGROUP_SUBREAPER = "process-group+subreaper"
+PGROUP = "process-group"
+
+
+class Containment(Protocol):
+    name: str
+
+    def members(self) -> set[int]:
+        """Live processes the layer's own signals reach."""
+
+    def survivors(self) -> list[int]:
+        """Every live process of the run, the sweep's view included."""
+
+    def signal(self, sig: int) -> int:
+        """Send `sig` to every member; returns how many were reached (-1: unknown)."""
+
+    def kill(self) -> None:
+        """SIGKILL every member."""
+
+    def sweep(self) -> int:
+        """SIGKILL survivors the layer's kill did not reach; returns how many."""
+
+    async def wait_empty(self, timeout: float) -> bool:
+        """Wait until no member is left; False on timeout."""
+
+    def freeze(self) -> None: ...
+
+    def thaw(self) -> None: ...
+
+    def cleanup(self) -> None: ...
+
+
+class CgroupContainment:
+    name = CGROUP
+
+    def __init__(self, cgroup: Cgroup, watcher: InotifyWatcher, has_kill: bool):
+        self.cgroup = cgroup
+        self.has_kill = has_kill
+        self._watcher = watcher
+        self._waiters: list[asyncio.Future] = []
+        self._wd = watcher.watch(cgroup.events_file, self._changed)
+
+    def _changed(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    def members(self) -> set[int]:
+        return set(self.cgroup.pids())
+
+    def survivors(self) -> list[int]:
+        return self.cgroup.pids()
+
+    def signal(self, sig: int) -> int:
+        return procs.signal_members(self.cgroup.pids(), sig, self.members)
+
+    def kill(self) -> None:
+        if self.has_kill:
+            self.cgroup.kill()
+            return
+        # Pre-5.14 kernels: freeze so nothing forks or exits under us, kill, thaw.
+        self.cgroup.freeze(True)
+        try:
+            procs.signal_members(self.cgroup.pids(), signal.SIGKILL, self.members)
+        finally:
+            self.cgroup.freeze(False)
+
+    def sweep(self) -> int:
+        left = self.cgroup.pids()
+        if not left:
+            return 0
+        self.kill()
+        return len(left)
+
+    async def _wait_for(self, predicate, timeout: float) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            fut = loop.create_future()
+            self._waiters.append(fut)  # register before reading: no lost wake-up
+            if predicate():
+                return True
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            try:
+                await asyncio.wait_for(fut, remaining)
+            except asyncio.TimeoutError:
+                return predicate()
+
+    async def wait_empty(self, timeout: float) -> bool:
+        return await self._wait_for(lambda: not self.cgroup.populated(), timeout)
+
+    def freeze(self) -> None:
+        self.cgroup.freeze(True)
+
+    def thaw(self) -> None:
+        self.cgroup.freeze(False)
+
+    async def wait_frozen(self, frozen: bool, timeout: float) -> bool:
+        return await self._wait_for(lambda: bool(self.cgroup.events().get("frozen")) == frozen, timeout)
+
+    def cleanup(self) -> None:
+        self._watcher.unwatch(self._wd)
+        self._changed()
+        self.cgroup.remove()
+
+
+class ProcessGroupContainment:
+    def __init__(self, pgid: int, marker: str, spawner_pid: int, subreaper: bool):
+        self.pgid = pgid
+        self.marker = marker.encode()
+        self.spawner_pid = spawner_pid
+        self.subreaper = subreaper
+        self.name = PGROUP_SUBREAPER if subreaper else PGROUP
+
+    def _candidates(self) -> list[int]:
+        if self.subreaper:
+            return procs.descendants(self.spawner_pid)
+        return psutil.pids()
+
+    def _scan(self, with_marker: bool) -> list[int]:
+        found = []
+        for pid in self._candidates():
+            st = procs.read_stat(pid)
+            if st is None or st[0] in ("Z", "X"):
+                continue  # exited; the spawner reaps it
+            if st[1] == self.pgid or (with_marker and procs.has_marker(pid, self.marker)):
+                found.append(pid)
+        return found
+
+    def members(self) -> set[int]:
+        return set(self._scan(with_marker=False))
+
+    def survivors(self) -> list[int]:
+        return self._scan(with_marker=True)
+
+    def signal(self, sig: int) -> int:
+        try:
+            os.killpg(self.pgid, sig)  # the zombie leader pins this pgid
+            return -1
+        except ProcessLookupError:
+            return 0
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+
+    def sweep(self) -> int:
+        left = self.survivors()
+        if not left:
+            return 0
+        return procs.signal_members(left, signal.SIGKILL, lambda: set(self.survivors()))
+
+    async def _wait_gone(self, scan, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = scan()
+            if not left:
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            await procs.wait_pids_gone(left, remaining)
+
+    async def wait_empty(self, timeout: float) -> bool:
+        return await self._wait_gone(self.members, timeout)
+
+    async def wait_all_gone(self, timeout: float) -> bool:
+        return await self._wait_gone(self.survivors, timeout)
+
+    def freeze(self) -> None:
+        self.signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        self.signal(signal.SIGCONT)
+
+    def cleanup(self) -> None:
+        pass

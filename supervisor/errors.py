@@ -1,0 +1,77 @@
+"""Errors raised on the trusted side. One root (`DeadstopError`), few leaves.
+
+Messages name the run, the PIDs, the signal and the containment layer, so a
+log line alone says what failed and to whom.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ipc.errors import DeadstopError, EgressRefused, ErrorCode
+
+if TYPE_CHECKING:
+    from supervisor.report import StopReport
+
+__all__ = [
+    "DeadstopError",
+    "EgressRefused",
+    "ErrorCode",
+    "RunNotFound",
+    "InvalidTarget",
+    "InvalidTransition",
+    "StopIncomplete",
+    "ContainmentDegraded",
+    "RunFailed",
+    "SupervisorClosed",
+]
+
+
+class RunNotFound(DeadstopError):
+    """No run with that id is known to this supervisor."""
+
+
+class InvalidTarget(DeadstopError, ValueError):
+    """The target cannot be started: not picklable, not callable, argv not found."""
+
+
+class InvalidTransition(DeadstopError):
+    """A run state change that the state machine does not allow (a bug if seen)."""
+
+
+class SupervisorClosed(DeadstopError):
+    """The supervisor was closed; it starts nothing new."""
+
+
+class ContainmentDegraded(DeadstopError):
+    """A containment layer was required but is not available on this machine."""
+
+
+class RunFailed(DeadstopError):
+    """The run's target raised or the run ended without a result.
+
+    `remote_type` and `remote_traceback` are text sent by the run; they are
+    never unpickled.
+    """
+
+    def __init__(self, message: str, *, run_id: str, remote_type: str | None = None,
+                 remote_traceback: str | None = None, exit_code: int | None = None):
+        super().__init__(message)
+        self.run_id = run_id
+        self.remote_type = remote_type
+        self.remote_traceback = remote_traceback
+        self.exit_code = exit_code
+
+
+class StopIncomplete(DeadstopError):
+    """Processes of the run were still alive after the sweep.
+
+    Carries the full report; `survivors` lists the PIDs that refused to die.
+    """
+
+    def __init__(self, report: "StopReport"):
+        super().__init__(
+            f"run {report.run_id}: {len(report.survivor_pids)} process(es) still alive after "
+            f"SIGKILL and sweep via {report.containment}: pids {report.survivor_pids}")
+        self.report = report
+        self.survivors = report.survivor_pids

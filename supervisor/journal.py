@@ -1,0 +1,144 @@
+"""The journal: an embedded SQLite database (WAL) that can prove a stop.
+
+It records runs, every state transition, every revocation, every egress
+decision and every stop report, each with a monotonic timestamp, so that
+"nothing happened after stop" can be checked afterwards from the file alone:
+
+    SELECT * FROM egress e JOIN revocations r USING (run_id)
+    WHERE e.decision = 'dispatched' AND e.t_ns > r.t_ns;   -- must be empty
+
+Writes happen on the supervisor's event loop thread. Egress rows are grouped
+into one transaction per loop iteration (commit_soon) because a commit per
+tool call would dominate the egress round trip; a revocation is committed
+before the call returns (commit_now), because G1 requires it to be on record
+before the first signal is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sqlite3
+import time
+from typing import Any, Iterable
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS supervisors(
+    id TEXT PRIMARY KEY, pid INTEGER, pid_create_time REAL, boot_id TEXT,
+    started_wall REAL, started_ns INTEGER, ended_wall REAL, containment TEXT);
+CREATE TABLE IF NOT EXISTS runs(
+    id TEXT PRIMARY KEY, supervisor_id TEXT, kind TEXT, target TEXT, tools TEXT,
+    pid INTEGER, pid_create_time REAL, cgroup TEXT, containment TEXT, state TEXT,
+    created_ns INTEGER, created_wall REAL, ended_ns INTEGER,
+    exit_code INTEGER, exit_signal INTEGER);
+CREATE TABLE IF NOT EXISTS transitions(
+    seq INTEGER PRIMARY KEY, run_id TEXT, t_ns INTEGER, old TEXT, new TEXT);
+CREATE TABLE IF NOT EXISTS revocations(
+    run_id TEXT PRIMARY KEY, t_ns INTEGER, source TEXT, reason TEXT);
+CREATE TABLE IF NOT EXISTS egress(
+    seq INTEGER PRIMARY KEY, run_id TEXT, t_ns INTEGER, req_id INTEGER, verb TEXT,
+    tool TEXT, decision TEXT, code INTEGER, detail TEXT);
+CREATE INDEX IF NOT EXISTS egress_run ON egress(run_id, decision);
+CREATE TABLE IF NOT EXISTS stops(run_id TEXT PRIMARY KEY, t_ns INTEGER, report TEXT);
+"""
+
+
+def boot_id() -> str:
+    """Monotonic timestamps are only comparable within one boot; this names it."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+class Journal:
+    def __init__(self, path: str):
+        self.path = path
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.db = sqlite3.connect(path, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)
+        self.db.commit()
+        self._commit_pending = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.closed = False
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    # -- write side -----------------------------------------------------------
+    def _exec(self, sql: str, params: Iterable[Any]) -> None:
+        self.db.execute(sql, tuple(params))
+        self.commit_soon()
+
+    def commit_soon(self) -> None:
+        if self._commit_pending:
+            return
+        if self._loop is None:
+            self.db.commit()
+            return
+        self._commit_pending = True
+        self._loop.call_soon(self.commit_now)
+
+    def commit_now(self) -> None:
+        self._commit_pending = False
+        if not self.closed:
+            self.db.commit()
+
+    def supervisor_started(self, sup_id: str, pid: int, pid_create_time: float, containment: str) -> None:
+        self._exec("INSERT INTO supervisors VALUES (?,?,?,?,?,?,?,?)",
+                   (sup_id, pid, pid_create_time, boot_id(), time.time(), time.monotonic_ns(), None, containment))
+        self.commit_now()
+
+    def supervisor_ended(self, sup_id: str) -> None:
+        self._exec("UPDATE supervisors SET ended_wall=? WHERE id=?", (time.time(), sup_id))
+        self.commit_now()
+
+    def run_created(self, run_id: str, sup_id: str, kind: str, target: str, tools: list[str],
+                    containment: str, cgroup: str | None) -> None:
+        self._exec("INSERT INTO runs(id, supervisor_id, kind, target, tools, containment, cgroup, state,"
+                   " created_ns, created_wall) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                   (run_id, sup_id, kind, target, json.dumps(tools), containment, cgroup, "starting",
+                    time.monotonic_ns(), time.time()))
+
+    def run_started(self, run_id: str, pid: int, pid_create_time: float) -> None:
+        self._exec("UPDATE runs SET pid=?, pid_create_time=? WHERE id=?", (pid, pid_create_time, run_id))
+
+    def transition(self, run_id: str, old: str, new: str, t_ns: int) -> None:
+        self._exec("INSERT INTO transitions(run_id, t_ns, old, new) VALUES (?,?,?,?)", (run_id, t_ns, old, new))
+        self._exec("UPDATE runs SET state=? WHERE id=?", (new, run_id))
+
+    def revoked(self, run_id: str, t_ns: int, source: str, reason: str) -> None:
+        self._exec("INSERT OR IGNORE INTO revocations VALUES (?,?,?,?)", (run_id, t_ns, source, reason))
+        self.commit_now()
+
+    def egress(self, run_id: str | None, t_ns: int, req_id: int | None, verb: str, tool: str | None,
+               decision: str, code: int | None = None, detail: str | None = None) -> None:
+        self._exec("INSERT INTO egress(run_id, t_ns, req_id, verb, tool, decision, code, detail)"
+                   " VALUES (?,?,?,?,?,?,?,?)", (run_id, t_ns, req_id, verb, tool, decision, code, detail))
+
+    def run_ended(self, run_id: str, t_ns: int, exit_code: int | None, exit_signal: int | None,
+                  report: dict[str, Any]) -> None:
+        self._exec("UPDATE runs SET ended_ns=?, exit_code=?, exit_signal=? WHERE id=?",
+                   (t_ns, exit_code, exit_signal, run_id))
+        self._exec("INSERT OR REPLACE INTO stops VALUES (?,?,?)", (run_id, t_ns, json.dumps(report)))
+        self.commit_now()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.db.commit()
+        finally:
+            self.db.close()
+
+
+def open_readonly(path: str) -> sqlite3.Connection:
+    """A separate connection for readers (tests, CLI) that never blocks the writer."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+    db.row_factory = sqlite3.Row
+    return db

@@ -1,0 +1,42 @@
+"""The stop report: how a run ended, with the timestamps that prove it.
+
+All timestamps are `time.monotonic_ns()` values taken in the supervisor
+process, so they compare directly with the caller's own monotonic clock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+ENDED_BY = ("exited", "sigterm", "sigkill", "swept")
+
+
+@dataclasses.dataclass
+class StopReport:
+    run_id: str
+    containment: str
+    outcome: str = ""  # final RunState value: stopped | killed | exited | failed
+    ended_by: str = ""  # exited | sigterm | sigkill | swept
+    requested_at: int = 0  # stop()/kill() called, or leader exit noticed
+    revoked_at: int = 0
+    revoke_source: str = ""  # api | exit | supervisor | spawner | quota | ...
+    revoke_reason: str = ""
+    term_sent_at: int | None = None
+    kill_sent_at: int | None = None
+    reaped_at: int = 0
+    survivors: int = 0
+    survivor_pids: list[int] = dataclasses.field(default_factory=list)
+    swept: int = 0  # processes the sweep had to kill after the layer's signal
+    refused_after_revoke: int = 0
+    handlers_cancelled: int = 0
+    exit_code: int | None = None  # leader's exit status, if it exited
+    exit_signal: int | None = None  # signal that ended the leader, if any
+
+    @property
+    def stop_ns(self) -> int:
+        """Duration from the request to the last reap."""
+        return self.reaped_at - self.requested_at
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,227 @@
+"""One run as the supervisor's event loop sees it (the asyncio core).
+
+A run has exactly one end, produced by exactly one task running
+supervisor.stop.stop_sequence. stop(), kill() and the leader's own exit all
+join that task; kill() during a stop escalates it instead of starting a
+second one, and a caller that is cancelled while waiting leaves the task to
+finish (its report stays readable on the run).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import signal
+import time
+from typing import TYPE_CHECKING, Any
+
+from supervisor.channel import Channel, RevokeRecord
+from supervisor.containment import Containment
+from supervisor.errors import RunFailed, StopIncomplete
+from supervisor.report import StopReport
+from supervisor.states import RunState, RunStateMachine
+from supervisor.stop import KILL_BOUND, StopRequest, stop_sequence
+
+if TYPE_CHECKING:
+    from supervisor.core import AsyncSupervisor
+
+log = logging.getLogger("deadstop.run")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExitInfo:
+    run_id: str
+    state: RunState
+    exit_code: int | None
+    exit_signal: int | None
+    report: StopReport
+
+
+class AsyncRun:
+    def __init__(self, sup: "AsyncSupervisor", run_id: str, kind: str, target: str, tools: list[str],
+                 grace: float, channel: Channel):
+        self._sup = sup
+        self.id = run_id
+        self.kind = kind  # "python" | "argv"
+        self.target = target
+        self.tools = tools
+        self.grace = grace
+        self.channel = channel
+        self.machine = RunStateMachine(run_id, self._journal_transition)
+        self.pid: int | None = None
+        self.create_time: float | None = None
+        self.pidfd: int | None = None
+        self.containment: Containment | None = None
+        self.escalated = asyncio.Event()
+        self.leader_exited = asyncio.Event()
+        self.report: StopReport | None = None
+        self._done = asyncio.Event()
+        self._stop_task: asyncio.Task | None = None
+        self._kill_requested = False
+        self._result: Any = None
+        self._has_result = False
+        self._failure: tuple[str, str, str] | None = None
+
+    # -- state -----------------------------------------------------------------
+    @property
+    def state(self) -> RunState:
+        return self.machine.state
+
+    def _journal_transition(self, old: RunState, new: RunState, t_ns: int) -> None:
+        self._sup.journal.transition(self.id, old.value, new.value, t_ns)
+
+    def attach(self, pid: int, create_time: float, pidfd: int | None, containment: Containment) -> None:
+        """The spawner forked the leader: watch it and mark the run running."""
+        self.pid, self.create_time, self.pidfd, self.containment = pid, create_time, pidfd, containment
+        self._sup.journal.run_started(self.id, pid, create_time)
+        if self.machine.state is RunState.STARTING:
+            self.machine.to(RunState.RUNNING)
+        if pidfd is not None:
+            self._sup.loop.add_reader(pidfd, self._on_leader_exit)
+        else:  # no pidfd (macOS): a thread waits on psutil for us
+            self._sup.loop.run_in_executor(None, self._wait_leader_psutil)
+
+    def _wait_leader_psutil(self) -> None:
+        import psutil
+
+        try:
+            psutil.Process(self.pid).wait()
+        except psutil.Error:
+            pass
+        self._sup.loop.call_soon_threadsafe(self._on_leader_exit)
+
+    def _on_leader_exit(self) -> None:
+        if self.leader_exited.is_set():
+            return
+        if self.pidfd is not None:
+            self._sup.loop.remove_reader(self.pidfd)
+        self.leader_exited.set()
+        if self._stop_task is None:
+            self._begin(StopRequest("exit", "exit", "the run's leader process exited", 0.0, time.monotonic_ns()))
+
+    # -- results reported over egress ----------------------------------------------
+    def set_result(self, value: Any) -> None:
+        self._result, self._has_result = value, True
+
+    def set_failure(self, type_name: str, message: str, traceback: str) -> None:
+        self._failure = (type_name, message, traceback)
+
+    # -- the one end -----------------------------------------------------------------
+    def revoke(self, source: str, reason: str) -> tuple[RevokeRecord, int]:
+        return self._sup.broker.revoke(self.channel, source, reason)
+
+    def _begin(self, req: StopRequest) -> asyncio.Task:
+        if self._stop_task is None:
+            self._stop_task = self._sup.loop.create_task(self._finish(req), name=f"deadstop-stop-{self.id}")
+        return self._stop_task
+
+    async def _finish(self, req: StopRequest) -> StopReport:
+        try:
+            report = await stop_sequence(self, req)
+        except BaseException:
+            log.exception("run %s: stop sequence failed; killing what is left", self.id)
+            self._last_resort_kill()
+            raise
+        finally:
+            self._done.set()
+        self.report = report
+        self.machine.to(RunState(report.outcome))
+        self._sup.journal.run_ended(self.id, report.reaped_at, report.exit_code, report.exit_signal,
+                                    report.to_dict())
+        self._release_handles()
+        self._sup.run_finished(self)
+        return report
+
+    def _last_resort_kill(self) -> None:
+        try:
+            self.revoke("supervisor", "stop sequence failed")
+            if self.containment is not None:
+                self.containment.kill()
+                self.containment.sweep()
+        except Exception:
+            log.exception("run %s: last-resort kill failed", self.id)
+
+    def _release_handles(self) -> None:
+        if self.containment is not None:
+            self.containment.cleanup()
+        if self.pidfd is not None:
+            if not self.leader_exited.is_set():
+                self._sup.loop.remove_reader(self.pidfd)
+            os.close(self.pidfd)
+            self.pidfd = None
+
+    async def release_leader(self) -> int | None:
+        """Wait for the leader to be gone, then let the spawner reap it (unpins the pgid)."""
+        if self.pid is None:
+            return None
+        try:
+            await asyncio.wait_for(self.leader_exited.wait(), KILL_BOUND)
+        except asyncio.TimeoutError:
+            log.error("run %s: leader pid %d survived SIGKILL for %.0fs", self.id, self.pid, KILL_BOUND)
+            return None
+        try:
+            return await asyncio.wait_for(self._sup.spawner.release(self.pid), KILL_BOUND)
+        except Exception:  # spawner gone: the leader was reaped elsewhere
+            return None
+
+    def final_state(self, mode: str, exit_code: int | None) -> RunState:
+        if mode == "exit":
+            ok = exit_code == 0 and self._failure is None
+            return RunState.EXITED if ok else RunState.FAILED
+        if mode == "kill" or self._kill_requested:
+            return RunState.KILLED
+        return RunState.STOPPED
+
+    # -- verbs ---------------------------------------------------------------------------
+    async def stop(self, grace: float | None = None, *, requested_at: int | None = None,
+                   source: str = "api", reason: str = "stop requested") -> StopReport:
+        """Revoke, SIGTERM, wait `grace`, SIGKILL, sweep. Returns the report.
+
+        Raises StopIncomplete (carrying the report) if anything survived.
+        """
+        req = StopRequest("stop", source, reason, self.grace if grace is None else grace,
+                          requested_at or time.monotonic_ns())
+        return await self._await_end(self._begin(req))
+
+    async def kill(self, *, requested_at: int | None = None, source: str = "api",
+                   reason: str = "kill requested") -> StopReport:
+        """Revoke and SIGKILL at once; escalates a stop already in progress."""
+        self._kill_requested = True
+        if self._stop_task is not None:
+            self.escalated.set()
+            return await self._await_end(self._stop_task)
+        req = StopRequest("kill", source, reason, 0.0, requested_at or time.monotonic_ns())
+        return await self._await_end(self._begin(req))
+
+    async def _await_end(self, task: asyncio.Task) -> StopReport:
+        report = await asyncio.shield(task)
+        if report.survivors:
+            raise StopIncomplete(report)
+        return report
+
+    async def wait(self, timeout: float | None = None) -> ExitInfo:
+        """Wait for the run to end (by itself or by a stop); TimeoutError after `timeout`."""
+        await asyncio.wait_for(asyncio.shield(self._done.wait()), timeout)
+        report = await asyncio.shield(self._stop_task)  # type: ignore[arg-type]
+        return ExitInfo(self.id, self.state, report.exit_code, report.exit_signal, report)
+
+    async def result(self, timeout: float | None = None) -> Any:
+        """The target's JSON return value; RunFailed if it raised, was stopped first, or is an argv run that failed."""
+        info = await self.wait(timeout)
+        if self._failure is not None:
+            type_name, message, tb = self._failure
+            raise RunFailed(f"run {self.id} raised {type_name}: {message}", run_id=self.id,
+                            remote_type=type_name, remote_traceback=tb, exit_code=info.exit_code)
+        if self._has_result:
+            return self._result
+        if info.state is RunState.EXITED:
+            return None  # argv runs, or a target that ended without reporting
+        how = f"exit code {info.exit_code}" if info.exit_code is not None else (
+            f"signal {signal.Signals(info.exit_signal).name}" if info.exit_signal else info.state.value)
+        raise RunFailed(f"run {self.id} ended without a result ({info.state.value}, {how})", run_id=self.id,
+                        exit_code=info.exit_code)
+
+    def __repr__(self) -> str:
+        return f"<AsyncRun {self.id} pid={self.pid} {self.state.value}>"

@@ -1,0 +1,170 @@
+"""The supervisor's side of the spawner (see worker/spawner.py).
+
+The spawner is launched with multiprocess's `spawnv_passfds`, the exec
+machinery behind its "spawn" start method, rather than with
+`multiprocess.Process`: a Process would re-import the host's __main__ module
+in the child and start a resource-tracker process beside the host, neither of
+which an embedded executor may do to its host application.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sys
+from typing import Any
+
+import msgspec
+from multiprocess import reduction, util
+from multiprocess.connection import Connection
+
+from supervisor.cgroups import Cgroup
+from supervisor.errors import DeadstopError
+
+_encode = msgspec.msgpack.Encoder().encode
+_decode = msgspec.msgpack.Decoder().decode
+
+
+class SpawnerLost(DeadstopError):
+    """The spawner process died; no run can be started or reaped through it."""
+
+
+class Started:
+    __slots__ = ("pid", "create_time", "pidfd")
+
+    def __init__(self, pid: int, create_time: float, pidfd: int | None):
+        self.pid = pid
+        self.create_time = create_time
+        self.pidfd = pidfd
+
+
+class SpawnerClient:
+    def __init__(self, loop: asyncio.AbstractEventLoop, pid: int, sock: socket.socket):
+        self.loop = loop
+        self.pid = pid
+        self.sock = sock
+        self.conn = Connection(os.dup(sock.fileno()))
+        self.subreaper = False
+        self.alive = True
+        self._ready: asyncio.Future = loop.create_future()
+        self._starts: dict[str, asyncio.Future] = {}
+        self._reaps: dict[int, asyncio.Future] = {}
+        self.on_lost: Any = None
+        self.pidfd = os.pidfd_open(pid) if hasattr(os, "pidfd_open") else None
+        loop.add_reader(self.conn.fileno(), self._readable)
+
+    @classmethod
+    async def launch(cls, cgroup: Cgroup | None = None) -> "SpawnerClient":
+        loop = asyncio.get_running_loop()
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        fd = child.fileno()
+        paths = [p for p in sys.path]
+        code = (f"import sys; sys.path[:0] = {paths!r}; "
+                f"from worker.spawner import main; main({fd})")
+        try:
+            pid = util.spawnv_passfds(os.fsencode(sys.executable), [sys.executable, "-c", code], [fd])
+        finally:
+            child.close()
+        if cgroup is not None:
+            cgroup.write("cgroup.procs", str(pid))
+        client = cls(loop, pid, parent)
+        msg = await asyncio.wait_for(client._ready, 30)
+        client.subreaper = bool(msg.get("subreaper"))
+        return client
+
+    # -- requests --------------------------------------------------------------
+    def _send(self, msg: dict[str, Any]) -> None:
+        if not self.alive:
+            raise SpawnerLost(f"spawner (pid {self.pid}) is gone")
+        self.conn.send_bytes(_encode(msg))
+
+    async def start(self, msg: dict[str, Any]) -> Started:
+        fut = self.loop.create_future()
+        self._starts[msg["run_id"]] = fut
+        try:
+            self._send({"op": "start", **msg})
+            return await fut
+        finally:
+            self._starts.pop(msg["run_id"], None)
+
+    async def release(self, pid: int) -> int:
+        """Let the spawner reap a run leader; returns its wait status."""
+        fut = self._reaps.get(pid)
+        if fut is None:
+            fut = self._reaps[pid] = self.loop.create_future()
+            self._send({"op": "release", "pid": pid})
+        return await fut
+
+    # -- replies ------------------------------------------------------------------
+    def _readable(self) -> None:
+        try:
+            raw = self.conn.recv_bytes()
+        except (EOFError, OSError):
+            self._lost()
+            return
+        msg = _decode(raw)
+        op = msg.get("op")
+        if op == "ready":
+            if not self._ready.done():
+                self._ready.set_result(msg)
+        elif op == "started":
+            pidfd = None
+            if msg.get("has_pidfd"):
+                pidfd = reduction.recvfds(self.sock, 1)[0]
+            fut = self._starts.get(msg["run_id"])
+            if fut is not None and not fut.done():
+                fut.set_result(Started(msg["pid"], msg["create_time"], pidfd))
+            elif pidfd is not None:
+                os.close(pidfd)
+        elif op == "start_failed":
+            fut = self._starts.get(msg["run_id"])
+            if fut is not None and not fut.done():
+                fut.set_exception(DeadstopError(f"spawner could not start run {msg['run_id']}: {msg['error']}"))
+        elif op == "reaped":
+            fut = self._reaps.pop(msg["pid"], None)
+            if fut is not None and not fut.done():
+                fut.set_result(msg["status"])
+
+    def _lost(self) -> None:
+        if not self.alive:
+            return
+        self.alive = False
+        self.loop.remove_reader(self.conn.fileno())
+        err = SpawnerLost(f"spawner (pid {self.pid}) exited")
+        for fut in [self._ready, *self._starts.values(), *self._reaps.values()]:
+            if not fut.done():
+                fut.set_exception(err)
+        self._reaps.clear()
+        if self.on_lost is not None:
+            self.on_lost()
+
+    async def shutdown(self, timeout: float = 10.0) -> None:
+        """Ask the spawner to kill what is left and exit; reap it."""
+        if self.alive:
+            try:
+                self._send({"op": "shutdown"})
+            except (OSError, SpawnerLost):
+                pass
+        if self.pidfd is not None:
+            from supervisor.procs import wait_pidfd
+
+            if not await wait_pidfd(self.pidfd, timeout):
+                try:
+                    import signal
+
+                    signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+                except OSError:
+                    pass
+                await wait_pidfd(self.pidfd, 5)
+            os.close(self.pidfd)
+            self.pidfd = None
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass
+        if self.alive:
+            self.alive = False
+            self.loop.remove_reader(self.conn.fileno())
+        self.conn.close()
+        self.sock.close()

@@ -1,0 +1,126 @@
+"""The stop sequence, top to bottom: revoke -> SIGTERM -> grace -> SIGKILL -> sweep -> reap.
+
+It is the only code that ends a run, whatever asked for the end: stop(),
+kill(), the leader exiting by itself (its leftovers are still swept), the
+supervisor closing, or the spawner dying. Each caller only picks the mode.
+
+Guarantees kept here (DESIGN.md):
+G1 the channel is revoked and the revocation committed to the journal before
+   the first signal;
+G2 in-flight handlers are cancelled by the same revoke;
+G3 every process of the run is gone (layer kill, then sweep) before return;
+G4 every wait is bounded: grace for SIGTERM, KILL_BOUND after SIGKILL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import signal
+import time
+from typing import TYPE_CHECKING
+
+from supervisor.report import StopReport
+from supervisor.states import RunState
+
+if TYPE_CHECKING:
+    from supervisor.run import AsyncRun
+
+#: After SIGKILL the kernel still has to tear processes down (large address
+#: spaces, D-state I/O). Past this bound the stop reports survivors.
+KILL_BOUND = 5.0
+
+
+@dataclasses.dataclass(frozen=True)
+class StopRequest:
+    mode: str  # "stop" (SIGTERM first) | "kill" (SIGKILL at once) | "exit" (leader ended by itself)
+    source: str  # who asked: api | exit | supervisor | spawner | quota | parent | gateway | restart
+    reason: str
+    grace: float
+    requested_at: int
+
+
+async def _wait_empty_or_escalate(run: "AsyncRun", timeout: float) -> bool:
+    """Wait for the layer to empty, but give up early when kill() escalates."""
+    empty = asyncio.ensure_future(run.containment.wait_empty(timeout))
+    escalate = asyncio.ensure_future(run.escalated.wait())
+    try:
+        await asyncio.wait({empty, escalate}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        escalate.cancel()
+        if not empty.done():
+            empty.cancel()
+    return empty.done() and not empty.cancelled() and empty.result()
+
+
+async def stop_sequence(run: "AsyncRun", req: StopRequest) -> StopReport:
+    layer = run.containment
+    report = StopReport(run_id=run.id, containment=layer.name, requested_at=req.requested_at)
+
+    # 1. Revoke. Nothing the run asks for is dispatched from here on, and the
+    #    record is committed before any signal below.
+    rec, cancelled = run.revoke(req.source, req.reason)
+    report.revoked_at, report.revoke_source, report.revoke_reason = rec.at, rec.source, rec.reason
+    report.handlers_cancelled = cancelled
+    if run.state is not RunState.STOPPING:
+        run.machine.to(RunState.STOPPING)
+
+    # 2. Signal the layer.
+    if req.mode == "exit":
+        report.ended_by = "exited"
+        if layer.members():  # the leader left children behind: they go too
+            report.kill_sent_at = time.monotonic_ns()
+            layer.kill()
+            await layer.wait_empty(KILL_BOUND)
+    elif req.mode == "kill" or run.escalated.is_set():
+        report.kill_sent_at = time.monotonic_ns()
+        layer.kill()
+        report.ended_by = "sigkill"
+        await layer.wait_empty(KILL_BOUND)
+    else:
+        report.term_sent_at = time.monotonic_ns()
+        layer.signal(signal.SIGTERM)
+        layer.thaw()  # a frozen run must be able to act on SIGTERM
+        if await _wait_empty_or_escalate(run, req.grace):
+            report.ended_by = "sigterm"
+        else:
+            report.kill_sent_at = time.monotonic_ns()
+            layer.kill()
+            report.ended_by = "sigkill"
+            await layer.wait_empty(KILL_BOUND)
+
+    # 3. Sweep: whatever the layer's signals could not reach (setsid escapers
+    #    outside the process group, processes that raced the kill).
+    swept = layer.sweep()
+    if swept:
+        report.swept = swept
+        report.ended_by = "swept" if req.mode != "exit" else report.ended_by
+        await _wait_all_gone(layer)
+    left = layer.survivors()
+    report.survivors = len(left)
+    report.survivor_pids = left
+
+    # 4. Reap the leader; until now its zombie pinned the process group id.
+    status = await run.release_leader()
+    report.reaped_at = time.monotonic_ns()
+    report.exit_code, report.exit_signal = _decode_status(status)
+    report.refused_after_revoke = run.channel.refused_after_revoke
+    report.outcome = run.final_state(req.mode, report.exit_code).value
+    return report
+
+
+async def _wait_all_gone(layer) -> None:
+    wait = getattr(layer, "wait_all_gone", None)
+    if wait is not None:
+        await wait(KILL_BOUND)
+    else:
+        await layer.wait_empty(KILL_BOUND)
+
+
+def _decode_status(status: int | None) -> tuple[int | None, int | None]:
+    if status is None:
+        return None, None
+    import os
+
+    code = os.waitstatus_to_exitcode(status)
+    return (code, None) if code >= 0 else (None, -code)

@@ -1,0 +1,148 @@
+"""The blocking facade: `Supervisor` and `Run` over the asyncio core.
+
+The core runs on a private event-loop thread owned by the Supervisor, so the
+host application can be synchronous, or run its own loop, and still get the
+same behaviour. Each verb is one hop onto that loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import threading
+import time
+from typing import Any, Callable, Iterator, Sequence
+
+from supervisor.core import AsyncSupervisor, Event
+from supervisor.report import StopReport
+from supervisor.run import AsyncRun, ExitInfo
+from supervisor.states import RunState
+
+
+class Run:
+    """Handle on one run. Cheap to copy; all state lives in the core."""
+
+    def __init__(self, sup: "Supervisor", core: AsyncRun):
+        self._sup = sup
+        self._core = core
+
+    @property
+    def id(self) -> str:
+        return self._core.id
+
+    @property
+    def pid(self) -> int | None:
+        return self._core.pid
+
+    @property
+    def state(self) -> RunState:
+        return self._core.state
+
+    @property
+    def report(self) -> StopReport | None:
+        return self._core.report
+
+    def stop(self, grace: float | None = None) -> StopReport:
+        t = time.monotonic_ns()
+        return self._sup._call(self._core.stop(grace, requested_at=t))
+
+    def kill(self) -> StopReport:
+        t = time.monotonic_ns()
+        return self._sup._call(self._core.kill(requested_at=t))
+
+    def wait(self, timeout: float | None = None) -> ExitInfo:
+        return self._sup._call(self._core.wait(timeout))
+
+    def result(self, timeout: float | None = None) -> Any:
+        return self._sup._call(self._core.result(timeout))
+
+    def __repr__(self) -> str:
+        return f"<Run {self.id} pid={self.pid} {self.state.value}>"
+
+
+class Supervisor:
+    """Blocking supervisor; same options as AsyncSupervisor. Use as a context manager."""
+
+    def __init__(self, **options: Any):
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="deadstop-loop", daemon=True)
+        self._thread.start()
+        self._core = AsyncSupervisor(**options)
+        try:
+            self._call(self._core.open())
+        except BaseException:
+            self._stop_loop()
+            raise
+        atexit.register(self.close)
+
+    def _call(self, coro: Any, timeout: float | None = None) -> Any:
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("blocking Supervisor method called from a tool handler on the loop thread; "
+                               "use AsyncSupervisor or an async handler")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    @property
+    def core(self) -> AsyncSupervisor:
+        return self._core
+
+    @property
+    def id(self) -> str:
+        return self._core.id
+
+    @property
+    def containment(self) -> str:
+        return self._core.containment
+
+    @property
+    def journal_path(self) -> str:
+        return self._core.journal.path
+
+    def register_tool(self, name: str, fn: Callable[..., Any]) -> None:
+        self._core.register_tool(name, fn)
+
+    def start(self, target: Any, *args: Any, tools: Sequence[str] = (), grace: float | None = None,
+              kwargs: dict[str, Any] | None = None, env: dict[str, str] | None = None,
+              cwd: str | None = None) -> Run:
+        core = self._call(self._core.start(target, *args, tools=tools, grace=grace, kwargs=kwargs, env=env, cwd=cwd))
+        return Run(self, core)
+
+    def run(self, run_id: str) -> Run:
+        return Run(self, self._core.get_run(run_id))
+
+    def runs(self) -> list[Run]:
+        return [Run(self, r) for r in list(self._core.runs.values())]
+
+    def subscribe(self) -> Iterator[Event]:
+        """Blocking iterator over events; ends when the supervisor closes."""
+        agen = self._core.subscribe()
+        # Register the subscriber before returning so no event is missed.
+        first = asyncio.run_coroutine_threadsafe(agen.__anext__(), self._loop)
+        def gen() -> Iterator[Event]:
+            fut = first
+            while True:
+                try:
+                    yield fut.result()
+                except StopAsyncIteration:
+                    return
+                fut = asyncio.run_coroutine_threadsafe(agen.__anext__(), self._loop)
+        return gen()
+
+    def close(self) -> None:
+        """Kill every live run, then release sockets, cgroups and the loop thread."""
+        atexit.unregister(self.close)
+        if self._thread.is_alive():
+            try:
+                self._call(self._core.close())
+            finally:
+                self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    def __enter__(self) -> "Supervisor":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,108 @@
+"""Tool registry and the context a handler receives.
+
+A handler is any callable, sync or async, taking JSON-able arguments. If it
+declares a parameter named `ctx` it receives a `ToolContext`, whose `check()`
+is the commit gate: call it right before the irreversible step (sending the
+email, moving the money). `check()` and the revocation of the run's channel
+take the same lock, so every `check()` is totally ordered with the revoke:
+either it returns a timestamp earlier than `revoked_at`, or it raises.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+import time
+from typing import Any, Callable
+
+from ipc.errors import DeadstopError
+
+
+class ToolCancelled(DeadstopError):
+    """Raised inside a handler by `ctx.check()` once its run is revoked."""
+
+
+class ToolContext:
+    __slots__ = ("run_id", "tool", "call_id", "started_at", "committed_at", "cancelled", "_gate",
+                 "_revoked", "usage")
+
+    def __init__(self, run_id: str, tool: str, call_id: int, gate: threading.Lock,
+                 revoked: Callable[[], str | None]):
+        self.run_id = run_id
+        self.tool = tool
+        self.call_id = call_id
+        self.started_at = 0
+        self.committed_at: int | None = None
+        self.cancelled = False
+        self._gate = gate
+        self._revoked = revoked
+        self.usage: dict[str, float] = {}
+
+    @property
+    def revoked(self) -> bool:
+        return self.cancelled or self._revoked() is not None
+
+    def check(self) -> int:
+        """Commit gate: raise ToolCancelled if the run is revoked, else return the commit time.
+
+        The returned `time.monotonic_ns()` value is taken under the gate lock,
+        so it is guaranteed to be earlier than the run's `revoked_at`.
+        """
+        with self._gate:
+            reason = self._revoked()
+            if self.cancelled or reason is not None:
+                raise ToolCancelled(f"run {self.run_id}: tool {self.tool!r} cancelled before commit"
+                                    f" ({reason or 'cancelled'})")
+            self.committed_at = time.monotonic_ns()
+            return self.committed_at
+
+    def report_usage(self, **amounts: float) -> None:
+        """Record usage (for example prompt_tokens=..., completion_tokens=...)."""
+        for key, value in amounts.items():
+            self.usage[key] = self.usage.get(key, 0) + value
+
+
+class Tool:
+    __slots__ = ("name", "fn", "is_async", "wants_ctx", "signature")
+
+    def __init__(self, name: str, fn: Callable[..., Any]):
+        if not callable(fn):
+            raise TypeError(f"tool {name!r}: handler {fn!r} is not callable")
+        self.name = name
+        self.fn = fn
+        self.is_async = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+            getattr(fn, "__call__", None))
+        try:
+            self.signature: inspect.Signature | None = inspect.signature(fn)
+        except (TypeError, ValueError):
+            self.signature = None
+        self.wants_ctx = bool(self.signature and "ctx" in self.signature.parameters)
+
+    def bind(self, args: list[Any], kwargs: dict[str, Any], ctx: ToolContext) -> tuple[list[Any], dict[str, Any]]:
+        """Fit the wire arguments to the handler; TypeError names what does not fit."""
+        if "ctx" in kwargs:
+            raise TypeError("'ctx' is reserved for the tool context")
+        if self.wants_ctx:
+            kwargs = {**kwargs, "ctx": ctx}
+        if self.signature is not None:
+            self.signature.bind(*args, **kwargs)
+        return args, kwargs
+
+
+class ToolRegistry:
+    def __init__(self) -> None:
+        self._tools: dict[str, Tool] = {}
+
+    def register(self, name: str, fn: Callable[..., Any]) -> None:
+        if not isinstance(name, str) or not name:
+            raise ValueError("tool name must be a non-empty string")
+        self._tools[name] = Tool(name, fn)
+
+    def get(self, name: str) -> Tool | None:
+        return self._tools.get(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tools
+
+    def names(self) -> list[str]:
+        return sorted(self._tools)

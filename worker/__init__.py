@@ -1,0 +1,1 @@
+"""What runs inside each run's process: bootstrap, egress client, spawner."""

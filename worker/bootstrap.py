@@ -1,0 +1,161 @@
+"""What a freshly forked run does before and around the user's code.
+
+Order matters and is the point of this module: new session first (so the run
+is its own process group), then the cgroup (so every later fork is contained),
+then the parent-death signal, and only then user code. Nothing in here
+returns: the process ends with os._exit so that no state inherited from the
+spawner (atexit hooks, buffered control messages) runs twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import signal
+import sys
+import traceback
+from typing import Any, NoReturn
+
+from ipc import framing
+from worker import egress, platform
+
+EXIT_BOOTSTRAP_FAILED = 121
+EXIT_TARGET_UNLOADABLE = 122
+EXIT_EXEC_FAILED = 127
+
+
+class StartSpec:
+    """Everything a run needs, as sent by the supervisor through the spawner."""
+
+    __slots__ = ("run_id", "blob", "argv", "env", "cwd", "cgroup_procs", "credential",
+                 "generation", "egress", "marker", "supervisor_pid")
+
+    def __init__(self, msg: dict[str, Any]):
+        for name in self.__slots__:
+            setattr(self, name, msg.get(name))
+
+
+def _contain(spec: StartSpec, spawner_pid: int) -> None:
+    os.setsid()
+    if spec.cgroup_procs:
+        # "0" moves the writing process itself; any fork from here on is inside.
+        with open(spec.cgroup_procs, "w") as f:
+            f.write("0")
+    platform.set_parent_death_signal(signal.SIGKILL)
+    if os.getppid() != spawner_pid:  # the spawner died before prctl took effect
+        os._exit(EXIT_BOOTSTRAP_FAILED)
+
+
+def _reset_inherited_state(keep_fds: tuple[int, ...] = ()) -> None:
+    signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    # Drop the spawner's control socket, selector and wake-up pipe. close_range
+    # makes this cheap even with a large fd limit.
+    low = 3
+    for fd in sorted(keep_fds):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 4096)
+
+
+def _environment(spec: StartSpec) -> dict[str, str]:
+    env = dict(os.environ)
+    if spec.env:
+        env.update(spec.env)
+    env[framing.ENV_MARKER] = spec.marker
+    env[framing.ENV_RUN_ID] = spec.run_id
+    env[framing.ENV_EGRESS] = spec.egress
+    env[framing.ENV_GENERATION] = str(spec.generation or 0)
+    if spec.supervisor_pid:
+        env[egress.ENV_SUPERVISOR_PID] = str(spec.supervisor_pid)
+    return env
+
+
+def _exec_argv(spec: StartSpec, env: dict[str, str]) -> NoReturn:
+    # The credential goes through an inherited pipe, never the environment:
+    # /proc/<pid>/environ is readable by every process of the same user.
+    r, w = os.pipe()
+    os.write(w, spec.credential)
+    os.close(w)
+    os.set_inheritable(r, True)
+    env[framing.ENV_CREDENTIAL_FD] = str(r)
+    try:
+        if spec.cwd:
+            os.chdir(spec.cwd)
+        os.execvpe(spec.argv[0], spec.argv, env)
+    except OSError as exc:
+        os.write(2, f"deadstop: cannot exec {spec.argv[0]!r}: {exc}\n".encode())
+        os._exit(EXIT_EXEC_FAILED)
+
+
+def _run_python(spec: StartSpec) -> int:
+    egress.configure(spec.egress, spec.run_id, spec.credential, spec.generation or 0, spec.supervisor_pid)
+    try:
+        import cloudpickle
+
+        target, args, kwargs = cloudpickle.loads(spec.blob)
+    except BaseException as exc:  # the target's module may not import here
+        _report_failure(exc, prefix="target could not be loaded in the run: ")
+        return EXIT_TARGET_UNLOADABLE
+    try:
+        value = target(*args, **kwargs)
+        if inspect.isawaitable(value):
+            value = asyncio.run(_await(value))
+    except SystemExit as exc:
+        code = exc.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    except BaseException as exc:
+        _report_failure(exc)
+        return 1
+    try:
+        egress.report_result(value)
+    except TypeError as exc:
+        _report_failure(exc, prefix="the target's return value is not JSON: ")
+        return 1
+    except Exception:
+        return 1  # revoked while reporting: the supervisor no longer listens
+    return 0
+
+
+async def _await(awaitable: Any) -> Any:
+    return await awaitable
+
+
+def _report_failure(exc: BaseException, prefix: str = "") -> None:
+    try:
+        egress.report_failure(type(exc).__name__, prefix + str(exc),
+                              "".join(traceback.format_exception(exc)))
+    except Exception:
+        pass  # revoked or supervisor gone; the exit code still says "failed"
+
+
+def child_main(msg: dict[str, Any], spawner_pid: int) -> NoReturn:
+    """Entry point of a forked run; called in the child right after fork()."""
+    code = EXIT_BOOTSTRAP_FAILED
+    try:
+        spec = StartSpec(msg)
+        _contain(spec, spawner_pid)
+        _reset_inherited_state()
+        env = _environment(spec)
+        if spec.argv:
+            _exec_argv(spec, env)
+        os.environ.clear()
+        os.environ.update(env)
+        if spec.cwd:
+            os.chdir(spec.cwd)
+        code = _run_python(spec)
+    except BaseException:
+        try:
+            traceback.print_exc()
+        except Exception:
+            pass
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        os._exit(code)

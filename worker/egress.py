@@ -1,0 +1,265 @@
+"""The run's only way to act on the world: tool calls brokered by the supervisor.
+
+Inside a Python run::
+
+    from worker import egress
+    egress.call("send_email", to="a@b.c", body="hi")   # result, or raises
+    egress.emit("progress", {"pct": 40})
+    await egress.acall("search", q="...")              # many may be in flight
+
+A refusal raises the exception its wire code stands for (`Revoked`,
+`ToolDenied`, `ToolError`, ...). ZeroMQ sockets are neither fork- nor
+thread-safe, so each (process, thread) pair gets its own socket, created on
+first use; a run that forks children can call egress from them too.
+
+While waiting for a reply the client also watches the supervisor through a
+pidfd: if the supervisor dies the call raises `Revoked` at once instead of
+blocking forever (heartbeat loss, G5).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import threading
+from typing import Any
+
+import zmq
+
+from ipc import framing, schema
+from ipc.errors import DeadstopError, ErrorCode, Revoked, refusal_from_wire
+
+ENV_SUPERVISOR_PID = "DEADSTOP_SUPERVISOR_PID"
+
+
+class EgressUnavailable(DeadstopError):
+    """This process is not inside a deadstop run (no egress address configured)."""
+
+
+class _Config:
+    __slots__ = ("address", "run_id", "credential", "generation", "supervisor_pid")
+
+    def __init__(self, address: str, run_id: str, credential: bytes, generation: int, supervisor_pid: int | None):
+        self.address = address
+        self.run_id = run_id.encode("ascii")
+        self.credential = credential
+        self.generation = str(generation).encode("ascii")
+        self.supervisor_pid = supervisor_pid
+
+
+_config: _Config | None = None
+_ids = itertools.count(1)
+_local = threading.local()
+_owner_pid = os.getpid()
+_context: zmq.Context | None = None
+_supervisor_fd: int | None = None
+
+
+def configure(address: str, run_id: str, credential: bytes, generation: int = 0,
+              supervisor_pid: int | None = None) -> None:
+    """Point this process at its run's egress channel (done by the bootstrap)."""
+    global _config
+    _config = _Config(address, run_id, credential, generation, supervisor_pid)
+    _reset_after_fork()
+
+
+def _configure_from_environment() -> _Config:
+    """Argv runs (or their Python children) learn their channel from the environment."""
+    address = os.environ.get(framing.ENV_EGRESS)
+    run_id = os.environ.get(framing.ENV_RUN_ID)
+    cred_fd = os.environ.get(framing.ENV_CREDENTIAL_FD)
+    if not (address and run_id and cred_fd):
+        raise EgressUnavailable(
+            "no egress channel: this process was not started by a deadstop supervisor "
+            f"({framing.ENV_EGRESS}/{framing.ENV_RUN_ID}/{framing.ENV_CREDENTIAL_FD} unset)")
+    with os.fdopen(int(cred_fd), "rb", closefd=True) as f:
+        credential = f.read().strip()
+    sup = os.environ.get(ENV_SUPERVISOR_PID)
+    configure(address, run_id, credential, int(os.environ.get(framing.ENV_GENERATION, "0")),
+              int(sup) if sup else None)
+    assert _config is not None
+    return _config
+
+
+def _reset_after_fork() -> None:
+    global _owner_pid, _context, _local, _supervisor_fd
+    _owner_pid = os.getpid()
+    _context = None  # the parent's context belongs to the parent; never touch it here
+    _local = threading.local()
+    _supervisor_fd = None
+
+
+def _cfg() -> _Config:
+    if _config is None:
+        return _configure_from_environment()
+    if os.getpid() != _owner_pid:
+        _reset_after_fork()
+    return _config
+
+
+def _ctx() -> zmq.Context:
+    global _context
+    if _context is None:
+        _context = zmq.Context()
+    return _context
+
+
+def _supervisor_pidfd() -> int | None:
+    global _supervisor_fd
+    cfg = _cfg()
+    if _supervisor_fd is None and cfg.supervisor_pid and hasattr(os, "pidfd_open"):
+        try:
+            _supervisor_fd = os.pidfd_open(cfg.supervisor_pid)
+        except OSError:
+            _supervisor_fd = -1  # already gone: every call will report it
+    return _supervisor_fd
+
+
+def _sync_socket() -> zmq.Socket:
+    sock = getattr(_local, "sock", None)
+    if sock is None:
+        sock = _ctx().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(_cfg().address)
+        _local.sock = sock
+    return sock
+
+
+def _frames(body: bytes) -> list[bytes]:
+    cfg = _cfg()
+    return [framing.VERSION, cfg.run_id, cfg.credential, cfg.generation, body]
+
+
+def _encode_request(body_obj: Any) -> bytes:
+    try:
+        return schema.ensure_jsonable(body_obj)
+    except TypeError as exc:
+        what = getattr(body_obj, "tool", None) or getattr(body_obj, "kind", None) or type(body_obj).__name__
+        raise TypeError(f"egress request for {what!r} carries a value that is not JSON: {exc}") from None
+
+
+def _unwrap(reply: schema.Reply) -> Any:
+    if reply.ok:
+        return reply.result
+    err = reply.error
+    raise refusal_from_wire({"code": err.code, "message": err.message, "reason": err.reason} if err else {})
+
+
+def _supervisor_lost() -> Revoked:
+    return Revoked("the supervisor is gone; egress is closed", code=ErrorCode.REVOKED, reason="supervisor lost")
+
+
+def request(body_obj: Any, timeout: float | None = None) -> Any:
+    """Send one request and block for its reply (or for the supervisor's death)."""
+    body = _encode_request(body_obj)
+    sock = _sync_socket()
+    req_id = body_obj.id
+    sock.send_multipart(_frames(body), copy=False)
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    sup_fd = _supervisor_pidfd()
+    if sup_fd is not None:
+        if sup_fd < 0:
+            raise _supervisor_lost()
+        poller.register(sup_fd, zmq.POLLIN)
+    deadline_ms = None if timeout is None else int(timeout * 1000)
+    while True:
+        events = dict(poller.poll(deadline_ms))
+        if not events:
+            raise TimeoutError(f"no reply to egress request {req_id} within {timeout}s")
+        if sock in events:
+            frames = sock.recv_multipart()
+            reply = schema.decode_reply(frames[-1])
+            if reply.id == req_id:
+                return _unwrap(reply)
+            continue  # a late reply to an earlier timed-out request
+        if sup_fd is not None and sup_fd in events:
+            raise _supervisor_lost()
+
+
+def call(tool: str, *args: Any, **kwargs: Any) -> Any:
+    """Run a tool through the supervisor and return its JSON result."""
+    return request(schema.Call(id=next(_ids), tool=tool, args=list(args), kwargs=kwargs))
+
+
+def emit(kind: str, data: Any = None) -> None:
+    """Publish an event; raises if the supervisor refuses it (for example after revoke)."""
+    request(schema.Emit(id=next(_ids), kind=kind, data=data))
+
+
+def ping() -> Any:
+    return request(schema.Ping(id=next(_ids)))
+
+
+def report_result(value: Any) -> None:
+    request(schema.Result(id=next(_ids), value=value))
+
+
+def report_failure(type_name: str, message: str, traceback_text: str) -> None:
+    request(schema.Failure(id=next(_ids), type=type_name, message=message, traceback=traceback_text))
+
+
+class _AsyncChannel:
+    """One asyncio DEALER per event loop; replies are matched to futures by id."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        import zmq.asyncio
+
+        self.loop = loop
+        self.ctx = zmq.asyncio.Context.shadow(_ctx())
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(_cfg().address)
+        self.pending: dict[int, asyncio.Future] = {}
+        self.reader = loop.create_task(self._read())
+        fd = _supervisor_pidfd()
+        if fd is not None and fd >= 0:
+            loop.add_reader(fd, self._lost)
+
+    def _lost(self) -> None:
+        for fut in self.pending.values():
+            if not fut.done():
+                fut.set_exception(_supervisor_lost())
+        self.pending.clear()
+
+    async def _read(self) -> None:
+        while True:
+            frames = await self.sock.recv_multipart()
+            reply = schema.decode_reply(frames[-1])
+            fut = self.pending.pop(reply.id, None)
+            if fut is None or fut.done():
+                continue
+            try:
+                fut.set_result(_unwrap(reply))
+            except DeadstopError as exc:
+                fut.set_exception(exc)
+
+    async def request(self, body_obj: Any) -> Any:
+        if _supervisor_fd is not None and _supervisor_fd < 0:
+            raise _supervisor_lost()
+        body = _encode_request(body_obj)
+        fut = self.loop.create_future()
+        self.pending[body_obj.id] = fut
+        await self.sock.send_multipart(_frames(body))
+        return await fut
+
+
+def _async_channel() -> _AsyncChannel:
+    loop = asyncio.get_running_loop()
+    chans = getattr(_local, "async_channels", None)
+    if chans is None:
+        chans = _local.async_channels = {}
+    chan = chans.get(id(loop))
+    if chan is None or chan.loop is not loop:
+        chan = chans[id(loop)] = _AsyncChannel(loop)
+    return chan
+
+
+async def acall(tool: str, *args: Any, **kwargs: Any) -> Any:
+    """Async `call`: many may be in flight on one socket."""
+    return await _async_channel().request(schema.Call(id=next(_ids), tool=tool, args=list(args), kwargs=kwargs))
+
+
+async def aemit(kind: str, data: Any = None) -> None:
+    await _async_channel().request(schema.Emit(id=next(_ids), kind=kind, data=data))

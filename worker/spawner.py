@@ -1,0 +1,202 @@
+"""The spawner: a pre-warmed, single-threaded parent of every run.
+
+The supervisor starts one spawner per Supervisor. It imports the worker
+machinery once, then forks a run per `start` command, so a run starts at the
+cost of a warm fork instead of an interpreter start. It also keeps the host
+application's process untouched: the child-subreaper flag, the SIGCHLD
+handler and the reaping live here, not in the host.
+
+Rules this process keeps:
+
+* It never creates a ZeroMQ context or a thread: fork() from a
+  multi-threaded process is unsafe, and runs are forked from here.
+* It never unpickles a target: the blob is opened only in the forked child.
+* It holds each run leader as a zombie until the supervisor says `release`.
+  A zombie pins its pid and its process-group id, so the supervisor's
+  killpg() can never hit a recycled group (pid_max may be as low as 32768).
+* Orphans adopted through the subreaper flag are reaped at once.
+* When the supervisor goes away (control socket EOF) or on SIGTERM, it kills
+  every process below it, then exits: runs never outlive their supervisor.
+
+Wire: multiprocess Connection frames carrying msgpack maps; a `started`
+reply is followed by the run's pidfd passed with SCM_RIGHTS.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import selectors
+import signal
+import socket
+import sys
+from typing import Any
+
+import msgspec
+import psutil
+from multiprocess import reduction
+from multiprocess.connection import Connection
+
+from worker import bootstrap, platform
+
+# Pre-warm: everything a run needs is imported before the first fork.
+import cloudpickle  # noqa: F401
+import zmq  # noqa: F401
+import zmq.asyncio  # noqa: F401
+from worker import egress  # noqa: F401
+
+_encode = msgspec.msgpack.Encoder().encode
+_decode = msgspec.msgpack.Decoder().decode
+
+
+class Spawner:
+    def __init__(self, ctrl_fd: int):
+        self.conn = Connection(ctrl_fd)
+        self.sock = socket.socket(fileno=os.dup(ctrl_fd))
+        self.pid = os.getpid()
+        self.leaders: dict[int, str] = {}  # pid -> run id, held as zombies
+        self.released: set[int] = set()  # released but not yet exited
+        self.cgroups: list[str] = []
+        self.stopping = False
+        self.subreaper = platform.set_child_subreaper()
+
+    # -- main loop ---------------------------------------------------------
+    def serve(self) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the host decides on ^C
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        sel = selectors.DefaultSelector()
+        sel.register(self.conn.fileno(), selectors.EVENT_READ, "ctrl")
+        sel.register(wake_r, selectors.EVENT_READ, "wake")
+        gc.freeze()  # keep warm pages shared with forked runs
+        self._send({"op": "ready", "pid": self.pid, "subreaper": self.subreaper})
+        while not self.stopping:
+            for key, _ in sel.select():
+                if key.data == "wake":
+                    try:
+                        while os.read(wake_r, 512):
+                            pass
+                    except BlockingIOError:
+                        pass
+                    self._reap()
+                elif not self._handle_ctrl():
+                    self.stopping = True
+        self.kill_everything()
+
+    def _on_sigterm(self, *_: Any) -> None:
+        self.stopping = True
+
+    def _handle_ctrl(self) -> bool:
+        try:
+            raw = self.conn.recv_bytes()
+        except (EOFError, OSError):
+            return False  # the supervisor is gone
+        msg = _decode(raw)
+        op = msg.get("op")
+        if op == "start":
+            self._start(msg)
+        elif op == "release":
+            self.released.add(msg["pid"])
+            self._reap()
+        elif op == "shutdown":
+            return False
+        return True
+
+    def _send(self, msg: dict[str, Any]) -> None:
+        self.conn.send_bytes(_encode(msg))
+
+    # -- runs ----------------------------------------------------------------
+    def _start(self, msg: dict[str, Any]) -> None:
+        if msg.get("cgroup_procs"):
+            self.cgroups.append(os.path.dirname(msg["cgroup_procs"]))
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            self._send({"op": "start_failed", "run_id": msg["run_id"], "error": f"fork failed: {exc}"})
+            return
+        if pid == 0:
+            bootstrap.child_main(msg, self.pid)  # never returns
+        self.leaders[pid] = msg["run_id"]
+        pidfd = os.pidfd_open(pid) if hasattr(os, "pidfd_open") else -1
+        try:
+            create_time = psutil.Process(pid).create_time()
+        except psutil.Error:
+            create_time = 0.0
+        self._send({"op": "started", "run_id": msg["run_id"], "pid": pid,
+                    "create_time": create_time, "has_pidfd": pidfd >= 0})
+        if pidfd >= 0:
+            reduction.sendfds(self.sock, [pidfd])
+            os.close(pidfd)
+
+    def _reap(self) -> None:
+        for pid in platform.direct_children(self.pid):
+            if pid in self.leaders and pid not in self.released:
+                continue  # pinned until the supervisor is done with its group
+            try:
+                got, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                continue
+            if got and pid in self.leaders:
+                run_id = self.leaders.pop(pid)
+                self.released.discard(pid)
+                self._send({"op": "reaped", "run_id": run_id, "pid": pid, "status": status})
+        for pid in list(self.released):  # released leaders missing from the list
+            try:
+                got, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                got, status = pid, 0
+            if got:
+                run_id = self.leaders.pop(pid, "")
+                self.released.discard(pid)
+                self._send({"op": "reaped", "run_id": run_id, "pid": pid, "status": status})
+
+    # -- shutdown --------------------------------------------------------------
+    def kill_everything(self) -> None:
+        """SIGKILL every process below the spawner, then reap them all."""
+        for cg in self.cgroups:
+            try:
+                with open(os.path.join(cg, "cgroup.kill"), "w") as f:
+                    f.write("1")
+            except OSError:
+                pass
+        for pid in self.leaders:
+            try:
+                os.killpg(pid, signal.SIGKILL)  # group pinned by the zombie leader
+            except OSError:
+                pass
+        me = psutil.Process(self.pid)
+        for _ in range(50):
+            try:
+                rest = me.children(recursive=True)
+            except psutil.Error:
+                rest = []
+            for proc in rest:
+                try:
+                    proc.kill()  # psutil refuses if the pid was recycled
+                except psutil.Error:
+                    pass
+            while True:
+                try:
+                    got, _ = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    got = 0
+                    if not rest:
+                        return
+                if not got:
+                    break
+            if not rest:
+                return
+            psutil.wait_procs(rest, timeout=0.1)
+
+
+def main(ctrl_fd: int) -> None:
+    Spawner(ctrl_fd).serve()
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]))
