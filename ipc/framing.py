@@ -26,6 +26,8 @@ MAX_REQUEST_BYTES = 1 << 20
 HARD_FRAME_BYTES = 8 << 20
 
 CREDENTIAL_BYTES = 32
+#: Run ids are this many hex characters; the marker slot has this width.
+RUN_ID_CHARS = 12
 
 # Environment of an argv run. The credential itself is never put in the
 # environment (same-uid processes can read /proc/<pid>/environ); the run reads

@@ -204,7 +204,7 @@ class AsyncSupervisor:
         if grace is not None and grace < 0:
             raise ValueError("grace must be >= 0")
         kind, desc, blob, argv = self._prepare_target(target, args, kwargs or {})
-        run_id = secrets.token_hex(6)
+        run_id = secrets.token_hex(framing.RUN_ID_CHARS // 2)
         credential = framing.new_credential()
         cgroup = self.cgroups.child(f"run-{run_id}") if self.cgroups else None
         self.journal.run_created(run_id, self.id, kind, desc, tools, self.containment, cgroup.path if cgroup else None)

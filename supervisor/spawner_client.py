@@ -1,10 +1,12 @@
 """The supervisor's side of the spawner (see worker/spawner.py).
 
-The spawner is launched with multiprocess's `spawnv_passfds`, the exec
-machinery behind its "spawn" start method, rather than with
-`multiprocess.Process`: a Process would re-import the host's __main__ module
-in the child and start a resource-tracker process beside the host, neither of
-which an embedded executor may do to its host application.
+The spawner is a fresh interpreter exec'd with an explicit environment, not a
+`multiprocess.Process`: a Process started with "spawn" re-imports the host's
+__main__ module in the child and starts a resource-tracker process beside
+the host, and "fork" would copy the host's threads' locks; an embedded
+executor may do none of that to its host application. multiprocess still
+carries the control channel: its Connection frames every message and its
+reduction.sendfds/recvfds hand each run's pidfd over SCM_RIGHTS.
 """
 
 from __future__ import annotations
@@ -16,8 +18,12 @@ import sys
 from typing import Any
 
 import msgspec
-from multiprocess import reduction, util
+import subprocess
+
+from multiprocess import reduction
 from multiprocess.connection import Connection
+
+from ipc import framing
 
 from supervisor.cgroups import Cgroup
 from supervisor.errors import DeadstopError
@@ -62,13 +68,18 @@ class SpawnerClient:
         paths = [p for p in sys.path]
         code = (f"import sys; sys.path[:0] = {paths!r}; "
                 f"from worker.spawner import main; main({fd})")
+        env = dict(os.environ)
+        # Fixed-width slot each forked run overwrites with its id (worker.platform.rewrite_exec_env).
+        env[framing.ENV_MARKER] = "-" * framing.RUN_ID_CHARS
         try:
-            pid = util.spawnv_passfds(os.fsencode(sys.executable), [sys.executable, "-c", code], [fd])
+            proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=[fd], env=env, close_fds=True)
         finally:
             child.close()
+        pid = proc.pid
         if cgroup is not None:
             cgroup.write("cgroup.procs", str(pid))
         client = cls(loop, pid, parent)
+        client.proc = proc
         msg = await asyncio.wait_for(client._ready, 30)
         client.subreaper = bool(msg.get("subreaper"))
         return client
@@ -159,10 +170,7 @@ class SpawnerClient:
                 await wait_pidfd(self.pidfd, 5)
             os.close(self.pidfd)
             self.pidfd = None
-        try:
-            os.waitpid(self.pid, 0)
-        except ChildProcessError:
-            pass
+        self.proc.wait()
         if self.alive:
             self.alive = False
             self.loop.remove_reader(self.conn.fileno())

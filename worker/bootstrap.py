@@ -139,6 +139,7 @@ def child_main(msg: dict[str, Any], spawner_pid: int) -> NoReturn:
         spec = StartSpec(msg)
         _contain(spec, spawner_pid)
         _reset_inherited_state()
+        platform.rewrite_exec_env(framing.ENV_MARKER, spec.run_id)
         env = _environment(spec)
         if spec.argv:
             _exec_argv(spec, env)

@@ -73,3 +73,31 @@ def direct_children(pid: int) -> list[int]:
         return [c.pid for c in psutil.Process(pid).children()]
     except psutil.Error:
         return []
+
+
+def rewrite_exec_env(name: str, value: str) -> bool:
+    """Overwrite, in place, the value of `name` in this process's exec-time environment.
+
+    /proc/<pid>/environ shows the environment block the process was exec'd
+    with, not os.environ; a forked child therefore still shows its parent's.
+    The spawner is exec'd with a fixed-width placeholder for the run marker,
+    and each forked run writes its own id into that same memory, so that it
+    and every process it forks are recognisable from outside. Returns False if
+    the slot is missing or has another width.
+    """
+    if _libc is None:
+        return False
+    prefix = f"{name}=".encode()
+    new = value.encode()
+    environ = ctypes.POINTER(ctypes.c_void_p).in_dll(_libc, "environ")
+    i = 0
+    while environ[i]:
+        addr = environ[i]
+        if ctypes.string_at(addr, len(prefix)) == prefix:
+            current = ctypes.string_at(addr)
+            if len(current) - len(prefix) != len(new):
+                return False
+            ctypes.memmove(addr + len(prefix), new, len(new))
+            return True
+        i += 1
+    return False
