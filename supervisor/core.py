@@ -215,7 +215,7 @@ class AsyncSupervisor:
             "run_id": run_id, "blob": blob, "argv": argv, "env": dict(env or {}), "cwd": cwd,
             "cgroup_procs": cgroup.procs_file if cgroup else None, "credential": credential,
             "generation": channel.generation, "egress": self.broker.address,
-            "marker": f"{framing.ENV_MARKER}={run_id}", "supervisor_pid": os.getpid(),
+            "supervisor_pid": os.getpid(),
         }
         try:
             started = await self.spawner.start(msg)

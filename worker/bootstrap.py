@@ -29,14 +29,14 @@ class StartSpec:
     """Everything a run needs, as sent by the supervisor through the spawner."""
 
     __slots__ = ("run_id", "blob", "argv", "env", "cwd", "cgroup_procs", "credential",
-                 "generation", "egress", "marker", "supervisor_pid")
+                 "generation", "egress", "supervisor_pid")
 
     def __init__(self, msg: dict[str, Any]):
         for name in self.__slots__:
             setattr(self, name, msg.get(name))
 
 
-def _contain(spec: StartSpec, spawner_pid: int) -> None:
+def _contain(spec: StartSpec, spawner_pid: int, ready_fd: int) -> None:
     os.setsid()
     if spec.cgroup_procs:
         # "0" moves the writing process itself; any fork from here on is inside.
@@ -45,27 +45,28 @@ def _contain(spec: StartSpec, spawner_pid: int) -> None:
     platform.set_parent_death_signal(signal.SIGKILL)
     if os.getppid() != spawner_pid:  # the spawner died before prctl took effect
         os._exit(EXIT_BOOTSTRAP_FAILED)
+    os.write(ready_fd, b"1")  # the spawner may now tell the supervisor our pid
+    os.close(ready_fd)
 
 
-def _reset_inherited_state(keep_fds: tuple[int, ...] = ()) -> None:
+def _reset_inherited_state() -> None:
     signal.set_wakeup_fd(-1)
-    for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE):
+    # What a fresh Python process has: default dispositions, except SIGINT
+    # (KeyboardInterrupt) and SIGPIPE (ignored); _exec_argv restores SIGPIPE.
+    for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
-    # Drop the spawner's control socket, selector and wake-up pipe. close_range
+    # Drop the spawner's control socket, selector and wake-up pipe; close_range
     # makes this cheap even with a large fd limit.
-    low = 3
-    for fd in sorted(keep_fds):
-        os.closerange(low, fd)
-        low = fd + 1
-    os.closerange(low, os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 4096)
+    os.closerange(3, os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 4096)
 
 
 def _environment(spec: StartSpec) -> dict[str, str]:
     env = dict(os.environ)
     if spec.env:
         env.update(spec.env)
-    env[framing.ENV_MARKER] = spec.marker
+    env[framing.ENV_MARKER] = spec.run_id
     env[framing.ENV_RUN_ID] = spec.run_id
     env[framing.ENV_EGRESS] = spec.egress
     env[framing.ENV_GENERATION] = str(spec.generation or 0)
@@ -82,6 +83,9 @@ def _exec_argv(spec: StartSpec, env: dict[str, str]) -> NoReturn:
     os.close(w)
     os.set_inheritable(r, True)
     env[framing.ENV_CREDENTIAL_FD] = str(r)
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ):  # as subprocess's restore_signals does
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     try:
         if spec.cwd:
             os.chdir(spec.cwd)
@@ -132,13 +136,13 @@ def _report_failure(exc: BaseException, prefix: str = "") -> None:
         pass  # revoked or supervisor gone; the exit code still says "failed"
 
 
-def child_main(msg: dict[str, Any], spawner_pid: int) -> NoReturn:
+def child_main(msg: dict[str, Any], spawner_pid: int, ready_fd: int) -> NoReturn:
     """Entry point of a forked run; called in the child right after fork()."""
     code = EXIT_BOOTSTRAP_FAILED
     try:
         spec = StartSpec(msg)
-        _contain(spec, spawner_pid)
-        _reset_inherited_state()
+        _contain(spec, spawner_pid, ready_fd)
+        _reset_inherited_state()  # handlers to default, then unblock (the spawner blocked all across fork)
         platform.rewrite_exec_env(framing.ENV_MARKER, spec.run_id)
         env = _environment(spec)
         if spec.argv:

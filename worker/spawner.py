@@ -113,13 +113,31 @@ class Spawner:
     def _start(self, msg: dict[str, Any]) -> None:
         if msg.get("cgroup_procs"):
             self.cgroups.append(os.path.dirname(msg["cgroup_procs"]))
+        # Block every signal across fork: a SIGTERM aimed at the new run before
+        # it has reset the spawner's handlers must stay pending until it has,
+        # then act with its default disposition (bootstrap unblocks).
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        ready_r, ready_w = os.pipe()
         try:
             pid = os.fork()
         except OSError as exc:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            os.close(ready_r)
+            os.close(ready_w)
             self._send({"op": "start_failed", "run_id": msg["run_id"], "error": f"fork failed: {exc}"})
             return
         if pid == 0:
-            bootstrap.child_main(msg, self.pid)  # never returns
+            os.close(ready_r)
+            bootstrap.child_main(msg, self.pid, ready_w)  # never returns
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        os.close(ready_w)
+        # Reply only once the child is its own session and inside its cgroup:
+        # the supervisor must never signal a group or cgroup the run has not
+        # joined yet. EOF (child died first) is as good as the byte.
+        try:
+            os.read(ready_r, 1)
+        finally:
+            os.close(ready_r)
         self.leaders[pid] = msg["run_id"]
         pidfd = os.pidfd_open(pid) if hasattr(os, "pidfd_open") else -1
         try:
