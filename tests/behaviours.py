@@ -1,0 +1,166 @@
+"""Run targets that misbehave on purpose. Each calls the `ready` tool once its
+misbehaviour is fully set up, so tests wait on an event instead of sleeping.
+
+Every target also runs a ticker thread that keeps calling the `tick` tool,
+so each stop races live egress traffic.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import threading
+import time
+
+from worker import egress
+
+
+def _ticker(period: float = 0.001) -> None:
+    def loop() -> None:
+        while True:
+            try:
+                egress.call("tick")
+            except Exception:
+                return  # revoked: the run's egress is closed for good
+            time.sleep(period)
+
+    threading.Thread(target=loop, daemon=True).start()
+
+
+def _wait_bytes(fd: int, n: int) -> None:
+    got = 0
+    while got < n:
+        chunk = os.read(fd, n - got)
+        if not chunk:
+            raise RuntimeError(f"only {got} of {n} readiness bytes arrived")
+        got += len(chunk)
+
+
+def busy(out_dir: str) -> None:
+    _ticker()
+    egress.call("ready")
+    x = 0
+    while True:
+        x += 1
+
+
+def ignore_term(out_dir: str) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _ticker()
+    egress.call("ready")
+    while True:
+        time.sleep(0.05)
+
+
+def tree(out_dir: str, children: int = 20) -> None:
+    """`children` children, each with one grandchild: 2 * children + 1 processes."""
+    r, w = os.pipe()
+    for _ in range(children):
+        if os.fork() == 0:
+            if os.fork() == 0:
+                os.write(w, b"g")
+                while True:
+                    time.sleep(1)
+            os.write(w, b"c")
+            while True:
+                time.sleep(1)
+    _wait_bytes(r, 2 * children)
+    _ticker()
+    egress.call("ready")
+    while True:
+        time.sleep(1)
+
+
+def setsid_escaper(out_dir: str) -> None:
+    """Double fork + setsid: the grandchild leaves the run's session and process
+    group, is re-parented away from the run, and ignores SIGTERM."""
+    r, w = os.pipe()
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            with open(os.path.join(out_dir, "escaper.pid"), "w") as f:
+                f.write(str(os.getpid()))
+            os.write(w, b"e")
+            while True:
+                time.sleep(1)
+        os._exit(0)
+    _wait_bytes(r, 1)
+    _ticker()
+    egress.call("ready")
+    while True:
+        time.sleep(1)
+
+
+def gil_holder(out_dir: str) -> None:
+    """A Python SIGTERM handler that cannot run: the main thread sits in a C call
+    (catastrophic regex backtracking) that never releases the GIL."""
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    _ticker()
+    egress.call("ready")
+    re.match(r"(a+)+$", "a" * 64 + "b")
+
+
+def flooder(out_dir: str, threads: int = 4) -> None:
+    """Tool calls as fast as the broker answers, from several threads, plus a
+    sync tool with a commit gate."""
+    def flood(tool: str) -> None:
+        while True:
+            try:
+                egress.call(tool)
+            except Exception:
+                return
+
+    for i in range(threads):
+        threading.Thread(target=flood, args=("tick" if i % 2 else "send",), daemon=True).start()
+    egress.call("ready")
+    flood("tick")
+
+
+def writer(out_dir: str) -> None:
+    """The run and its child append a monotonic timestamp to a file every millisecond."""
+    path = os.path.join(out_dir, "writes.log")
+    r, w = os.pipe()
+
+    def write_forever(tag: str, announce: bool) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        if announce:
+            os.write(w, b"w")
+        while True:
+            os.write(fd, f"{tag} {time.monotonic_ns()}\n".encode())
+            time.sleep(0.001)
+
+    if os.fork() == 0:
+        write_forever("child", True)
+    _wait_bytes(r, 1)
+    _ticker()
+    threading.Thread(target=write_forever, args=("leader", False), daemon=True).start()
+    egress.call("ready")
+    while True:
+        time.sleep(1)
+
+
+def stubborn_caller(out_dir: str) -> None:
+    """Ignores SIGTERM and keeps calling tools after its egress is revoked,
+    logging every refusal it receives."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    log = open(os.path.join(out_dir, "refusals.log"), "a", buffering=1)
+    egress.call("ready")
+    while True:
+        try:
+            egress.call("tick")
+        except Exception as exc:
+            log.write(f"{type(exc).__name__} {getattr(exc, 'code', '?')} {time.monotonic_ns()}\n")
+            time.sleep(0.001)
+
+
+BEHAVIOURS = {
+    "busy": busy,
+    "ignore_term": ignore_term,
+    "tree": tree,
+    "setsid_escaper": setsid_escaper,
+    "gil_holder": gil_holder,
+    "flooder": flooder,
+    "writer": writer,
+}

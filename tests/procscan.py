@@ -1,0 +1,45 @@
+"""An independent view of which run processes exist: /proc read directly.
+
+Deliberately shares no code with deadstop's containment layers, so a bug
+there cannot hide a survivor from the tests.
+"""
+
+from __future__ import annotations
+
+import os
+
+MARKER = b"DEADSTOP_RUN_MARKER="
+PLACEHOLDER = b"-"
+
+
+def _environ(pid: str) -> list[bytes]:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return f.read().split(b"\0")
+    except OSError:
+        return []
+
+
+def _is_zombie(pid: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return True
+    return data[data.rindex(b")") + 2:].split()[0] in (b"Z", b"X")
+
+
+def marked_processes(run_id: str | None = None) -> dict[int, str]:
+    """pid -> run id of every live process carrying a run marker (optionally one run's)."""
+    found: dict[int, str] = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        for entry in _environ(pid):
+            if entry.startswith(MARKER):
+                value = entry[len(MARKER):].decode(errors="replace")
+                if value and not value.startswith("-") and (run_id is None or value == run_id):
+                    if not _is_zombie(pid):
+                        found[int(pid)] = value
+                break
+    return found
