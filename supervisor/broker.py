@@ -86,18 +86,17 @@ class Broker:
         self.channels[run_id] = chan
         return chan
 
-    def revoke(self, chan: Channel, source: str, reason: str) -> tuple[RevokeRecord, int]:
-        """Revoke, journal (committed), and cancel in-flight handlers. Returns (record, cancelled)."""
+    def revoke(self, chan: Channel, source: str, reason: str) -> RevokeRecord:
+        """Revoke, journal (committed), and cancel in-flight handlers; idempotent."""
         rec, first = chan.revoke(source, reason)
         if not first:
-            return rec, 0
+            return rec
         self.journal.revoked(chan.run_id, rec.at, source, reason)
-        cancelled = 0
-        for req_id, (handle, ctx) in list(chan.in_flight.items()):
+        for handle, ctx in list(chan.in_flight.values()):
             ctx.cancelled = True
             handle.cancel()  # an async handler stops at its next await; a queued sync one never starts
-            cancelled += 1
-        return rec, cancelled
+            chan.cancelled_at_revoke += 1
+        return rec
 
     # -- receive loop ------------------------------------------------------------
     def _drain(self) -> None:

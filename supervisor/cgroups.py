@@ -147,6 +147,8 @@ class CgroupTree:
     def __init__(self, root: Cgroup, has_kill: bool):
         self.root = root
         self.has_kill = has_kill
+        #: cgroup.procs of the supervisor's own cgroup (where the spawner retreats to)
+        self.home_procs = os.path.join(os.path.dirname(root.path), "cgroup.procs")
 
     @classmethod
     def create(cls, supervisor_id: str) -> tuple["CgroupTree | None", str]:

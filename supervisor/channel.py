@@ -25,7 +25,7 @@ class RevokeRecord:
 
 class Channel:
     __slots__ = ("run_id", "_credential", "_digest", "allowed", "generation", "revocation", "gate",
-                 "in_flight", "refused_after_revoke", "calls")
+                 "in_flight", "refused_after_revoke", "cancelled_at_revoke", "calls")
 
     def __init__(self, run_id: str, credential: bytes, allowed: frozenset[str], generation: int = 0):
         self.run_id = run_id
@@ -38,6 +38,7 @@ class Channel:
         self.gate = threading.Lock()
         self.in_flight: dict[int, Any] = {}  # request id -> (asyncio handle, ToolContext)
         self.refused_after_revoke = 0
+        self.cancelled_at_revoke = 0
         self.calls = 0
 
     def authenticates(self, presented: bytes) -> bool:

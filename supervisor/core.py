@@ -106,6 +106,7 @@ class AsyncSupervisor:
         self.spawner = await SpawnerClient.launch(self.cgroups.child("spawner") if self.cgroups else None)
         self.spawner.on_lost = self._spawner_lost
         if self.cgroups is not None:
+            self.spawner.configure(cgroup_root=self.cgroups.root.path, home_procs=self.cgroups.home_procs)
             self.containment = CGROUP
         else:
             self.containment = PGROUP_SUBREAPER if self.spawner.subreaper else PGROUP
@@ -235,6 +236,12 @@ class AsyncSupervisor:
             assert self.watcher is not None and self.cgroups is not None
             return CgroupContainment(cgroup, self.watcher, self.cgroups.has_kill)
         return ProcessGroupContainment(pid, f"{framing.ENV_MARKER}={run_id}", self.spawner.pid, self.spawner.subreaper)
+
+    async def stop_all(self, grace: float | None = None, *, source: str = "api",
+                       reason: str = "stop all") -> list:
+        """Stop every live run at once (concurrently); returns their reports in start order."""
+        live = [r for r in self.runs.values() if r.state in LIVE and r.containment is not None]
+        return list(await asyncio.gather(*(r.stop(grace, source=source, reason=reason) for r in live)))
 
     def get_run(self, run_id: str) -> AsyncRun:
         try:

@@ -57,6 +57,8 @@ class AsyncRun:
         self.escalated = asyncio.Event()
         self.leader_exited = asyncio.Event()
         self.report: StopReport | None = None
+        #: where the stop sequence is: "" (not stopping), grace, sweep, reap
+        self.stop_phase = ""
         self._done = asyncio.Event()
         self._stop_task: asyncio.Task | None = None
         self._kill_requested = False
@@ -109,11 +111,17 @@ class AsyncRun:
         self._failure = (type_name, message, traceback)
 
     # -- the one end -----------------------------------------------------------------
-    def revoke(self, source: str, reason: str) -> tuple[RevokeRecord, int]:
+    def revoke(self, source: str, reason: str) -> RevokeRecord:
+        """Close the run's egress now (idempotent); the first call's record wins."""
         return self._sup.broker.revoke(self.channel, source, reason)
 
     def _begin(self, req: StopRequest) -> asyncio.Task:
         if self._stop_task is None:
+            # Revoke in the caller's own loop step, not in the task's first
+            # step: nothing the run sends after this line is dispatched.
+            self.revoke(req.source, req.reason)
+            if self.machine.state is not RunState.STOPPING:
+                self.machine.to(RunState.STOPPING)
             self._stop_task = self._sup.loop.create_task(self._finish(req), name=f"deadstop-stop-{self.id}")
         return self._stop_task
 

@@ -90,6 +90,10 @@ class SpawnerClient:
             raise SpawnerLost(f"spawner (pid {self.pid}) is gone")
         self.conn.send_bytes(_encode(msg))
 
+    def configure(self, **settings: Any) -> None:
+        """Tell the spawner what it must clean up should the supervisor die."""
+        self._send({"op": "config", **settings})
+
     async def start(self, msg: dict[str, Any]) -> Started:
         fut = self.loop.create_future()
         self._starts[msg["run_id"]] = fut

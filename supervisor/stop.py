@@ -57,11 +57,12 @@ async def stop_sequence(run: "AsyncRun", req: StopRequest) -> StopReport:
     layer = run.containment
     report = StopReport(run_id=run.id, containment=layer.name, requested_at=req.requested_at)
 
-    # 1. Revoke. Nothing the run asks for is dispatched from here on, and the
-    #    record is committed before any signal below.
-    rec, cancelled = run.revoke(req.source, req.reason)
+    # 1. Revoke (already done by whoever began the stop; idempotent). Nothing
+    #    the run asks for is dispatched from here on, and the record is
+    #    committed to the journal before any signal below.
+    rec = run.revoke(req.source, req.reason)
     report.revoked_at, report.revoke_source, report.revoke_reason = rec.at, rec.source, rec.reason
-    report.handlers_cancelled = cancelled
+    report.handlers_cancelled = run.channel.cancelled_at_revoke
     if run.state is not RunState.STOPPING:
         run.machine.to(RunState.STOPPING)
 
@@ -81,6 +82,7 @@ async def stop_sequence(run: "AsyncRun", req: StopRequest) -> StopReport:
         report.term_sent_at = time.monotonic_ns()
         layer.signal(signal.SIGTERM)
         layer.thaw()  # a frozen run must be able to act on SIGTERM
+        run.stop_phase = "grace"
         if await _wait_empty_or_escalate(run, req.grace):
             report.ended_by = "sigterm"
         else:
@@ -89,6 +91,7 @@ async def stop_sequence(run: "AsyncRun", req: StopRequest) -> StopReport:
             report.ended_by = "sigkill"
             await layer.wait_empty(KILL_BOUND)
 
+    run.stop_phase = "sweep"
     # 3. Sweep: whatever the layer's signals could not reach (setsid escapers
     #    outside the process group, processes that raced the kill).
     swept = layer.sweep()
@@ -100,6 +103,7 @@ async def stop_sequence(run: "AsyncRun", req: StopRequest) -> StopReport:
     report.survivors = len(left)
     report.survivor_pids = left
 
+    run.stop_phase = "reap"
     # 4. Reap the leader; until now its zombie pinned the process group id.
     status = await run.release_leader()
     report.reaped_at = time.monotonic_ns()

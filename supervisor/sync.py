@@ -106,6 +106,10 @@ class Supervisor:
         core = self._call(self._core.start(target, *args, tools=tools, grace=grace, kwargs=kwargs, env=env, cwd=cwd))
         return Run(self, core)
 
+    def stop_all(self, grace: float | None = None) -> list[StopReport]:
+        """Stop every live run concurrently; their reports in start order."""
+        return self._call(self._core.stop_all(grace))
+
     def run(self, run_id: str) -> Run:
         return Run(self, self._core.get_run(run_id))
 

@@ -146,6 +146,7 @@ def stubborn_caller(out_dir: str) -> None:
     logging every refusal it receives."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     log = open(os.path.join(out_dir, "refusals.log"), "a", buffering=1)
+    egress.call("tick")
     egress.call("ready")
     while True:
         try:
@@ -164,3 +165,128 @@ BEHAVIOURS = {
     "flooder": flooder,
     "writer": writer,
 }
+
+
+def raw_exchange(frames: list[bytes], timeout_ms: int = 5000) -> dict | None:
+    """Send hand-made frames on a fresh DEALER socket; the decoded reply, or None if none came."""
+    import json
+
+    import zmq
+
+    cfg = egress._cfg()
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(cfg.address)
+    try:
+        sock.send_multipart(frames)
+        if not sock.poll(timeout_ms):
+            return None
+        return json.loads(sock.recv_multipart()[-1])
+    finally:
+        sock.close(0)
+
+
+def attacker(victim_id: str) -> dict:
+    """Forge, malform and oversize requests against the broker; report each reply's error code."""
+    import json
+
+    cfg = egress._cfg()
+    call = json.dumps({"verb": "call", "id": 7, "tool": "secret"}).encode()
+
+    def code(frames: list[bytes]) -> int | None:
+        reply = raw_exchange(frames)
+        if reply is None:
+            return None
+        return 0 if reply["ok"] else reply["error"]["code"]
+
+    v, rid, cred, gen = b"ds1", cfg.run_id, cfg.credential, cfg.generation
+    return {
+        "own_credential_other_run": code([v, victim_id.encode(), cred, gen, call]),
+        "guessed_credential": code([v, rid, b"0" * len(cred), gen, call]),
+        "empty_credential": code([v, rid, b"", gen, call]),
+        "unknown_run": code([v, b"nosuchrun000", cred, gen, call]),
+        "too_few_frames": code([v, rid, cred, call]),
+        "too_many_frames": code([v, rid, cred, gen, call, b"extra"]),
+        "bad_version": code([b"ds0", rid, cred, gen, call]),
+        "not_json": code([v, rid, cred, gen, b"{not json"]),
+        "missing_field": code([v, rid, cred, gen, json.dumps({"verb": "call", "id": 8}).encode()]),
+        "wrong_type": code([v, rid, cred, gen, json.dumps({"verb": "call", "id": 9, "tool": 5}).encode()]),
+        "unknown_verb": code([v, rid, cred, gen, json.dumps({"verb": "format_disk", "id": 10}).encode()]),
+        "stale_generation": code([v, rid, cred, b"99", call]),
+        "oversized": code([v, rid, cred, gen, b" " * (2 << 20) + call]),
+        "over_hard_cap": code([v, rid, cred, gen, b" " * (9 << 20) + call]),
+        "unknown_tool": code([v, rid, cred, gen, json.dumps({"verb": "call", "id": 11, "tool": "rm_rf"}).encode()]),
+        "denied_tool": code([v, rid, cred, gen, call]),
+        "bad_arguments": code([v, rid, cred, gen, json.dumps(
+            {"verb": "call", "id": 12, "tool": "echo", "kwargs": {"nope": 1}}).encode()]),
+        "still_served": code([v, rid, cred, gen, json.dumps(
+            {"verb": "call", "id": 13, "tool": "echo", "args": ["hi"]}).encode()]),
+    }
+
+
+def victim() -> None:
+    egress.call("ready")
+    while True:
+        time.sleep(1)
+
+
+def returns(value):
+    return value
+
+
+def raises(message: str) -> None:
+    raise ValueError(message)
+
+
+def exits_at_once(code: int) -> None:
+    os._exit(code)
+
+
+def returns_unjsonable() -> object:
+    return {"handle": object()}
+
+
+def calls_with_unjsonable_argument() -> str:
+    try:
+        egress.call("echo", object())
+    except TypeError as exc:
+        return f"TypeError: {exc}"
+    return "no error"
+
+
+def calls_and_reports(tool: str, *args, **kwargs) -> dict:
+    """Call a tool and report the outcome (value or refusal class and code) as the result."""
+    try:
+        return {"ok": True, "value": egress.call(tool, *args, **kwargs)}
+    except Exception as exc:
+        return {"ok": False, "type": type(exc).__name__, "code": int(getattr(exc, "code", 0)),
+                "message": str(exc)}
+
+
+def emits(n: int) -> int:
+    for i in range(n):
+        egress.emit("progress", {"i": i})
+    return n
+
+
+def leaves_children_behind(out_dir: str) -> str:
+    """Exits at once, leaving a child and a setsid grandchild that ignore SIGTERM."""
+    r, w = os.pipe()
+    if os.fork() == 0:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if os.fork() == 0:
+            os.setsid()
+            os.write(w, b"g")
+            while True:
+                time.sleep(1)
+        os.write(w, b"c")
+        while True:
+            time.sleep(1)
+    _wait_bytes(r, 2)
+    return "bye"
+
+
+def slow_tool_caller() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    egress.call("slow")

@@ -7,9 +7,15 @@ there cannot hide a survivor from the tests.
 from __future__ import annotations
 
 import os
+import uuid
 
 MARKER = b"DEADSTOP_RUN_MARKER="
-PLACEHOLDER = b"-"
+#: Set in this test process's environment and inherited (through every
+#: spawner's exec-time environment) by every run the suite starts, so the scan
+#: never mistakes another program's runs on the same machine for ours.
+SESSION_VAR = "DEADSTOP_TEST_SESSION"
+SESSION = os.environ.setdefault(SESSION_VAR, uuid.uuid4().hex)
+_SESSION_ENTRY = f"{SESSION_VAR}={SESSION}".encode()
 
 
 def _environ(pid: str) -> list[bytes]:
@@ -35,7 +41,10 @@ def marked_processes(run_id: str | None = None) -> dict[int, str]:
     for pid in os.listdir("/proc"):
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
-        for entry in _environ(pid):
+        env = _environ(pid)
+        if _SESSION_ENTRY not in env:
+            continue
+        for entry in env:
             if entry.startswith(MARKER):
                 value = entry[len(MARKER):].decode(errors="replace")
                 if value and not value.startswith("-") and (run_id is None or value == run_id):

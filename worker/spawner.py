@@ -57,6 +57,8 @@ class Spawner:
         self.leaders: dict[int, str] = {}  # pid -> run id, held as zombies
         self.released: set[int] = set()  # released but not yet exited
         self.cgroups: list[str] = []
+        self.cgroup_root: str | None = None  # the supervisor's subtree, removed on the way out
+        self.home_procs: str | None = None  # where to move ourselves so the subtree can go
         self.stopping = False
         self.subreaper = platform.set_child_subreaper()
 
@@ -99,6 +101,9 @@ class Spawner:
         op = msg.get("op")
         if op == "start":
             self._start(msg)
+        elif op == "config":
+            self.cgroup_root = msg.get("cgroup_root")
+            self.home_procs = msg.get("home_procs")
         elif op == "release":
             self.released.add(msg["pid"])
             self._reap()
@@ -174,7 +179,25 @@ class Spawner:
 
     # -- shutdown --------------------------------------------------------------
     def kill_everything(self) -> None:
-        """SIGKILL every process below the spawner, then reap them all."""
+        """SIGKILL every process below the spawner, reap them all, remove the cgroup subtree."""
+        self._kill_descendants()
+        self._remove_cgroups()
+
+    def _remove_cgroups(self) -> None:
+        if not (self.cgroup_root and self.home_procs):
+            return
+        try:
+            with open(self.home_procs, "w") as f:
+                f.write(str(self.pid))
+        except OSError:
+            return
+        for dirpath, _dirs, _files in sorted(os.walk(self.cgroup_root), key=lambda e: -len(e[0])):
+            try:
+                os.rmdir(dirpath)
+            except OSError:
+                pass
+
+    def _kill_descendants(self) -> None:
         for cg in self.cgroups:
             try:
                 with open(os.path.join(cg, "cgroup.kill"), "w") as f:

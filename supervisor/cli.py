@@ -1,0 +1,67 @@
+"""The `deadstop` command line.
+
+Exit codes (one table for every verb):
+  0  success
+  1  the verb ran and found a failure (e.g. a run survived in the demo)
+  2  bad usage
+  3  deadstop error (containment unavailable, supervisor failed to start)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import runpy
+import sys
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ERROR = 0, 1, 2, 3
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from supervisor.demo import run_demo
+
+    return run_demo(sys.stdout, containment=args.containment, grace=args.grace)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(here, "benchmarks", "kill_latency.py")
+    if not os.path.exists(script):
+        print("deadstop bench: benchmarks/ is not installed with the package; "
+              "run it from a source checkout", file=sys.stderr)
+        return EXIT_USAGE
+    sys.argv = [script, *args.rest]
+    sys.path.insert(0, here)
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deadstop", description="Process-isolated agent runs whose stop really stops.")
+    sub = parser.add_subparsers(dest="verb", required=True)
+    demo = sub.add_parser("demo", help="start misbehaving runs, stop them, print their stop reports")
+    demo.add_argument("--containment", choices=["auto", "cgroup", "process-group"], default="auto")
+    demo.add_argument("--grace", type=float, default=0.5, help="seconds between SIGTERM and SIGKILL")
+    demo.set_defaults(func=_cmd_demo)
+    bench = sub.add_parser("bench", help="run benchmarks/kill_latency.py (source checkout only)")
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")
+    bench.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from supervisor.errors import DeadstopError
+
+    try:
+        return args.func(args)
+    except DeadstopError as exc:
+        print(f"deadstop {args.verb}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

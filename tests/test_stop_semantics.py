@@ -1,0 +1,179 @@
+"""Stop semantics beyond the matrix: escalation, cancellation of the caller,
+idempotence, refusals after revoke, in-flight handlers, close()."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import threading
+import time
+
+import pytest
+
+import behaviours
+from procscan import marked_processes
+from supervisor import AsyncSupervisor, Supervisor, ToolCancelled
+
+
+async def _started(sup: AsyncSupervisor, target, *args, tools=("ready", "tick")) -> tuple:
+    ready = asyncio.Event()
+    sup.register_tool("ready", ready.set)
+    sup.register_tool("tick", lambda: None)
+    run = await sup.start(target, *args, tools=list(tools))
+    await asyncio.wait_for(ready.wait(), 30)
+    return run
+
+
+def test_kill_escalates_a_stop_in_progress(tmp_path) -> None:
+    async def main() -> None:
+        async with AsyncSupervisor() as sup:
+            run = await _started(sup, behaviours.ignore_term, str(tmp_path))
+            stopping = asyncio.create_task(run.stop(grace=60))
+            while run.stop_phase != "grace":  # loop turns, not a timed sleep
+                await asyncio.sleep(0)
+            assert run.state.value == "stopping" and run.channel.revocation is not None
+            report = await run.kill()
+            assert report is await stopping
+            assert report.outcome == "killed" and report.ended_by == "sigkill"
+            assert report.kill_sent_at - report.term_sent_at < 30e9, "kill did not cut the 60 s grace short"
+            assert marked_processes(run.id) == {}
+
+    asyncio.run(main())
+
+
+def test_cancelled_caller_does_not_cancel_the_stop(tmp_path) -> None:
+    async def main() -> None:
+        async with AsyncSupervisor() as sup:
+            run = await _started(sup, behaviours.ignore_term, str(tmp_path))
+            caller = asyncio.create_task(run.stop(grace=0.2))
+            await asyncio.sleep(0)
+            caller.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await caller
+            info = await run.wait(timeout=30)
+            assert info.state.value == "stopped" and info.report.ended_by == "sigkill"
+            assert info.report.survivors == 0 and marked_processes(run.id) == {}
+
+    asyncio.run(main())
+
+
+def test_concurrent_stops_share_one_sequence_and_one_revocation(tmp_path) -> None:
+    async def main() -> None:
+        async with AsyncSupervisor(state_dir=str(tmp_path)) as sup:
+            run = await _started(sup, behaviours.busy, str(tmp_path))
+            a, b = await asyncio.gather(run.stop(), run.stop(source="gateway", reason="second"))
+            assert a is b and a.revoke_source == "api"
+            rec, first = run.channel.revoke("cli", "third")
+            assert not first and rec.source == "api"
+            db = sqlite3.connect(sup.journal.path)
+            assert db.execute("SELECT count(*) FROM revocations WHERE run_id=?", (run.id,)).fetchone() == (1,)
+            db.close()
+
+    asyncio.run(main())
+
+
+def test_every_request_after_revoke_is_refused_and_counted(tmp_path) -> None:
+    starts: list[int] = []
+    ready = threading.Event()
+    with Supervisor(state_dir=str(tmp_path)) as sup:
+        async def tick() -> None:
+            starts.append(time.monotonic_ns())
+
+        sup.register_tool("tick", tick)
+        sup.register_tool("ready", ready.set)
+        run = sup.start(behaviours.stubborn_caller, str(tmp_path), tools=["tick", "ready"], grace=0.5)
+        assert ready.wait(30)
+        report = run.stop()
+    assert report.ended_by == "sigkill"
+    refusals = (tmp_path / "refusals.log").read_text().split("\n")[:-1]
+    assert refusals, "the run kept calling for the whole grace period and must have been refused"
+    assert {tuple(line.split()[:2]) for line in refusals} == {("Revoked", "5")}
+    assert report.refused_after_revoke >= len(refusals)
+    assert all(int(line.split()[2]) > report.revoked_at for line in refusals)
+    assert starts and max(starts) < report.revoked_at
+
+
+def test_in_flight_async_handler_is_cancelled_and_its_result_discarded(tmp_path) -> None:
+    entered = threading.Event()
+    finished: list[str] = []
+    with Supervisor(state_dir=str(tmp_path)) as sup:
+        async def slow() -> str:
+            entered.set()
+            await asyncio.sleep(60)
+            finished.append("sent")
+            return "sent"
+
+        sup.register_tool("slow", slow)
+        run = sup.start(behaviours.slow_tool_caller, tools=["slow"], grace=0.2)
+        assert entered.wait(30)
+        report = run.stop()
+        assert report.handlers_cancelled == 1 and finished == []
+        db = sqlite3.connect(sup.journal_path)
+        rows = db.execute("SELECT decision FROM egress WHERE run_id=? AND tool='slow' ORDER BY seq",
+                          (run.id,)).fetchall()
+        db.close()
+    assert [r[0] for r in rows] == ["dispatched", "cancelled"]
+
+
+def test_in_flight_sync_handler_cannot_pass_its_commit_gate_after_revoke(tmp_path) -> None:
+    entered, release = threading.Event(), threading.Event()
+    outcome: list[str] = []
+    with Supervisor() as sup:
+        def slow(ctx) -> str:
+            entered.set()
+            release.wait(60)
+            try:
+                ctx.check()
+            except ToolCancelled:
+                outcome.append("cancelled at the gate")
+                raise
+            outcome.append("committed")
+            return "sent"
+
+        sup.register_tool("slow", slow)
+        run = sup.start(behaviours.slow_tool_caller, tools=["slow"], grace=0.2)
+        assert entered.wait(30)
+        report = run.stop()
+        assert report.handlers_cancelled == 1
+        release.set()
+        deadline = time.monotonic() + 30
+        while not outcome and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert outcome == ["cancelled at the gate"]
+
+
+def test_events_reach_subscribers_in_order() -> None:
+    with Supervisor() as sup:
+        events = sup.subscribe()
+        run = sup.start(behaviours.emits, 5)
+        assert run.result(timeout=30) == 5
+        got = []
+        for ev in events:
+            if ev.run_id == run.id:
+                got.append((ev.kind, ev.data))
+            if ev.kind == "run.ended" and ev.run_id == run.id:
+                break
+    assert got == [("progress", {"i": i}) for i in range(5)] + [("run.ended", {"state": "exited"})]
+
+
+def test_close_kills_every_live_run(tmp_path) -> None:
+    ready = threading.Event()
+    n = {"ready": 0}
+
+    def on_ready() -> None:
+        n["ready"] += 1
+        if n["ready"] == 3:
+            ready.set()
+
+    sup = Supervisor()
+    sup.register_tool("ready", on_ready)
+    sup.register_tool("tick", lambda: None)
+    runs = [sup.start(t, str(tmp_path), tools=["ready", "tick"])
+            for t in (behaviours.ignore_term, behaviours.setsid_escaper, behaviours.busy)]
+    assert ready.wait(30)
+    sup.close()
+    for run in runs:
+        assert run.state.value == "killed"
+        assert run.report.revoke_source == "supervisor" and run.report.survivors == 0
+        assert marked_processes(run.id) == {}
