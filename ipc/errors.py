@@ -44,7 +44,7 @@ class EgressRefused(DeadstopError):
 
     code: ErrorCode = ErrorCode.INTERNAL
 
-    def __init__(self, message: str, *, code: ErrorCode | None = None, reason: str | None = None):
+    def __init__(self, message: str, *, code: int | None = None, reason: str | None = None):
         super().__init__(message)
         if code is not None:
             self.code = code
@@ -95,9 +95,10 @@ _CLASS_BY_CODE: dict[ErrorCode, type[EgressRefused]] = {
 
 def refusal_from_wire(error: dict[str, Any]) -> EgressRefused:
     """Rebuild the exception a broker refusal stands for (unknown codes map to the base class)."""
+    raw = error.get("code", ErrorCode.INTERNAL)
     try:
-        code = ErrorCode(int(error.get("code", ErrorCode.INTERNAL)))
-    except ValueError:
-        code = ErrorCode.INTERNAL
-    cls = _CLASS_BY_CODE.get(code, EgressRefused)
-    return cls(str(error.get("message", code.name)), code=code, reason=error.get("reason"))
+        code: int = ErrorCode(int(raw))
+    except (TypeError, ValueError):
+        code = raw if isinstance(raw, int) else ErrorCode.INTERNAL  # a newer broker's code: keep its number
+    cls = _CLASS_BY_CODE.get(code, EgressRefused)  # type: ignore[call-overload]
+    return cls(str(error.get("message", f"error {code}")), code=code, reason=error.get("reason"))

@@ -8,16 +8,22 @@ that older brokers accept newer workers.
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Annotated, Any, Union
 
 import msgspec
+
+#: Request ids are non-negative and fit SQLite's INTEGER (the journal stores them).
+MAX_ID = 2**63 - 1
+RequestId = Annotated[int, msgspec.Meta(ge=0, le=MAX_ID)]
+#: Names (tools, event kinds, error types) are short; the journal stores them.
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 
 
 class Call(msgspec.Struct, tag="call", tag_field="verb"):
     """Ask the supervisor to run a registered tool."""
 
-    id: int
-    tool: str
+    id: RequestId
+    tool: Name
     args: list[Any] = []
     kwargs: dict[str, Any] = {}
 
@@ -25,23 +31,23 @@ class Call(msgspec.Struct, tag="call", tag_field="verb"):
 class Emit(msgspec.Struct, tag="emit", tag_field="verb"):
     """Publish an event to the supervisor's subscribers."""
 
-    id: int
-    kind: str
+    id: RequestId
+    kind: Name
     data: Any = None
 
 
 class Result(msgspec.Struct, tag="result", tag_field="verb"):
     """The run's target returned this JSON value."""
 
-    id: int
+    id: RequestId
     value: Any = None
 
 
 class Failure(msgspec.Struct, tag="error", tag_field="verb"):
     """The run's target raised; carried as text, never as a pickled exception."""
 
-    id: int
-    type: str
+    id: RequestId
+    type: Name
     message: str
     traceback: str = ""
 
@@ -49,7 +55,7 @@ class Failure(msgspec.Struct, tag="error", tag_field="verb"):
 class Ping(msgspec.Struct, tag="ping", tag_field="verb"):
     """Liveness probe; answered with the run's current state."""
 
-    id: int
+    id: RequestId
 
 
 Request = Union[Call, Emit, Result, Failure, Ping]

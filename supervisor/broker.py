@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import itertools
 import logging
 import time
 from typing import Any, Protocol
@@ -49,12 +50,12 @@ class BrokerSink(Protocol):
 
 
 def _guess_id(body: bytes) -> int:
-    """Best-effort request id for refusals issued before the body is validated."""
+    """Best-effort request id for an authenticated request whose body is refused."""
     try:
         value = _id_only.decode(body).get("id", 0)
-        return value if isinstance(value, int) else 0
     except Exception:
         return 0
+    return value if type(value) is int and 0 <= value <= schema.MAX_ID else 0
 
 
 class Broker:
@@ -78,6 +79,7 @@ class Broker:
         self.sock.bind(address)
         self._fd = self.sock.getsockopt(zmq.FD)
         self._drain_scheduled = False
+        self._call_seq = itertools.count()
         loop.add_reader(self._fd, self._drain)
 
     # -- channels --------------------------------------------------------------
@@ -111,8 +113,13 @@ class Broker:
                 return  # closed under us
             try:
                 self._handle(frames)
-            except Exception:  # a bug must never take the broker down
+            except Exception as exc:  # a bug must never take the broker down
                 log.exception("egress: unexpected error handling a request")
+                try:
+                    self.journal.egress(None, time.monotonic_ns(), 0, "?", None, "refused", int(ErrorCode.INTERNAL),
+                                        f"{type(exc).__name__}: {exc}"[:500])
+                except Exception:
+                    pass
                 self._reply_error(frames[0], 0, ErrorCode.INTERNAL, "internal error; the request had no effect")
         self._schedule_drain()  # batch full: let other callbacks (a revoke) run first
 
@@ -149,37 +156,40 @@ class Broker:
     def _handle(self, frames: list[bytes]) -> None:
         t = time.monotonic_ns()
         ident = frames[0]
-        size = sum(len(f) for f in frames)
+        # Refusals before authentication answer with id 0 and never parse the
+        # body: an unauthenticated peer gets no JSON decoding for free.
+        size = sum(len(f) for f in frames) - len(ident)
         if size > self.max_request_bytes:
-            self._refuse(ident, None, None, _guess_id(frames[-1]), "?", None, ErrorCode.TOO_LARGE,
+            self._refuse(ident, None, None, 0, "?", None, ErrorCode.TOO_LARGE,
                          f"request of {size} bytes exceeds the {self.max_request_bytes}-byte limit", t)
             return
+        if len(frames) < 2 or frames[1] != framing.VERSION:
+            version = frames[1][:16] if len(frames) > 1 else b""
+            self._refuse(ident, None, None, 0, "?", None, ErrorCode.BAD_VERSION,
+                         f"protocol version {version!r} not supported; this broker speaks {framing.VERSION!r}", t)
+            return
         if len(frames) != framing.REQUEST_FRAMES + 1:
-            self._refuse(ident, None, None, _guess_id(frames[-1]) if len(frames) > 1 else 0, "?", None,
-                         ErrorCode.MALFORMED, f"expected {framing.REQUEST_FRAMES} frames, got {len(frames) - 1}", t)
+            self._refuse(ident, None, None, 0, "?", None, ErrorCode.MALFORMED,
+                         f"expected {framing.REQUEST_FRAMES} frames, got {len(frames) - 1}", t)
             return
-        _, version, run_id_b, credential, gen_b, body = frames
-        if version != framing.VERSION:
-            self._refuse(ident, None, None, _guess_id(body), "?", None, ErrorCode.BAD_VERSION,
-                         f"protocol version {version[:16]!r} not supported; this broker speaks {framing.VERSION!r}", t)
-            return
+        _, _version, run_id_b, credential, gen_b, body = frames
         run_id = run_id_b.decode("ascii", "replace")[:64]
         chan = self.channels.get(run_id)
         if chan is None or not chan.authenticates(credential):
-            self._refuse(ident, None, run_id, _guess_id(body), "?", None, ErrorCode.UNAUTHENTICATED,
+            self._refuse(ident, None, None, 0, "?", None, ErrorCode.UNAUTHENTICATED,
                          f"unknown run {run_id!r} or wrong credential", t)
             return
         if chan.revocation is not None:
             self._refuse(ident, chan, run_id, _guess_id(body), "?", None, ErrorCode.REVOKED,
                          f"run {run_id} is revoked ({chan.revoked_reason()})", t)
             return
-        try:
-            gen = int(gen_b)
-        except ValueError:
-            gen = -1
-        if gen != chan.generation:
+        if not (gen_b.isdigit() and gen_b.isascii() and len(gen_b) <= 19):
+            self._refuse(ident, chan, run_id, _guess_id(body), "?", None, ErrorCode.MALFORMED,
+                         f"generation frame {gen_b[:20]!r} is not a decimal integer", t)
+            return
+        if int(gen_b) != chan.generation:
             self._refuse(ident, chan, run_id, _guess_id(body), "?", None, ErrorCode.STALE_GENERATION,
-                         f"generation {gen_b[:20]!r} is not current ({chan.generation})", t)
+                         f"generation {int(gen_b)} is not current ({chan.generation})", t)
             return
         try:
             req = schema.decode_request(body)
@@ -207,14 +217,15 @@ class Broker:
     # -- tool calls ----------------------------------------------------------------
     def _call(self, ident: bytes, chan: Channel, req: schema.Call, t: int) -> None:
         run_id = chan.run_id
-        tool = self.tools.get(req.tool)
-        if tool is None:
-            self._refuse(ident, chan, run_id, req.id, "call", req.tool[:200], ErrorCode.UNKNOWN_TOOL,
-                         f"no tool named {req.tool[:200]!r} is registered", t)
-            return
+        # Allow-list first: a run cannot probe which tools exist beyond its own.
         if req.tool not in chan.allowed:
             self._refuse(ident, chan, run_id, req.id, "call", req.tool, ErrorCode.TOOL_DENIED,
                          f"tool {req.tool!r} is not on run {run_id}'s allow-list", t)
+            return
+        tool = self.tools.get(req.tool)
+        if tool is None:  # allowed at start, unregistered since
+            self._refuse(ident, chan, run_id, req.id, "call", req.tool, ErrorCode.UNKNOWN_TOOL,
+                         f"no tool named {req.tool!r} is registered", t)
             return
         ctx = ToolContext(run_id, req.tool, req.id, chan.gate, chan.revoked_reason)
         try:
@@ -232,11 +243,16 @@ class Broker:
             handle: Any = self.loop.create_task(tool.fn(*args, **kwargs))
         else:
             handle = self.loop.run_in_executor(self.executor, _run_sync_handler, tool, ctx, chan, args, kwargs)
-        chan.in_flight[req.id] = (handle, ctx)
-        handle.add_done_callback(lambda fut: self._finished(ident, chan, req.id, ctx, fut))
+        # Keyed by a broker-wide sequence, not the run's request id: two calls
+        # of one run may carry the same id (forked processes, hostile code),
+        # and revoke must cancel every one of them.
+        key = next(self._call_seq)
+        chan.in_flight[key] = (handle, ctx)
+        handle.add_done_callback(lambda fut: self._finished(ident, chan, key, req.id, ctx, fut))
 
-    def _finished(self, ident: bytes, chan: Channel, req_id: int, ctx: ToolContext, fut: asyncio.Future) -> None:
-        chan.in_flight.pop(req_id, None)
+    def _finished(self, ident: bytes, chan: Channel, key: int, req_id: int, ctx: ToolContext,
+                  fut: asyncio.Future) -> None:
+        chan.in_flight.pop(key, None)
         t = time.monotonic_ns()
         if ctx.usage:
             self.sink.on_usage(chan.run_id, ctx.tool, ctx.usage)

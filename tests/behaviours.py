@@ -214,6 +214,9 @@ def attacker(victim_id: str) -> dict:
         "wrong_type": code([v, rid, cred, gen, json.dumps({"verb": "call", "id": 9, "tool": 5}).encode()]),
         "unknown_verb": code([v, rid, cred, gen, json.dumps({"verb": "format_disk", "id": 10}).encode()]),
         "stale_generation": code([v, rid, cred, b"99", call]),
+        "generation_not_a_number": code([v, rid, cred, b" +0", call]),
+        "id_out_of_range": code([v, rid, cred, gen, json.dumps({"verb": "call", "id": 2**64, "tool": "echo"}).encode()]),
+        "negative_id": code([v, rid, cred, gen, json.dumps({"verb": "call", "id": -1, "tool": "echo"}).encode()]),
         "oversized": code([v, rid, cred, gen, b" " * (2 << 20) + call]),
         "over_hard_cap": code([v, rid, cred, gen, b" " * (9 << 20) + call]),
         "unknown_tool": code([v, rid, cred, gen, json.dumps({"verb": "call", "id": 11, "tool": "rm_rf"}).encode()]),
@@ -290,3 +293,22 @@ def leaves_children_behind(out_dir: str) -> str:
 def slow_tool_caller() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     egress.call("slow")
+
+
+def duplicate_ids(copies: int = 2) -> None:
+    """Several calls in flight at once that all carry the same request id."""
+    import json
+
+    import zmq
+
+    cfg = egress._cfg()
+    ctx = zmq.Context.instance()
+    socks = []
+    for _ in range(copies):
+        sock = ctx.socket(zmq.DEALER)
+        sock.connect(cfg.address)
+        sock.send_multipart([b"ds1", cfg.run_id, cfg.credential, cfg.generation,
+                             json.dumps({"verb": "call", "id": 5, "tool": "slow"}).encode()])
+        socks.append(sock)
+    while True:
+        time.sleep(1)

@@ -40,9 +40,12 @@ def test_forged_malformed_and_oversized_requests_are_refused(tmp_path) -> None:
             "wrong_type": ErrorCode.MALFORMED,
             "unknown_verb": ErrorCode.MALFORMED,
             "stale_generation": ErrorCode.STALE_GENERATION,
+            "generation_not_a_number": ErrorCode.MALFORMED,
+            "id_out_of_range": ErrorCode.MALFORMED,
+            "negative_id": ErrorCode.MALFORMED,
             "oversized": ErrorCode.TOO_LARGE,
             "over_hard_cap": None,  # libzmq drops the peer before Python sees a byte
-            "unknown_tool": ErrorCode.UNKNOWN_TOOL,
+            "unknown_tool": ErrorCode.TOOL_DENIED,  # not on the allow-list: existence is not revealed
             "denied_tool": ErrorCode.TOOL_DENIED,
             "bad_arguments": ErrorCode.BAD_ARGUMENTS,
             "still_served": 0,

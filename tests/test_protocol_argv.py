@@ -87,7 +87,7 @@ def test_raw_client_calls_a_tool_emits_and_reports_its_result(tmp_path, capfd):
 
 @pytest.mark.parametrize("tool, code, name", [
     ("forbidden", 7, "TOOL_DENIED"),  # registered, but not on this run's allow-list
-    ("no_such_tool", 8, "UNKNOWN_TOOL"),  # not registered at all
+    ("no_such_tool", 7, "TOOL_DENIED"),  # not registered at all: same answer, existence not revealed
 ])
 def test_raw_client_calling_outside_its_allow_list_is_refused(tmp_path, tool, code, name):
     echo, forbidden = Recorder(), Recorder()
@@ -114,12 +114,12 @@ def test_raw_client_calling_outside_its_allow_list_is_refused(tmp_path, tool, co
 # case -> (replies the run saw as (id, ok, code, result), calls the tool received, journal rows)
 ADVERSARY_CASES = {
     # A flipped credential byte and an empty credential, for the run's own id and an allowed tool.
+    # Refused before authentication: id 0 (the body is never parsed) and the
+    # journal row is not filed under the claimed run (see the test below).
     "wrong-credential": (
-        [(1, False, 4, None), (2, False, 4, None)],
+        [(0, False, 4, None), (0, False, 4, None)],
         [],
-        [(1, "?", None, "refused", 4),
-         (2, "?", None, "refused", 4),
-         (100, "result", None, "allowed", None)],
+        [(100, "result", None, "allowed", None)],
     ),
     # A body that is not JSON (refused with id 0: no id could be read), an
     # unknown verb (refused with its own id), then a valid call with an unknown
@@ -148,6 +148,12 @@ def test_hostile_frames_are_refused_with_their_code_and_journaled(tmp_path, case
         journal = sup.journal_path
 
     assert [summary(r) for r in seen] == replies
+    if case == "wrong-credential":
+        db = sqlite3.connect(journal)
+        forged = db.execute("SELECT run_id, req_id, code, detail FROM egress WHERE decision = 'refused'").fetchall()
+        db.close()
+        assert [(r[0], r[1], r[2]) for r in forged] == [(None, 0, 4), (None, 0, 4)]
+        assert all(run.id in r[3] for r in forged), "the refusal must name the run it claimed to be"
     assert echo.calls == calls
     assert (info.state, info.exit_code) == (RunState.EXITED, 0)
     assert egress_rows(journal, run.id) == rows

@@ -177,3 +177,22 @@ def test_close_kills_every_live_run(tmp_path) -> None:
         assert run.state.value == "killed"
         assert run.report.revoke_source == "supervisor" and run.report.survivors == 0
         assert marked_processes(run.id) == {}
+
+
+def test_calls_sharing_a_request_id_are_all_cancelled(tmp_path) -> None:
+    """Two in-flight calls of one run with the same id: revoke must cancel both."""
+    entered = threading.Semaphore(0)
+    effects: list[int] = []
+    with Supervisor(state_dir=str(tmp_path)) as sup:
+        async def slow() -> str:
+            entered.release()
+            await asyncio.sleep(60)
+            effects.append(time.monotonic_ns())
+            return "sent"
+
+        sup.register_tool("slow", slow)
+        run = sup.start(behaviours.duplicate_ids, 2, tools=["slow"])
+        assert entered.acquire(timeout=30) and entered.acquire(timeout=30)
+        report = run.stop()
+    assert report.handlers_cancelled == 2
+    assert effects == []

@@ -10,6 +10,7 @@ spawner (atexit hooks, buffered control messages) runs twice.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import inspect
 import os
 import signal
@@ -75,14 +76,28 @@ def _environment(spec: StartSpec) -> dict[str, str]:
     return env
 
 
+def _credential_fd(credential: bytes) -> int:
+    """An inheritable descriptor holding the credential: a sealed memfd where
+    the platform has one (re-readable with pread by the run's children), else
+    a pipe (readable once)."""
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("deadstop-credential", os.MFD_ALLOW_SEALING)
+        os.write(fd, credential)
+        os.lseek(fd, 0, os.SEEK_SET)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS,
+                    fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
+    else:
+        fd, w = os.pipe()
+        os.write(w, credential)
+        os.close(w)
+    os.set_inheritable(fd, True)
+    return fd
+
+
 def _exec_argv(spec: StartSpec, env: dict[str, str]) -> NoReturn:
-    # The credential goes through an inherited pipe, never the environment:
-    # /proc/<pid>/environ is readable by every process of the same user.
-    r, w = os.pipe()
-    os.write(w, spec.credential)
-    os.close(w)
-    os.set_inheritable(r, True)
-    env[framing.ENV_CREDENTIAL_FD] = str(r)
+    # The credential goes through an inherited descriptor, never the
+    # environment: /proc/<pid>/environ is readable by every process of the user.
+    env[framing.ENV_CREDENTIAL_FD] = str(_credential_fd(spec.credential))
     for sig in (signal.SIGPIPE, signal.SIGXFSZ):  # as subprocess's restore_signals does
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)

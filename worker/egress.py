@@ -20,6 +20,7 @@ blocking forever (heartbeat loss, G5).
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
 import os
 import threading
@@ -73,13 +74,26 @@ def _configure_from_environment() -> _Config:
         raise EgressUnavailable(
             "no egress channel: this process was not started by a deadstop supervisor "
             f"({framing.ENV_EGRESS}/{framing.ENV_RUN_ID}/{framing.ENV_CREDENTIAL_FD} unset)")
-    with os.fdopen(int(cred_fd), "rb", closefd=True) as f:
-        credential = f.read().strip()
+    credential = read_credential(int(cred_fd))
     sup = os.environ.get(ENV_SUPERVISOR_PID)
     configure(address, run_id, credential, int(os.environ.get(framing.ENV_GENERATION, "0")),
               int(sup) if sup else None)
     assert _config is not None
     return _config
+
+
+def read_credential(fd: int) -> bytes:
+    """Read the run's credential without consuming it, so the run's children can read it too.
+
+    The supervisor passes a sealed memfd; pread at offset 0 leaves the shared
+    file offset alone. Platforms without memfd get a pipe, readable once.
+    """
+    try:
+        return os.pread(fd, 4096, 0).strip()
+    except OSError as exc:
+        if exc.errno != errno.ESPIPE:
+            raise
+        return os.read(fd, 4096).strip()
 
 
 def _reset_after_fork() -> None:
@@ -171,7 +185,9 @@ def request(body_obj: Any, timeout: float | None = None) -> Any:
         if sock in events:
             frames = sock.recv_multipart()
             reply = schema.decode_reply(frames[-1])
-            if reply.id == req_id:
+            # id 0 is a refusal issued before the broker read our body (bad
+            # credential, size, framing): it answers the request just sent.
+            if reply.id == req_id or (reply.id == 0 and not reply.ok):
                 return _unwrap(reply)
             continue  # a late reply to an earlier timed-out request
         if sup_fd is not None and sup_fd in events:
@@ -227,6 +243,16 @@ class _AsyncChannel:
         while True:
             frames = await self.sock.recv_multipart()
             reply = schema.decode_reply(frames[-1])
+            if reply.id == 0 and not reply.ok:
+                # Refused before the body was read: the channel itself is
+                # unusable (credential, framing), so every pending call fails.
+                err = refusal_from_wire({"code": reply.error.code, "message": reply.error.message,
+                                         "reason": reply.error.reason} if reply.error else {})
+                for fut in self.pending.values():
+                    if not fut.done():
+                        fut.set_exception(err)
+                self.pending.clear()
+                continue
             fut = self.pending.pop(reply.id, None)
             if fut is None or fut.done():
                 continue
