@@ -59,6 +59,9 @@ class Containment(Protocol):
 
     def thaw(self) -> None: ...
 
+    def changed(self) -> None:
+        """A hint that membership may have changed (the leader exited)."""
+
     def cleanup(self) -> None: ...
 
 
@@ -70,9 +73,13 @@ class CgroupContainment:
         self.has_kill = has_kill
         self._watcher = watcher
         self._waiters: list[asyncio.Future] = []
-        self._wd = watcher.watch(cgroup.events_file, self._changed)
+        self._wd = watcher.watch(cgroup.events_file, self.changed)
 
-    def _changed(self) -> None:
+    def changed(self) -> None:
+        """Re-check waiters. Called on inotify events of cgroup.events, and by
+        the run when its leader's pidfd fires: the kernel posts the cgroup
+        notification from a work queue, the pidfd wake-up comes straight from
+        the exiting task, so for a one-process run this is the earlier news."""
         waiters, self._waiters = self._waiters, []
         for fut in waiters:
             if not fut.done():
@@ -135,7 +142,7 @@ class CgroupContainment:
 
     def cleanup(self) -> None:
         self._watcher.unwatch(self._wd)
-        self._changed()
+        self.changed()
         self.cgroup.remove()
 
 
@@ -200,6 +207,9 @@ class ProcessGroupContainment:
 
     async def wait_all_gone(self, timeout: float) -> bool:
         return await self._wait_gone(self.survivors, timeout)
+
+    def changed(self) -> None:
+        pass  # waits here are on pidfds already
 
     def freeze(self) -> None:
         self.signal(signal.SIGSTOP)

@@ -214,7 +214,8 @@ class AsyncSupervisor:
         self.runs[run_id] = run
         msg = {
             "run_id": run_id, "blob": blob, "argv": argv, "env": dict(env or {}), "cwd": cwd,
-            "cgroup_procs": cgroup.procs_file if cgroup else None, "credential": credential,
+            "cgroup_procs": cgroup.procs_file if cgroup else None, "pin_group": cgroup is None,
+            "credential": credential,
             "generation": channel.generation, "egress": self.broker.address,
             "supervisor_pid": os.getpid(),
         }

@@ -7,11 +7,12 @@ decision and every stop report, each with a monotonic timestamp, so that
     SELECT * FROM egress e JOIN revocations r USING (run_id)
     WHERE e.decision = 'dispatched' AND e.t_ns > r.t_ns;   -- must be empty
 
-Writes happen on the supervisor's event loop thread. Egress rows are grouped
-into one transaction per loop iteration (commit_soon) because a commit per
-tool call would dominate the egress round trip; a revocation is committed
-before the call returns (commit_now), because G1 requires it to be on record
-before the first signal is sent.
+Writes happen on the supervisor's event loop thread. Rows are buffered and
+written in one transaction per loop iteration (commit_soon), because a
+transaction per row would dominate the egress round trip and the stop path;
+a revocation flushes the buffer and commits before the call returns
+(commit_now), because G1 requires it, and every egress decision made before
+it, to be on record before the first signal is sent.
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ import asyncio
 import json
 import os
 import sqlite3
+import logging
 import time
 from typing import Any, Iterable
+
+log = logging.getLogger("deadstop.journal")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS supervisors(
@@ -63,6 +67,7 @@ class Journal:
         self.db.executescript(SCHEMA)
         self.db.commit()
         self._commit_pending = False
+        self._pending: list[tuple[str, tuple[Any, ...]]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self.closed = False
 
@@ -71,22 +76,42 @@ class Journal:
 
     # -- write side -----------------------------------------------------------
     def _exec(self, sql: str, params: Iterable[Any]) -> None:
-        self.db.execute(sql, tuple(params))
+        self._pending.append((sql, tuple(params)))
         self.commit_soon()
 
     def commit_soon(self) -> None:
         if self._commit_pending:
             return
         if self._loop is None:
-            self.db.commit()
+            self.commit_now()
             return
         self._commit_pending = True
         self._loop.call_soon(self.commit_now)
 
     def commit_now(self) -> None:
+        """Write every buffered row in one transaction and commit it."""
         self._commit_pending = False
-        if not self.closed:
-            self.db.commit()
+        if self.closed or not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        try:
+            with self.db:  # one transaction; consecutive rows of one statement go in one executemany
+                i = 0
+                while i < len(pending):
+                    sql = pending[i][0]
+                    j = i
+                    while j < len(pending) and pending[j][0] == sql:
+                        j += 1
+                    self.db.executemany(sql, [p for _, p in pending[i:j]])
+                    i = j
+        except (sqlite3.Error, OverflowError, ValueError):
+            # One bad row must not lose its neighbours: retry row by row.
+            for sql, params in pending:
+                try:
+                    with self.db:
+                        self.db.execute(sql, params)
+                except (sqlite3.Error, OverflowError, ValueError):
+                    log.exception("journal: dropped a row that SQLite refused: %s", sql.split("(")[0])
 
     def supervisor_started(self, sup_id: str, pid: int, pid_create_time: float, containment: str) -> None:
         self._exec("INSERT INTO supervisors VALUES (?,?,?,?,?,?,?,?)",
@@ -108,8 +133,10 @@ class Journal:
         self._exec("UPDATE runs SET pid=?, pid_create_time=? WHERE id=?", (pid, pid_create_time, run_id))
 
     def transition(self, run_id: str, old: str, new: str, t_ns: int) -> None:
+        # runs.state is written at the end only (run_ended): the transitions
+        # table is the history, and one page fewer per commit keeps the
+        # revoke-to-signal path short.
         self._exec("INSERT INTO transitions(run_id, t_ns, old, new) VALUES (?,?,?,?)", (run_id, t_ns, old, new))
-        self._exec("UPDATE runs SET state=? WHERE id=?", (new, run_id))
 
     def revoked(self, run_id: str, t_ns: int, source: str, reason: str) -> None:
         self._exec("INSERT OR IGNORE INTO revocations VALUES (?,?,?,?)", (run_id, t_ns, source, reason))
@@ -120,20 +147,20 @@ class Journal:
         self._exec("INSERT INTO egress(run_id, t_ns, req_id, verb, tool, decision, code, detail)"
                    " VALUES (?,?,?,?,?,?,?,?)", (run_id, t_ns, req_id, verb, tool, decision, code, detail))
 
-    def run_ended(self, run_id: str, t_ns: int, exit_code: int | None, exit_signal: int | None,
+    def run_ended(self, run_id: str, state: str, t_ns: int, exit_code: int | None, exit_signal: int | None,
                   report: dict[str, Any]) -> None:
-        self._exec("UPDATE runs SET ended_ns=?, exit_code=?, exit_signal=? WHERE id=?",
-                   (t_ns, exit_code, exit_signal, run_id))
+        self._exec("UPDATE runs SET state=?, ended_ns=?, exit_code=?, exit_signal=? WHERE id=?",
+                   (state, t_ns, exit_code, exit_signal, run_id))
         self._exec("INSERT OR REPLACE INTO stops VALUES (?,?,?)", (run_id, t_ns, json.dumps(report)))
         self.commit_now()
 
     def close(self) -> None:
         if self.closed:
             return
-        self.closed = True
         try:
-            self.db.commit()
+            self.commit_now()
         finally:
+            self.closed = True
             self.db.close()
 
 

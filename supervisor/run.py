@@ -18,7 +18,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from supervisor.channel import Channel, RevokeRecord
-from supervisor.containment import Containment
+from supervisor.containment import CgroupContainment, Containment
 from supervisor.errors import RunFailed, StopIncomplete
 from supervisor.report import StopReport
 from supervisor.states import RunState, RunStateMachine
@@ -100,6 +100,8 @@ class AsyncRun:
         if self.pidfd is not None:
             self._sup.loop.remove_reader(self.pidfd)
         self.leader_exited.set()
+        if self.containment is not None:
+            self.containment.changed()
         if self._stop_task is None:
             self._begin(StopRequest("exit", "exit", "the run's leader process exited", 0.0, time.monotonic_ns()))
 
@@ -117,11 +119,11 @@ class AsyncRun:
 
     def _begin(self, req: StopRequest) -> asyncio.Task:
         if self._stop_task is None:
+            if self.machine.state is not RunState.STOPPING:
+                self.machine.to(RunState.STOPPING)  # buffered; the revoke's commit writes it
             # Revoke in the caller's own loop step, not in the task's first
             # step: nothing the run sends after this line is dispatched.
             self.revoke(req.source, req.reason)
-            if self.machine.state is not RunState.STOPPING:
-                self.machine.to(RunState.STOPPING)
             self._stop_task = self._sup.loop.create_task(self._finish(req), name=f"deadstop-stop-{self.id}")
         return self._stop_task
 
@@ -136,8 +138,8 @@ class AsyncRun:
             self._done.set()
         self.report = report
         self.machine.to(RunState(report.outcome))
-        self._sup.journal.run_ended(self.id, report.reaped_at, report.exit_code, report.exit_signal,
-                                    report.to_dict())
+        self._sup.journal.run_ended(self.id, report.outcome, report.reaped_at, report.exit_code,
+                                    report.exit_signal, report.to_dict())
         self._release_handles()
         self._sup.run_finished(self)
         return report
@@ -170,7 +172,8 @@ class AsyncRun:
             log.error("run %s: leader pid %d survived SIGKILL for %.0fs", self.id, self.pid, KILL_BOUND)
             return None
         try:
-            return await asyncio.wait_for(self._sup.spawner.release(self.pid), KILL_BOUND)
+            pinned = not isinstance(self.containment, CgroupContainment)
+            return await asyncio.wait_for(self._sup.spawner.release(self.pid, pinned), KILL_BOUND)
         except Exception:  # spawner gone: the leader was reaped elsewhere
             return None
 

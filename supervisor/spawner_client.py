@@ -103,13 +103,22 @@ class SpawnerClient:
         finally:
             self._starts.pop(msg["run_id"], None)
 
-    async def release(self, pid: int) -> int:
-        """Let the spawner reap a run leader; returns its wait status."""
+    def _reap_future(self, pid: int) -> asyncio.Future:
         fut = self._reaps.get(pid)
         if fut is None:
             fut = self._reaps[pid] = self.loop.create_future()
+        return fut
+
+    async def release(self, pid: int, pinned: bool = True) -> int:
+        """Let the spawner reap a run leader (if it holds it); returns its wait status."""
+        fut = self._reap_future(pid)
+        if pinned and not fut.done() and not getattr(fut, "release_sent", False):
+            fut.release_sent = True  # type: ignore[attr-defined]
             self._send({"op": "release", "pid": pid})
-        return await fut
+        try:
+            return await fut
+        finally:
+            self._reaps.pop(pid, None)
 
     # -- replies ------------------------------------------------------------------
     def _readable(self) -> None:
@@ -137,8 +146,8 @@ class SpawnerClient:
             if fut is not None and not fut.done():
                 fut.set_exception(DeadstopError(f"spawner could not start run {msg['run_id']}: {msg['error']}"))
         elif op == "reaped":
-            fut = self._reaps.pop(msg["pid"], None)
-            if fut is not None and not fut.done():
+            fut = self._reap_future(msg["pid"])
+            if not fut.done():
                 fut.set_result(msg["status"])
 
     def _lost(self) -> None:

@@ -9,7 +9,6 @@ spawner (atexit hooks, buffered control messages) runs twice.
 
 from __future__ import annotations
 
-import asyncio
 import fcntl
 import inspect
 import os
@@ -122,6 +121,8 @@ def _run_python(spec: StartSpec) -> int:
     try:
         value = target(*args, **kwargs)
         if inspect.isawaitable(value):
+            import asyncio
+
             value = asyncio.run(_await(value))
     except SystemExit as exc:
         code = exc.code

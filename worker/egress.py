@@ -19,14 +19,16 @@ blocking forever (heartbeat loss, G5).
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import itertools
 import os
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
+
+if TYPE_CHECKING:
+    import asyncio
 
 from ipc import framing, schema
 from ipc.errors import DeadstopError, ErrorCode, Revoked, refusal_from_wire
@@ -219,7 +221,7 @@ def report_failure(type_name: str, message: str, traceback_text: str) -> None:
 class _AsyncChannel:
     """One asyncio DEALER per event loop; replies are matched to futures by id."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
+    def __init__(self, loop: "asyncio.AbstractEventLoop"):
         import zmq.asyncio
 
         self.loop = loop
@@ -227,7 +229,7 @@ class _AsyncChannel:
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(_cfg().address)
-        self.pending: dict[int, asyncio.Future] = {}
+        self.pending: dict[int, "asyncio.Future"] = {}
         self.reader = loop.create_task(self._read())
         fd = _supervisor_pidfd()
         if fd is not None and fd >= 0:
@@ -272,6 +274,8 @@ class _AsyncChannel:
 
 
 def _async_channel() -> _AsyncChannel:
+    import asyncio  # imported on first async use: runs that never need it die faster (smaller RSS)
+
     loop = asyncio.get_running_loop()
     chans = getattr(_local, "async_channels", None)
     if chans is None:
