@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """A deadstop argv run that speaks the egress wire by hand (protocol "ds1").
 
-It imports nothing from deadstop: only pyzmq, json and os (plus sys for
-argv and stdout), to show that a run written in any language with a ZeroMQ
+It imports nothing from deadstop: only pyzmq, json, errno and os (plus sys
+for argv and stdout), to show that a run written in any language with a ZeroMQ
 binding can use the protocol described in docs/protocol.md.
 
 Usage, as the argv of a run whose allow-list names TOOL:
@@ -20,6 +20,7 @@ Exit status: 0 if the call succeeded, 1 if the broker refused it, 2 if the
 channel itself failed (no supervisor, refused emit or result, bad usage).
 """
 
+import errno
 import json
 import os
 import sys
@@ -35,18 +36,20 @@ class ChannelError(Exception):
 
 
 def read_credential(fd):
-    """Read the credential once from the inherited pipe, then close it.
+    """Read the credential from the inherited descriptor without consuming it.
 
-    The supervisor closed the write end before exec, so reading to EOF ends.
+    Where the platform has memfd_create the supervisor passes a sealed memfd:
+    pread at offset 0 leaves the file offset (shared with every process that
+    inherited the descriptor) alone, so children can read it again. Elsewhere
+    it passes a pipe, where pread fails with ESPIPE and one read drains it.
     """
-    chunks = []
-    while True:
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            break
-        chunks.append(chunk)
-    os.close(fd)
-    return b"".join(chunks).strip()
+    try:
+        data = os.pread(fd, 4096, 0)
+    except OSError as exc:
+        if exc.errno != errno.ESPIPE:
+            raise
+        data = os.read(fd, 4096)
+    return data.strip()
 
 
 class Channel:
@@ -56,8 +59,13 @@ class Channel:
         self.address = environ["DEADSTOP_EGRESS"]
         self.run_id = environ["DEADSTOP_RUN_ID"].encode("ascii")
         self.generation = environ.get("DEADSTOP_GENERATION", "0").encode("ascii")
-        self.credential = read_credential(int(environ["DEADSTOP_CREDENTIAL_FD"]))
-        # The fd is spent: children of this process must not try to read it.
+        cred_fd = int(environ["DEADSTOP_CREDENTIAL_FD"])
+        self.credential = read_credential(cred_fd)
+        # This client starts no children, so it closes the descriptor and drops
+        # the variable: while the descriptor is open, other processes of this
+        # user can read the credential through /proc/<pid>/fd. A run whose
+        # children need egress leaves both in place (docs/protocol.md, section 2).
+        os.close(cred_fd)
         environ.pop("DEADSTOP_CREDENTIAL_FD", None)
         self.next_id = 1
         self.ctx = zmq.Context()
@@ -94,7 +102,12 @@ class Channel:
             reply = json.loads(frames[1])
             if reply.get("id") == req_id:
                 return reply
-            # A reply to some earlier request (or a refusal with id 0): not ours.
+            if reply.get("id") == 0 and not reply.get("ok"):
+                # Refused before the broker could read our id (size, version,
+                # frame count, credential, or a body without a usable id). Only
+                # one request is in flight on this socket: this answers it.
+                return reply
+            # A late reply to some earlier request: not ours.
 
     def close(self):
         self.sock.close(0)
