@@ -17,14 +17,14 @@ class DeadstopError(Exception):
 
 
 class ErrorCode(enum.IntEnum):
-    MALFORMED = 1  # wrong frame count, bad JSON, schema violation
+    MALFORMED = 1  # wrong frame count, generation frame not decimal, bad JSON, schema violation
     TOO_LARGE = 2  # request over the size cap
     BAD_VERSION = 3  # protocol version frame not understood
     UNAUTHENTICATED = 4  # unknown run id or credential mismatch
     REVOKED = 5  # the run's egress was revoked (stop, kill, exit, quota...)
     STALE_GENERATION = 6  # request carries a generation that is no longer current
-    TOOL_DENIED = 7  # tool exists but is not on this run's allow-list
-    UNKNOWN_TOOL = 8  # no tool of that name is registered
+    TOOL_DENIED = 7  # tool not on this run's allow-list (whether or not it exists)
+    UNKNOWN_TOOL = 8  # on the allow-list but no longer registered
     TOOL_ERROR = 9  # the handler raised
     CANCELLED = 10  # handler cancelled by revoke; its result was discarded
     BAD_ARGUMENTS = 11  # arguments do not fit the handler's signature

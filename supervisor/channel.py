@@ -36,7 +36,7 @@ class Channel:
         self.revocation: RevokeRecord | None = None
         # Taken by revoke() and by every ToolContext.check(); see supervisor/tools.py.
         self.gate = threading.Lock()
-        self.in_flight: dict[int, Any] = {}  # request id -> (asyncio handle, ToolContext)
+        self.in_flight: dict[int, Any] = {}  # broker call sequence -> (asyncio handle, ToolContext)
         self.refused_after_revoke = 0
         self.cancelled_at_revoke = 0
         self.calls = 0

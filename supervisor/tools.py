@@ -94,8 +94,8 @@ class ToolRegistry:
         self._tools: dict[str, Tool] = {}
 
     def register(self, name: str, fn: Callable[..., Any]) -> None:
-        if not isinstance(name, str) or not name:
-            raise ValueError("tool name must be a non-empty string")
+        if not isinstance(name, str) or not 1 <= len(name) <= 200:
+            raise ValueError("tool name must be a string of 1 to 200 characters (the wire's limit for names)")
         self._tools[name] = Tool(name, fn)
 
     def get(self, name: str) -> Tool | None:

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     import asyncio
 
 from ipc import framing, schema
-from ipc.errors import DeadstopError, ErrorCode, Revoked, refusal_from_wire
+from ipc.errors import DeadstopError, EgressRefused, ErrorCode, Revoked, refusal_from_wire
 
 ENV_SUPERVISOR_PID = "DEADSTOP_SUPERVISOR_PID"
 
@@ -144,7 +144,14 @@ def _sync_socket() -> zmq.Socket:
 
 def _frames(body: bytes) -> list[bytes]:
     cfg = _cfg()
-    return [framing.VERSION, cfg.run_id, cfg.credential, cfg.generation, body]
+    frames = [framing.VERSION, cfg.run_id, cfg.credential, cfg.generation, body]
+    size = sum(len(f) for f in frames)
+    if size > framing.MAX_REQUEST_BYTES:
+        # Refused here rather than by the broker: its TOO_LARGE reply carries
+        # id 0 (the body is never parsed) and could not name this request.
+        raise EgressRefused(f"egress request of {size} bytes exceeds the {framing.MAX_REQUEST_BYTES}-byte limit",
+                            code=ErrorCode.TOO_LARGE)
+    return frames
 
 
 def _encode_request(body_obj: Any) -> bytes:
@@ -218,6 +225,12 @@ def report_failure(type_name: str, message: str, traceback_text: str) -> None:
     request(schema.Failure(id=next(_ids), type=type_name, message=message, traceback=traceback_text))
 
 
+#: Refusals with id 0 that say the channel itself is unusable. This client
+#: never sends a request the broker could refuse with another id-0 code.
+_CHANNEL_LEVEL = frozenset({ErrorCode.UNAUTHENTICATED, ErrorCode.BAD_VERSION, ErrorCode.MALFORMED,
+                            ErrorCode.TOO_LARGE})
+
+
 class _AsyncChannel:
     """One asyncio DEALER per event loop; replies are matched to futures by id."""
 
@@ -246,8 +259,10 @@ class _AsyncChannel:
             frames = await self.sock.recv_multipart()
             reply = schema.decode_reply(frames[-1])
             if reply.id == 0 and not reply.ok:
-                # Refused before the body was read: the channel itself is
-                # unusable (credential, framing), so every pending call fails.
+                if reply.error is None or reply.error.code not in _CHANNEL_LEVEL:
+                    continue  # cannot be matched to one call; the others keep their own replies
+                # Refused before the body was read, for a reason that holds
+                # for every request on this channel (credential, framing).
                 err = refusal_from_wire({"code": reply.error.code, "message": reply.error.message,
                                          "reason": reply.error.reason} if reply.error else {})
                 for fut in self.pending.values():
