@@ -28,6 +28,16 @@ def _ticker(period: float = 0.001) -> None:
     threading.Thread(target=loop, daemon=True).start()
 
 
+def _ready() -> None:
+    """Tell the test we are set up. The test may stop us the moment the tool
+    has run, while the reply is still on its way: the call is then cancelled
+    by the revoke and raises here, which must not end the misbehaviour."""
+    try:
+        egress.call("ready")
+    except egress.DeadstopError:
+        pass
+
+
 def _wait_bytes(fd: int, n: int) -> None:
     got = 0
     while got < n:
@@ -39,7 +49,7 @@ def _wait_bytes(fd: int, n: int) -> None:
 
 def busy(out_dir: str) -> None:
     _ticker()
-    egress.call("ready")
+    _ready()
     x = 0
     while True:
         x += 1
@@ -48,7 +58,7 @@ def busy(out_dir: str) -> None:
 def ignore_term(out_dir: str) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _ticker()
-    egress.call("ready")
+    _ready()
     while True:
         time.sleep(0.05)
 
@@ -67,7 +77,7 @@ def tree(out_dir: str, children: int = 20) -> None:
                 time.sleep(1)
     _wait_bytes(r, 2 * children)
     _ticker()
-    egress.call("ready")
+    _ready()
     while True:
         time.sleep(1)
 
@@ -88,7 +98,7 @@ def setsid_escaper(out_dir: str) -> None:
         os._exit(0)
     _wait_bytes(r, 1)
     _ticker()
-    egress.call("ready")
+    _ready()
     while True:
         time.sleep(1)
 
@@ -98,7 +108,7 @@ def gil_holder(out_dir: str) -> None:
     (catastrophic regex backtracking) that never releases the GIL."""
     signal.signal(signal.SIGTERM, lambda *_: None)
     _ticker()
-    egress.call("ready")
+    _ready()
     re.match(r"(a+)+$", "a" * 64 + "b")
 
 
@@ -114,7 +124,7 @@ def flooder(out_dir: str, threads: int = 4) -> None:
 
     for i in range(threads):
         threading.Thread(target=flood, args=("tick" if i % 2 else "send",), daemon=True).start()
-    egress.call("ready")
+    _ready()
     flood("tick")
 
 
@@ -136,7 +146,7 @@ def writer(out_dir: str) -> None:
     _wait_bytes(r, 1)
     _ticker()
     threading.Thread(target=write_forever, args=("leader", False), daemon=True).start()
-    egress.call("ready")
+    _ready()
     while True:
         time.sleep(1)
 
@@ -146,14 +156,20 @@ def stubborn_caller(out_dir: str) -> None:
     logging every refusal it receives."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     log = open(os.path.join(out_dir, "refusals.log"), "a", buffering=1)
-    egress.call("tick")
-    egress.call("ready")
-    while True:
-        try:
-            egress.call("tick")
-        except Exception as exc:
-            log.write(f"{type(exc).__name__} {getattr(exc, 'code', '?')} {time.monotonic_ns()}\n")
-            time.sleep(0.001)
+    try:
+        egress.call("tick")
+        _ready()
+        while True:
+            try:
+                egress.call("tick")
+            except Exception as exc:
+                log.write(f"{type(exc).__name__} {getattr(exc, 'code', '?')} {time.monotonic_ns()}\n")
+                time.sleep(0.001)
+    except BaseException:
+        import traceback
+        with open(os.path.join(out_dir, "crash.log"), "w") as f:
+            traceback.print_exc(file=f)
+        raise
 
 
 BEHAVIOURS = {
@@ -229,7 +245,7 @@ def attacker(victim_id: str) -> dict:
 
 
 def victim() -> None:
-    egress.call("ready")
+    _ready()
     while True:
         time.sleep(1)
 

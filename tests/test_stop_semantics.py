@@ -85,7 +85,8 @@ def test_every_request_after_revoke_is_refused_and_counted(tmp_path) -> None:
         run = sup.start(behaviours.stubborn_caller, str(tmp_path), tools=["tick", "ready"], grace=0.5)
         assert ready.wait(30)
         report = run.stop()
-    assert report.ended_by == "sigkill", report
+    crash = tmp_path / "crash.log"
+    assert report.ended_by == "sigkill", (report, crash.read_text() if crash.exists() else "")
     refusals = (tmp_path / "refusals.log").read_text().split("\n")[:-1]
     assert refusals, "the run kept calling for the whole grace period and must have been refused"
     assert {tuple(line.split()[:2]) for line in refusals} == {("Revoked", "5")}
