@@ -118,7 +118,7 @@ def test_in_flight_async_handler_is_cancelled_and_its_result_discarded(tmp_path)
 
 
 def test_in_flight_sync_handler_cannot_pass_its_commit_gate_after_revoke(tmp_path) -> None:
-    entered, release = threading.Event(), threading.Event()
+    entered, release, decided = threading.Event(), threading.Event(), threading.Event()
     outcome: list[str] = []
     with Supervisor() as sup:
         def slow(ctx) -> str:
@@ -129,7 +129,10 @@ def test_in_flight_sync_handler_cannot_pass_its_commit_gate_after_revoke(tmp_pat
             except ToolCancelled:
                 outcome.append("cancelled at the gate")
                 raise
-            outcome.append("committed")
+            else:
+                outcome.append("committed")
+            finally:
+                decided.set()
             return "sent"
 
         sup.register_tool("slow", slow)
@@ -138,9 +141,7 @@ def test_in_flight_sync_handler_cannot_pass_its_commit_gate_after_revoke(tmp_pat
         report = run.stop()
         assert report.handlers_cancelled == 1
         release.set()
-        deadline = time.monotonic() + 30
-        while not outcome and time.monotonic() < deadline:
-            time.sleep(0.01)
+        assert decided.wait(30)
     assert outcome == ["cancelled at the gate"]
 
 

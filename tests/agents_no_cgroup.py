@@ -1,0 +1,44 @@
+"""A host application that cannot write any cgroup (test_no_cgroup_access.py
+runs it with the cgroup2 filesystem read-only): the supervisor must fall back
+to process groups + subreaper, say so, and still contain."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+
+import behaviours
+from supervisor import ContainmentDegraded, Supervisor
+
+
+def main(out_dir: str) -> None:
+    result: dict = {}
+    try:
+        Supervisor(containment="cgroup").close()
+        result["required_cgroup"] = "started"
+    except ContainmentDegraded as exc:
+        result["required_cgroup"] = f"refused: {exc}"
+    ready = threading.Event()
+    n = {"ready": 0}
+
+    def on_ready() -> None:
+        n["ready"] += 1
+        if n["ready"] == 2:
+            ready.set()
+
+    with Supervisor() as sup:
+        result["containment"] = sup.containment
+        result["why"] = sup.core.containment_degraded_reason
+        sup.register_tool("ready", on_ready)
+        sup.register_tool("tick", lambda: None)
+        runs = [sup.start(behaviours.tree, out_dir, 5, tools=["ready", "tick"]),
+                sup.start(behaviours.setsid_escaper, out_dir, tools=["ready", "tick"])]
+        result["ready"] = ready.wait(60)
+        result["run_ids"] = [r.id for r in runs]
+        result["reports"] = [r.to_dict() for r in sup.stop_all(grace=0.3)]
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
