@@ -1,0 +1,1 @@
+"""Benchmarks for deadstop. Run `python benchmarks/kill_latency.py --help`."""
