@@ -8,8 +8,9 @@ decision and every stop report, each with a monotonic timestamp, so that
     WHERE e.decision = 'dispatched' AND e.t_ns > r.t_ns;   -- must be empty
 
 Writes happen on the supervisor's event loop thread. Rows are buffered and
-written in one transaction per loop iteration (commit_soon), because a
-transaction per row would dominate the egress round trip and the stop path;
+written in one transaction at most every COMMIT_DELAY seconds (commit_soon),
+because a transaction per row, or even per loop turn, would dominate the
+egress round trip (a sequential tool call spans two loop turns);
 a revocation flushes the buffer and commits before the call returns
 (commit_now), because G1 requires it, and every egress decision made before
 it, to be on record before the first signal is sent.
@@ -26,6 +27,11 @@ import time
 from typing import Any, Iterable
 
 log = logging.getLogger("deadstop.journal")
+
+#: Longest a buffered row waits for its transaction. A crash of the
+#: supervisor process can lose at most this much of the egress record; a
+#: stop never does (revocations and stop reports commit at once).
+COMMIT_DELAY = 0.005
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS supervisors(
@@ -86,7 +92,7 @@ class Journal:
             self.commit_now()
             return
         self._commit_pending = True
-        self._loop.call_soon(self.commit_now)
+        self._loop.call_later(COMMIT_DELAY, self.commit_now)
 
     def commit_now(self) -> None:
         """Write every buffered row in one transaction and commit it."""

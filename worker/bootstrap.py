@@ -28,7 +28,7 @@ EXIT_EXEC_FAILED = 127
 class StartSpec:
     """Everything a run needs, as sent by the supervisor through the spawner."""
 
-    __slots__ = ("run_id", "blob", "argv", "env", "cwd", "cgroup_procs", "credential",
+    __slots__ = ("run_id", "blob", "argv", "env", "cwd", "cgroup_procs", "in_cgroup", "credential",
                  "generation", "egress", "supervisor_pid")
 
     def __init__(self, msg: dict[str, Any]):
@@ -38,8 +38,9 @@ class StartSpec:
 
 def _contain(spec: StartSpec, spawner_pid: int, ready_fd: int) -> None:
     os.setsid()
-    if spec.cgroup_procs:
-        # "0" moves the writing process itself; any fork from here on is inside.
+    if spec.cgroup_procs and not spec.in_cgroup:
+        # Born outside (no clone3 into the cgroup): "0" moves the writing
+        # process itself; any fork from here on is inside.
         with open(spec.cgroup_procs, "w") as f:
             f.write("0")
     platform.set_parent_death_signal(signal.SIGKILL)
@@ -62,10 +63,9 @@ def _reset_inherited_state() -> None:
     os.closerange(3, os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 4096)
 
 
-def _environment(spec: StartSpec) -> dict[str, str]:
-    env = dict(os.environ)
-    if spec.env:
-        env.update(spec.env)
+def _run_variables(spec: StartSpec) -> dict[str, str]:
+    """What the run's environment adds to the spawner's (inherited by its children)."""
+    env = dict(spec.env or {})
     env[framing.ENV_MARKER] = spec.run_id
     env[framing.ENV_RUN_ID] = spec.run_id
     env[framing.ENV_EGRESS] = spec.egress
@@ -160,11 +160,11 @@ def child_main(msg: dict[str, Any], spawner_pid: int, ready_fd: int) -> NoReturn
         _contain(spec, spawner_pid, ready_fd)
         _reset_inherited_state()  # handlers to default, then unblock (the spawner blocked all across fork)
         platform.rewrite_exec_env(framing.ENV_MARKER, spec.run_id)
-        env = _environment(spec)
+        added = _run_variables(spec)
         if spec.argv:
-            _exec_argv(spec, env)
-        os.environ.clear()
-        os.environ.update(env)
+            _exec_argv(spec, {**os.environ, **added})
+        for name, value in added.items():  # a handful of putenv calls, not a rebuild
+            os.environ[name] = value
         if spec.cwd:
             os.chdir(spec.cwd)
         code = _run_python(spec)

@@ -69,6 +69,7 @@ class Spawner:
         self.home_procs: str | None = None  # where to move ourselves so the subtree can go
         self.stopping = False
         self.subreaper = platform.set_child_subreaper()
+        self.clone_into_cgroup = True  # until the kernel says otherwise
 
     # -- main loop ---------------------------------------------------------
     def serve(self) -> None:
@@ -148,7 +149,7 @@ class Spawner:
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
         ready_r, ready_w = os.pipe()
         try:
-            pid = os.fork()
+            pid, pidfd = self._fork(msg)
         except OSError as exc:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
             os.close(ready_r)
@@ -170,7 +171,8 @@ class Spawner:
         self.leaders[pid] = msg["run_id"]
         if not msg.get("pin_group", True):
             self.released.add(pid)  # nothing signals its group by pgid: reap as soon as it exits
-        pidfd = os.pidfd_open(pid) if hasattr(os, "pidfd_open") else -1
+        if pidfd < 0 and hasattr(os, "pidfd_open"):
+            pidfd = os.pidfd_open(pid)
         try:
             create_time = psutil.Process(pid).create_time()
         except psutil.Error:
@@ -180,6 +182,25 @@ class Spawner:
         if pidfd >= 0:
             socket.send_fds(self.sock, [bytes([1])], [pidfd])  # = multiprocess.reduction.sendfds
             os.close(pidfd)
+
+    def _fork(self, msg: dict[str, Any]) -> tuple[int, int]:
+        """Fork the run, born inside its cgroup where the kernel allows it.
+
+        Returns (pid, pidfd or -1) in the parent, (0, -1) in the child; sets
+        msg["in_cgroup"] for the child when it needs no move.
+        """
+        procs = msg.get("cgroup_procs")
+        if procs and self.clone_into_cgroup:
+            fd = os.open(os.path.dirname(procs), os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                pid, pidfd = platform.fork_into_cgroup(fd)
+                msg["in_cgroup"] = True
+                return pid, pidfd
+            except OSError:
+                self.clone_into_cgroup = False  # old kernel or seccomp: move after fork from now on
+            finally:
+                os.close(fd)  # in both processes: the child needs no handle on its cgroup
+        return os.fork(), -1
 
     def _reap(self) -> None:
         for pid in platform.direct_children(self.pid):
