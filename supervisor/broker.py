@@ -130,7 +130,7 @@ class Broker:
 
     def _send(self, frames: list[bytes]) -> None:
         try:
-            self.sock.send_multipart(frames, zmq.NOBLOCK)
+            framing.send_frames(self.sock, frames)
         except zmq.ZMQError:
             return  # peer gone or queue full: the run is dead or flooding
         # The ZeroMQ fd is edge-triggered; a send can swallow the edge of an

@@ -132,14 +132,20 @@ def _supervisor_pidfd() -> int | None:
     return _supervisor_fd
 
 
-def _sync_socket() -> zmq.Socket:
-    sock = getattr(_local, "sock", None)
-    if sock is None:
+def _sync_socket() -> tuple[zmq.Socket, zmq.Poller, int | None]:
+    """This thread's socket, and a poller watching it and the supervisor's pidfd."""
+    state = getattr(_local, "sync", None)
+    if state is None:
         sock = _ctx().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(_cfg().address)
-        _local.sock = sock
-    return sock
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        sup_fd = _supervisor_pidfd()
+        if sup_fd is not None and sup_fd >= 0:
+            poller.register(sup_fd, zmq.POLLIN)
+        state = _local.sync = (sock, poller, sup_fd)
+    return state
 
 
 def _frames(body: bytes) -> list[bytes]:
@@ -176,16 +182,11 @@ def _supervisor_lost() -> Revoked:
 def request(body_obj: Any, timeout: float | None = None) -> Any:
     """Send one request and block for its reply (or for the supervisor's death)."""
     body = _encode_request(body_obj)
-    sock = _sync_socket()
+    sock, poller, sup_fd = _sync_socket()
+    if sup_fd is not None and sup_fd < 0:
+        raise _supervisor_lost()
     req_id = body_obj.id
-    sock.send_multipart(_frames(body), copy=False)
-    poller = zmq.Poller()
-    poller.register(sock, zmq.POLLIN)
-    sup_fd = _supervisor_pidfd()
-    if sup_fd is not None:
-        if sup_fd < 0:
-            raise _supervisor_lost()
-        poller.register(sup_fd, zmq.POLLIN)
+    framing.send_frames(sock, _frames(body))
     deadline_ms = None if timeout is None else int(timeout * 1000)
     while True:
         events = dict(poller.poll(deadline_ms))
@@ -232,60 +233,88 @@ _CHANNEL_LEVEL = frozenset({ErrorCode.UNAUTHENTICATED, ErrorCode.BAD_VERSION, Er
 
 
 class _AsyncChannel:
-    """One asyncio DEALER per event loop; replies are matched to futures by id."""
+    """One DEALER per event loop, read from the loop's own reader callback.
+
+    Replies are matched to futures by id. The socket is driven directly
+    (non-blocking sends, a drain on the ZeroMQ fd) rather than through
+    zmq.asyncio, whose per-message futures cost more than the whole broker
+    round trip when many calls are in flight.
+    """
 
     def __init__(self, loop: "asyncio.AbstractEventLoop"):
-        import zmq.asyncio
-
         self.loop = loop
-        self.ctx = zmq.asyncio.Context.shadow(_ctx())
-        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock = _ctx().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDHWM, 100_000)
         self.sock.connect(_cfg().address)
+        self.fd = self.sock.getsockopt(zmq.FD)
         self.pending: dict[int, "asyncio.Future"] = {}
-        self.reader = loop.create_task(self._read())
+        self.lost = False
+        loop.add_reader(self.fd, self._drain)
         fd = _supervisor_pidfd()
         if fd is not None and fd >= 0:
             loop.add_reader(fd, self._lost)
+        elif fd is not None:
+            self.lost = True
 
     def _lost(self) -> None:
+        self.lost = True
         for fut in self.pending.values():
             if not fut.done():
                 fut.set_exception(_supervisor_lost())
         self.pending.clear()
 
-    async def _read(self) -> None:
+    def _drain(self) -> None:
+        # The ZeroMQ fd is edge-triggered: read until there is nothing left.
         while True:
-            frames = await self.sock.recv_multipart()
-            reply = schema.decode_reply(frames[-1])
-            if reply.id == 0 and not reply.ok:
-                if reply.error is None or reply.error.code not in _CHANNEL_LEVEL:
-                    continue  # cannot be matched to one call; the others keep their own replies
-                # Refused before the body was read, for a reason that holds
-                # for every request on this channel (credential, framing).
-                err = refusal_from_wire({"code": reply.error.code, "message": reply.error.message,
-                                         "reason": reply.error.reason} if reply.error else {})
-                for fut in self.pending.values():
-                    if not fut.done():
-                        fut.set_exception(err)
-                self.pending.clear()
-                continue
-            fut = self.pending.pop(reply.id, None)
-            if fut is None or fut.done():
-                continue
             try:
-                fut.set_result(_unwrap(reply))
-            except DeadstopError as exc:
-                fut.set_exception(exc)
+                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._deliver(schema.decode_reply(frames[-1]))
+
+    def _deliver(self, reply: schema.Reply) -> None:
+        if reply.id == 0 and not reply.ok:
+            if reply.error is None or reply.error.code not in _CHANNEL_LEVEL:
+                return  # cannot be matched to one call; the others keep their own replies
+            # Refused before the body was read, for a reason that holds for
+            # every request on this channel (credential, framing).
+            err = refusal_from_wire({"code": reply.error.code, "message": reply.error.message,
+                                     "reason": reply.error.reason})
+            for fut in self.pending.values():
+                if not fut.done():
+                    fut.set_exception(err)
+            self.pending.clear()
+            return
+        fut = self.pending.pop(reply.id, None)
+        if fut is None or fut.done():
+            return
+        try:
+            fut.set_result(_unwrap(reply))
+        except DeadstopError as exc:
+            fut.set_exception(exc)
 
     async def request(self, body_obj: Any) -> Any:
-        if _supervisor_fd is not None and _supervisor_fd < 0:
+        if self.lost:
             raise _supervisor_lost()
-        body = _encode_request(body_obj)
+        frames = _frames(_encode_request(body_obj))
         fut = self.loop.create_future()
         self.pending[body_obj.id] = fut
-        await self.sock.send_multipart(_frames(body))
+        while True:
+            try:
+                framing.send_frames(self.sock, frames)
+                break
+            except zmq.Again:  # 100,000 requests already queued: let the broker catch up
+                await asyncio_sleep(0.001)
+        if self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self.loop.call_soon(self._drain)  # a send can swallow the fd's edge
         return await fut
+
+
+async def asyncio_sleep(delay: float) -> None:
+    import asyncio
+
+    await asyncio.sleep(delay)
 
 
 def _async_channel() -> _AsyncChannel:
