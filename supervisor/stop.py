@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from supervisor.report import StopReport
 from supervisor.states import RunState
+from supervisor.timer import sleep_until
 
 if TYPE_CHECKING:
     from supervisor.run import AsyncRun
@@ -40,16 +41,19 @@ class StopRequest:
     requested_at: int
 
 
-async def _wait_empty_or_escalate(run: "AsyncRun", timeout: float) -> bool:
-    """Wait for the layer to empty, but give up early when kill() escalates."""
-    empty = asyncio.ensure_future(run.containment.wait_empty(timeout))
-    escalate = asyncio.ensure_future(run.escalated.wait())
+async def _wait_empty_or_escalate(run: "AsyncRun", term_sent_at: int, grace: float) -> bool:
+    """Wait for the layer to empty; give up when the grace period counted from
+    SIGTERM ends (to the microsecond, see supervisor/timer.py) or when kill()
+    escalates."""
+    deadline = term_sent_at + int(grace * 1e9)
+    empty = asyncio.ensure_future(run.containment.wait_empty(grace + 1.0))
+    others = [asyncio.ensure_future(run.escalated.wait()), asyncio.ensure_future(sleep_until(deadline))]
     try:
-        await asyncio.wait({empty, escalate}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({empty, *others}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        escalate.cancel()
-        if not empty.done():
-            empty.cancel()
+        for task in (empty, *others):
+            if not task.done():
+                task.cancel()
     return empty.done() and not empty.cancelled() and empty.result()
 
 
@@ -83,7 +87,7 @@ async def stop_sequence(run: "AsyncRun", req: StopRequest) -> StopReport:
         layer.signal(signal.SIGTERM)
         layer.thaw()  # a frozen run must be able to act on SIGTERM
         run.stop_phase = "grace"
-        if await _wait_empty_or_escalate(run, req.grace):
+        if await _wait_empty_or_escalate(run, report.term_sent_at, req.grace):
             report.ended_by = "sigterm"
         else:
             report.kill_sent_at = time.monotonic_ns()
