@@ -66,13 +66,19 @@ def signal_members(pids: Iterable[int], sig: int, members: Callable[[], set[int]
             os.close(fd)
 
 
-def _signal_members_psutil(pids: list[int], sig: int, members: Callable[[], set[int]]) -> int:
+def _psutil_handles(pids: Iterable[int]) -> list[psutil.Process]:
+    """psutil handles (PID plus start time: reuse-safe) for the pids still alive."""
     procs = []
     for pid in pids:
         try:
             procs.append(psutil.Process(pid))
         except psutil.Error:
             pass
+    return procs
+
+
+def _signal_members_psutil(pids: list[int], sig: int, members: Callable[[], set[int]]) -> int:
+    procs = _psutil_handles(pids)
     current = members()
     sent = 0
     for proc in procs:
@@ -107,12 +113,7 @@ async def wait_pidfd(pidfd: int, timeout: float | None = None) -> bool:
 async def wait_pids_gone(pids: Iterable[int], timeout: float) -> bool:
     """Wait until every pid has exited (zombies count as exited)."""
     if not HAVE_PIDFD:
-        procs = []
-        for pid in pids:
-            try:
-                procs.append(psutil.Process(pid))
-            except psutil.Error:
-                pass
+        procs = _psutil_handles(pids)
         loop = asyncio.get_running_loop()
         _, alive = await loop.run_in_executor(None, lambda: psutil.wait_procs(procs, timeout=timeout))
         return not alive

@@ -9,6 +9,7 @@ import sys
 import threading
 
 import behaviours
+from waiting import Countdown
 from supervisor import ContainmentDegraded, Supervisor
 
 
@@ -19,18 +20,12 @@ def main(out_dir: str) -> None:
         result["required_cgroup"] = "started"
     except ContainmentDegraded as exc:
         result["required_cgroup"] = f"refused: {exc}"
-    ready = threading.Event()
-    n = {"ready": 0}
-
-    def on_ready() -> None:
-        n["ready"] += 1
-        if n["ready"] == 2:
-            ready.set()
+    ready = Countdown(2)
 
     with Supervisor() as sup:
         result["containment"] = sup.containment
         result["why"] = sup.core.containment_degraded_reason
-        sup.register_tool("ready", on_ready)
+        sup.register_tool("ready", ready)
         sup.register_tool("tick", lambda: None)
         runs = [sup.start(behaviours.tree, out_dir, 5, tools=["ready", "tick"]),
                 sup.start(behaviours.setsid_escaper, out_dir, tools=["ready", "tick"])]

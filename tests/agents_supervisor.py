@@ -8,20 +8,15 @@ import sys
 import threading
 
 import behaviours
+from waiting import Countdown
 from supervisor import Supervisor
 
 
 def main(layer: str, out_dir: str) -> None:
     sup = Supervisor(containment=layer)
-    ready = threading.Event()
-    count = {"n": 0}
+    ready = Countdown(3)
 
-    def ready_tool() -> None:
-        count["n"] += 1
-        if count["n"] == 3:
-            ready.set()
-
-    sup.register_tool("ready", ready_tool)
+    sup.register_tool("ready", ready)
     sup.register_tool("tick", lambda: None)
     sup.register_tool("send", lambda: None)
     runs = [sup.start(behaviours.tree, out_dir, 5, tools=["ready", "tick"]),

@@ -12,6 +12,7 @@ import time
 import pytest
 
 import behaviours
+from waiting import Countdown
 from procscan import marked_processes
 from supervisor import AsyncSupervisor, Supervisor, ToolCancelled
 
@@ -160,16 +161,10 @@ def test_events_reach_subscribers_in_order() -> None:
 
 
 def test_close_kills_every_live_run(tmp_path) -> None:
-    ready = threading.Event()
-    n = {"ready": 0}
-
-    def on_ready() -> None:
-        n["ready"] += 1
-        if n["ready"] == 3:
-            ready.set()
+    ready = Countdown(3)
 
     sup = Supervisor()
-    sup.register_tool("ready", on_ready)
+    sup.register_tool("ready", ready)
     sup.register_tool("tick", lambda: None)
     runs = [sup.start(t, str(tmp_path), tools=["ready", "tick"])
             for t in (behaviours.ignore_term, behaviours.setsid_escaper, behaviours.busy)]
