@@ -58,7 +58,13 @@ class Ping(msgspec.Struct, tag="ping", tag_field="verb"):
     id: RequestId
 
 
-Request = Union[Call, Emit, Result, Failure, Ping]
+class Inbox(msgspec.Struct, tag="inbox", tag_field="verb"):
+    """Ask for the message(s) this run was started with (argv agents)."""
+
+    id: RequestId
+
+
+Request = Union[Call, Emit, Result, Failure, Ping, Inbox]
 
 _request_decoder = msgspec.json.Decoder(Request)
 _encoder = msgspec.json.Encoder()

@@ -25,7 +25,7 @@ import zmq
 
 from ipc import framing, schema
 from ipc.errors import ErrorCode
-from supervisor.channel import Channel, RevokeRecord
+from supervisor.channel import Channel, GenerationCell, RevokeRecord
 from supervisor.journal import Journal
 from supervisor.tools import Tool, ToolCancelled, ToolContext, ToolRegistry
 
@@ -46,7 +46,15 @@ class BrokerSink(Protocol):
 
     def on_usage(self, run_id: str, tool: str, usage: dict[str, float]) -> None: ...
 
+    def on_quota(self, run_id: str, limit: str) -> None: ...
+
+    def inbox_of(self, run_id: str) -> Any: ...
+
     def state_of(self, run_id: str) -> str: ...
+
+
+def _verb(req: Any) -> str:
+    return type(req).__struct_config__.tag if hasattr(type(req), "__struct_config__") else "?"
 
 
 def _guess_id(body: bytes) -> int:
@@ -83,8 +91,9 @@ class Broker:
         loop.add_reader(self._fd, self._drain)
 
     # -- channels --------------------------------------------------------------
-    def open_channel(self, run_id: str, credential: bytes, allowed: frozenset[str], generation: int = 0) -> Channel:
-        chan = Channel(run_id, credential, allowed, generation)
+    def open_channel(self, run_id: str, credential: bytes, allowed: frozenset[str], generation: int = 0,
+                     current: GenerationCell | None = None, max_calls: int | None = None) -> Channel:
+        chan = Channel(run_id, credential, allowed, generation, current, max_calls)
         self.channels[run_id] = chan
         return chan
 
@@ -98,7 +107,31 @@ class Broker:
             ctx.cancelled = True
             handle.cancel()  # an async handler stops at its next await; a queued sync one never starts
             chan.cancelled_at_revoke += 1
+        held, chan.held = chan.held, []
+        for ident, req, t in held:  # held while paused: refused now, never dispatched
+            self._refuse(ident, chan, chan.run_id, req.id, _verb(req), getattr(req, "tool", None), ErrorCode.REVOKED,
+                         f"run {chan.run_id} is revoked ({chan.revoked_reason()})", t)
         return rec
+
+    # -- pause ---------------------------------------------------------------------
+    def hold(self, chan: Channel) -> None:
+        """From now on requests of the run queue up instead of being dispatched."""
+        chan.paused = True
+
+    def release(self, chan: Channel) -> None:
+        """Dispatch what was held, in arrival order, re-checking each request."""
+        chan.paused = False
+        held, chan.held = chan.held, []
+        for ident, req, t in held:
+            if chan.revocation is not None:
+                self._refuse(ident, chan, chan.run_id, req.id, _verb(req), getattr(req, "tool", None),
+                             ErrorCode.REVOKED, f"run {chan.run_id} is revoked ({chan.revoked_reason()})", t)
+            elif chan.stale:
+                self._refuse(ident, chan, chan.run_id, req.id, _verb(req), getattr(req, "tool", None),
+                             ErrorCode.STALE_GENERATION,
+                             f"generation {chan.generation} is not current ({chan.current.value})", t)
+            else:
+                self._dispatch(ident, chan, req, t)
 
     # -- receive loop ------------------------------------------------------------
     def _drain(self) -> None:
@@ -187,9 +220,11 @@ class Broker:
             self._refuse(ident, chan, run_id, _guess_id(body), "?", None, ErrorCode.MALFORMED,
                          f"generation frame {gen_b[:20]!r} is not a decimal integer", t)
             return
-        if int(gen_b) != chan.generation:
+        if int(gen_b) != chan.generation or chan.stale:
+            # Pre-tool gate: the run's session has moved on (a new message or
+            # a stop bumped its generation), even if the run is not yet revoked.
             self._refuse(ident, chan, run_id, _guess_id(body), "?", None, ErrorCode.STALE_GENERATION,
-                         f"generation {int(gen_b)} is not current ({chan.generation})", t)
+                         f"generation {int(gen_b)} is not current ({chan.current.value})", t)
             return
         try:
             req = schema.decode_request(body)
@@ -197,6 +232,14 @@ class Broker:
             self._refuse(ident, chan, run_id, _guess_id(body), "?", None, ErrorCode.MALFORMED,
                          f"invalid request body: {exc}", t)
             return
+        if chan.paused and not isinstance(req, schema.Ping):
+            chan.held.append((ident, req, t))
+            self.journal.egress(run_id, t, req.id, _verb(req), getattr(req, "tool", None), "held")
+            return
+        self._dispatch(ident, chan, req, t)
+
+    def _dispatch(self, ident: bytes, chan: Channel, req: schema.Request, t: int) -> None:
+        run_id = chan.run_id
         if isinstance(req, schema.Call):
             self._call(ident, chan, req, t)
         elif isinstance(req, schema.Emit):
@@ -211,6 +254,9 @@ class Broker:
             self.journal.egress(run_id, t, req.id, "error", req.type[:200], "allowed")
             self.sink.on_failure(run_id, req.type, req.message, req.traceback)
             self._reply(ident, schema.Reply(id=req.id, ok=True))
+        elif isinstance(req, schema.Inbox):
+            self.journal.egress(run_id, t, req.id, "inbox", None, "allowed")
+            self._reply(ident, schema.Reply(id=req.id, ok=True, result=self.sink.inbox_of(run_id)))
         else:  # Ping
             self._reply(ident, schema.Reply(id=req.id, ok=True, result={"state": self.sink.state_of(run_id)}))
 
@@ -226,6 +272,11 @@ class Broker:
         if tool is None:  # allowed at start, unregistered since
             self._refuse(ident, chan, run_id, req.id, "call", req.tool, ErrorCode.UNKNOWN_TOOL,
                          f"no tool named {req.tool!r} is registered", t)
+            return
+        if chan.max_calls is not None and chan.calls >= chan.max_calls:
+            self._refuse(ident, chan, run_id, req.id, "call", req.tool, ErrorCode.QUOTA_EXCEEDED,
+                         f"run {run_id} reached its limit of {chan.max_calls} tool calls", t)
+            self.sink.on_quota(run_id, "tool_calls")
             return
         ctx = ToolContext(run_id, req.tool, req.id, chan.gate, chan.revoked_reason)
         try:

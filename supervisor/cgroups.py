@@ -105,6 +105,25 @@ class Cgroup:
         except FileNotFoundError:
             return {"populated": 0, "frozen": 0}
 
+    def cpu_seconds(self) -> float | None:
+        """CPU time of every process that ever ran here (cpu.stat usage_usec)."""
+        try:
+            with open(os.path.join(self.path, "cpu.stat"), "rb") as f:
+                for line in f:
+                    key, _, value = line.partition(b" ")
+                    if key == b"usage_usec":
+                        return int(value) / 1e6
+        except OSError:
+            pass
+        return None
+
+    def memory_current(self) -> int | None:
+        try:
+            with open(os.path.join(self.path, "memory.current"), "rb") as f:
+                return int(f.read())
+        except OSError:
+            return None
+
     def populated(self) -> bool:
         return bool(self.events().get("populated", 0))
 
@@ -165,6 +184,15 @@ class CgroupTree:
         if not root.has("cgroup.freeze"):
             root.remove()
             return None, f"{path} has no cgroup.freeze (kernel older than 5.2)"
+        # Hand the memory and pids controllers down to the runs where this
+        # cgroup has them, so Limits can be enforced by the kernel.
+        available = set(open(os.path.join(path, "cgroup.controllers")).read().split())
+        for controller in ("memory", "pids", "cpu"):
+            if controller in available:
+                try:
+                    root.write("cgroup.subtree_control", f"+{controller}")
+                except OSError:
+                    pass
         return cls(root, root.has("cgroup.kill")), ""
 
     def child(self, name: str) -> Cgroup:

@@ -23,16 +23,35 @@ class RevokeRecord:
     reason: str
 
 
-class Channel:
-    __slots__ = ("run_id", "_credential", "_digest", "allowed", "generation", "revocation", "gate",
-                 "in_flight", "refused_after_revoke", "cancelled_at_revoke", "calls")
+class GenerationCell:
+    """A session's current generation, shared by the channels of all its runs.
 
-    def __init__(self, run_id: str, credential: bytes, allowed: frozenset[str], generation: int = 0):
+    Bumping it makes every request of an older run stale at the broker's
+    pre-tool gate at once, before any of those runs is even revoked.
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: int = 0):
+        self.value = value
+
+
+class Channel:
+    __slots__ = ("run_id", "_credential", "_digest", "allowed", "generation", "current", "revocation", "gate",
+                 "in_flight", "refused_after_revoke", "cancelled_at_revoke", "calls", "max_calls", "held",
+                 "paused")
+
+    def __init__(self, run_id: str, credential: bytes, allowed: frozenset[str], generation: int = 0,
+                 current: GenerationCell | None = None, max_calls: int | None = None):
         self.run_id = run_id
         self._credential: bytes | None = credential
         self._digest = hashlib.sha256(credential).digest()
         self.allowed = allowed
-        self.generation = generation
+        self.generation = generation  # the run's own generation (what its frames must carry)
+        self.current = current or GenerationCell(generation)  # its session's, now
+        self.max_calls = max_calls
+        self.paused = False
+        self.held: list[tuple[bytes, Any, int]] = []  # requests held while paused, in arrival order
         self.revocation: RevokeRecord | None = None
         # Taken by revoke() and by every ToolContext.check(); see supervisor/tools.py.
         self.gate = threading.Lock()
@@ -46,6 +65,10 @@ class Channel:
         if cred is not None:
             return hmac.compare_digest(cred, presented)
         return hmac.compare_digest(self._digest, hashlib.sha256(presented).digest())
+
+    @property
+    def stale(self) -> bool:
+        return self.generation != self.current.value
 
     def revoked_reason(self) -> str | None:
         rec = self.revocation

@@ -55,9 +55,16 @@ class Containment(Protocol):
     async def wait_empty(self, timeout: float) -> bool:
         """Wait until no member is left; False on timeout."""
 
-    def freeze(self) -> None: ...
+    def freeze(self) -> None:
+        """Stop every process of the run from running (cgroup.freeze, else SIGSTOP)."""
 
     def thaw(self) -> None: ...
+
+    async def wait_frozen(self, frozen: bool, timeout: float) -> bool:
+        """Wait until the whole run is frozen (or thawed); False on timeout."""
+
+    def measure(self) -> tuple[float, int, int]:
+        """(CPU seconds, resident bytes, live processes) of the run now."""
 
     def changed(self) -> None:
         """A hint that membership may have changed (the leader exited)."""
@@ -140,10 +147,41 @@ class CgroupContainment:
     async def wait_frozen(self, frozen: bool, timeout: float) -> bool:
         return await self._wait_for(lambda: bool(self.cgroup.events().get("frozen")) == frozen, timeout)
 
+    def measure(self) -> tuple[float, int, int]:
+        pids = self.cgroup.pids()
+        cpu = self.cgroup.cpu_seconds()
+        memory = self.cgroup.memory_current()
+        if memory is None:  # no memory controller delegated: sum resident sizes
+            memory = _rss_sum(pids)
+        if cpu is None:
+            cpu = _cpu_sum(pids)
+        return cpu, memory, len(pids)
+
     def cleanup(self) -> None:
         self._watcher.unwatch(self._wd)
         self.changed()
         self.cgroup.remove()
+
+
+def _rss_sum(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            total += psutil.Process(pid).memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def _cpu_sum(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
 
 
 class ProcessGroupContainment:
@@ -212,10 +250,35 @@ class ProcessGroupContainment:
         pass  # waits here are on pidfds already
 
     def freeze(self) -> None:
+        """SIGSTOP the group, then every other process of the run (escapers in other groups)."""
         self.signal(signal.SIGSTOP)
+        left = self.survivors()
+        procs.signal_members(left, signal.SIGSTOP, lambda: set(self.survivors()))
 
     def thaw(self) -> None:
         self.signal(signal.SIGCONT)
+        left = self.survivors()
+        procs.signal_members(left, signal.SIGCONT, lambda: set(self.survivors()))
+
+    async def wait_frozen(self, frozen: bool, timeout: float) -> bool:
+        # A stop has no pidfd event; re-check the states (and stop late forks)
+        # a few times within the bound.
+        deadline = time.monotonic() + timeout
+        delay = 0.0005
+        while True:
+            running = [pid for pid in self.survivors() if (procs.read_stat(pid) or ("Z", 0))[0] not in ("T", "t")]
+            if (not running) if frozen else (len(running) == len(self.survivors())):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            if frozen:  # processes forked after the first SIGSTOP
+                procs.signal_members(running, signal.SIGSTOP, lambda: set(self.survivors()))
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.02)
+
+    def measure(self) -> tuple[float, int, int]:
+        pids = self.survivors()
+        return _cpu_sum(pids), _rss_sum(pids), len(pids)
 
     def cleanup(self) -> None:
         pass

@@ -26,8 +26,11 @@ from supervisor.broker import Broker
 from supervisor.cgroups import CgroupTree, InotifyWatcher
 from supervisor.containment import (CGROUP, PGROUP, PGROUP_SUBREAPER, CgroupContainment, Containment,
                                     ProcessGroupContainment)
-from supervisor.errors import ContainmentDegraded, DeadstopError, InvalidTarget, RunNotFound, SupervisorClosed
+from supervisor.errors import (ContainmentDegraded, DeadstopError, InvalidTarget, RunNotFound, SessionNotFound,
+                               SupervisorClosed)
 from supervisor.journal import Journal
+from supervisor.limits import TOKEN_KEYS, Limits, apply_cgroup_limits, rlimits_for
+from supervisor.sessions import AgentSpec, AsyncSession
 from supervisor.run import AsyncRun
 from supervisor.spawner_client import SpawnerClient
 from supervisor.states import LIVE, RunState
@@ -46,6 +49,8 @@ class Event:
     kind: str
     data: Any
     t_ns: int
+    session: str | None = None
+    generation: int = 0
 
 
 class AsyncSupervisor:
@@ -61,7 +66,8 @@ class AsyncSupervisor:
     """
 
     def __init__(self, *, state_dir: str | None = None, containment: str = "auto", grace: float = 1.0,
-                 max_request_bytes: int = framing.MAX_REQUEST_BYTES, tool_threads: int = 32):
+                 max_request_bytes: int = framing.MAX_REQUEST_BYTES, tool_threads: int = 32,
+                 sample_interval: float = 0.1):
         if containment not in CONTAINMENT_CHOICES:
             raise ValueError(f"containment must be one of {CONTAINMENT_CHOICES}, not {containment!r}")
         if grace < 0:
@@ -74,7 +80,12 @@ class AsyncSupervisor:
         self._tool_threads = tool_threads
         self.tools = ToolRegistry()
         self.runs: dict[str, AsyncRun] = {}
-        self._subscribers: list[asyncio.Queue] = []
+        self.agents: dict[str, AgentSpec] = {}
+        self._adhoc_agents: dict[str, AgentSpec] = {}
+        self._sessions: dict[str, AsyncSession] = {}
+        self._subscribers: list[tuple[asyncio.Queue, str | None]] = []
+        self._sampler: asyncio.Task | None = None
+        self.sample_interval = sample_interval
         self.closed = False
         self._opened = False
         self.containment_degraded_reason = ""
@@ -136,8 +147,10 @@ class AsyncSupervisor:
                 log.error("run %s: kill at close failed: %s", r.id, res)
         await self.spawner.shutdown()
         self.broker.close()
-        for q in self._subscribers:
+        for q, _ in self._subscribers:
             q.put_nowait(None)
+        if self._sampler is not None:
+            self._sampler.cancel()
         if self.watcher is not None:
             self.watcher.close()
         if self.cgroups is not None:
@@ -195,29 +208,43 @@ class AsyncSupervisor:
 
     async def start(self, target: Any, *args: Any, tools: Sequence[str] = (), grace: float | None = None,
                     kwargs: dict[str, Any] | None = None, env: dict[str, str] | None = None,
-                    cwd: str | None = None) -> AsyncRun:
+                    cwd: str | None = None, limits: Limits | None = None) -> AsyncRun:
         """Start `target` as a new run in its own process group (and cgroup)."""
         self._check_open()
-        tools = list(tools)
+        kind, desc, blob, argv = self._prepare_target(target, args, kwargs or {})
+        return await self._launch(kind, desc, blob, argv, list(tools), grace, env, cwd, limits=limits)
+
+    def _check_tools(self, tools: Sequence[str]) -> None:
         for name in tools:
             if name not in self.tools:
                 raise InvalidTarget(f"tool {name!r} is not registered (registered: {self.tools.names()})")
+
+    async def _launch(self, kind: str, desc: str, blob: bytes | None, argv: list[str] | None, tools: list[str],
+                      grace: float | None, env: dict[str, str] | None, cwd: str | None, *,
+                      limits: Limits | None = None, session: AsyncSession | None = None,
+                      inbox: dict[str, Any] | None = None) -> AsyncRun:
+        self._check_tools(tools)
         if grace is not None and grace < 0:
             raise ValueError("grace must be >= 0")
-        kind, desc, blob, argv = self._prepare_target(target, args, kwargs or {})
         run_id = secrets.token_hex(framing.RUN_ID_CHARS // 2)
         credential = framing.new_credential()
         cgroup = self.cgroups.child(f"run-{run_id}") if self.cgroups else None
-        self.journal.run_created(run_id, self.id, kind, desc, tools, self.containment, cgroup.path if cgroup else None)
-        channel = self.broker.open_channel(run_id, credential, frozenset(tools))
-        run = AsyncRun(self, run_id, kind, desc, tools, self.grace if grace is None else grace, channel)
+        if cgroup is not None and limits is not None:
+            apply_cgroup_limits(cgroup, limits)
+        generation = session.generation if session is not None else 0
+        self.journal.run_created(run_id, self.id, kind, desc, tools, self.containment, cgroup.path if cgroup else None,
+                                 session.key if session else None, generation)
+        channel = self.broker.open_channel(run_id, credential, frozenset(tools), generation,
+                                           session.gen if session is not None else None,
+                                           limits.tool_calls if limits else None)
+        run = AsyncRun(self, run_id, kind, desc, tools, self.grace if grace is None else grace, channel,
+                       session=session, limits=limits, inbox=inbox)
         self.runs[run_id] = run
         msg = {
             "run_id": run_id, "blob": blob, "argv": argv, "env": dict(env or {}), "cwd": cwd,
             "cgroup_procs": cgroup.procs_file if cgroup else None, "pin_group": cgroup is None,
-            "credential": credential,
-            "generation": channel.generation, "egress": self.broker.address,
-            "supervisor_pid": os.getpid(),
+            "credential": credential, "generation": generation, "egress": self.broker.address,
+            "supervisor_pid": os.getpid(), "rlimits": rlimits_for(limits, cgroup),
         }
         try:
             started = await self.spawner.start(msg)
@@ -230,6 +257,8 @@ class AsyncSupervisor:
                 raise
             raise DeadstopError(f"run {run_id} could not be started: {exc}") from exc
         run.attach(started.pid, started.create_time, started.pidfd, self._containment_for(run_id, started.pid, cgroup))
+        if limits is not None and (limits.cpu_seconds or limits.memory_bytes or limits.processes):
+            self._ensure_sampler()
         return run
 
     def _containment_for(self, run_id: str, pid: int, cgroup) -> Containment:
@@ -251,16 +280,31 @@ class AsyncSupervisor:
             raise RunNotFound(f"no run {run_id!r} in supervisor {self.id}") from None
 
     def run_finished(self, run: AsyncRun) -> None:
-        self._publish(Event(run.id, "run.ended", {"state": run.state.value}, time.monotonic_ns()))
+        if run.session is not None:
+            run.session.run_ended(run)
+        self._publish(Event(run.id, "run.ended", {"state": run.state.value}, time.monotonic_ns(),
+                            run.session.key if run.session else None, run.generation))
 
-    # -- BrokerSink ------------------------------------------------------------------------
+    # -- BrokerSink --------------------------------------------------------------------------
+    def _stale(self, run: AsyncRun | None) -> bool:
+        return run is not None and run.session is not None and not run.session.is_current(run.generation)
+
     def on_event(self, run_id: str, kind: str, data: Any, t_ns: int) -> None:
-        self._publish(Event(run_id, kind, data, t_ns))
+        run = self.runs.get(run_id)
+        if self._stale(run):
+            self.journal.fenced(run_id, t_ns, "emit", f"event {kind!r} of generation {run.generation}")
+            return
+        self._publish(Event(run_id, kind, data, t_ns, run.session.key if run and run.session else None,
+                            run.generation if run else 0))
 
     def on_result(self, run_id: str, value: Any) -> None:
         run = self.runs.get(run_id)
-        if run is not None:
-            run.set_result(value)
+        if run is None:
+            return
+        run.set_result(value)
+        if run.session is not None and not run.session.offer_answer(run, value):
+            self.journal.fenced(run_id, time.monotonic_ns(), "result",
+                                f"result of generation {run.generation}; session is at {run.session.generation}")
 
     def on_failure(self, run_id: str, type_name: str, message: str, traceback: str) -> None:
         run = self.runs.get(run_id)
@@ -268,7 +312,20 @@ class AsyncSupervisor:
             run.set_failure(type_name, message, traceback)
 
     def on_usage(self, run_id: str, tool: str, usage: dict[str, float]) -> None:
-        pass  # accounted per session (quotas) in the session layer
+        run = self.runs.get(run_id)
+        if run is not None:
+            tokens = sum(v for k, v in usage.items() if k in TOKEN_KEYS)
+            if tokens:
+                run.add_tokens(tokens)
+
+    def on_quota(self, run_id: str, limit: str) -> None:
+        run = self.runs.get(run_id)
+        if run is not None:
+            run.quota(limit)
+
+    def inbox_of(self, run_id: str) -> Any:
+        run = self.runs.get(run_id)
+        return run.inbox if run is not None else None
 
     def state_of(self, run_id: str) -> str:
         run = self.runs.get(run_id)
@@ -276,18 +333,148 @@ class AsyncSupervisor:
 
     # -- events ------------------------------------------------------------------------------
     def _publish(self, event: Event) -> None:
-        for q in self._subscribers:
-            q.put_nowait(event)
+        for q, session in self._subscribers:
+            if session is None or session == event.session:
+                q.put_nowait(event)
 
-    async def subscribe(self) -> AsyncIterator[Event]:
-        """Every event emitted by any run, plus run.ended, until the supervisor closes."""
+    async def subscribe(self, session: str | None = None) -> AsyncIterator[Event]:
+        """Events emitted by runs (of one session, or all), plus run.ended, until close.
+
+        Stale output fence: an event is checked again as it is handed out; if
+        its session has moved to a newer generation meanwhile, it is dropped
+        (and journaled as fenced) instead of delivered.
+        """
         q: asyncio.Queue = asyncio.Queue()
-        self._subscribers.append(q)
+        entry = (q, session)
+        self._subscribers.append(entry)
         try:
             while True:
                 event = await q.get()
                 if event is None:
                     return
+                owner = self._sessions.get(event.session) if event.session else None
+                if owner is not None and event.kind != "run.ended" and not owner.is_current(event.generation):
+                    self.journal.fenced(event.run_id, time.monotonic_ns(), "emit",
+                                        f"event {event.kind!r} of generation {event.generation} held back at delivery")
+                    continue
                 yield event
         finally:
-            self._subscribers.remove(q)
+            self._subscribers.remove(entry)
+
+    # -- sessions ------------------------------------------------------------------------------
+    def register_agent(self, name: str, target: Any, *, tools: Sequence[str] = (), limits: Limits | None = None,
+                       grace: float | None = None, may_stop_sessions: bool = False,
+                       peers: Sequence[str] = ()) -> None:
+        """Name an agent that sessions (and sub-agents, via sessions.spawn) can run.
+
+        may_stop_sessions: a sub-agent of this kind may use `sessions.stop`
+        (top-level runs may always stop sessions they spawned).
+        peers: agents whose sessions runs of this one may send to or stop
+        without having spawned them (the agent-to-agent allow-list).
+        """
+        if not isinstance(name, str) or not name:
+            raise ValueError("agent name must be a non-empty string")
+        self._prepare_target(target, (), {})  # fail now, not at the first message
+        self._check_tools(tools)
+        self.agents[name] = AgentSpec(name, target, tuple(tools), limits, grace, may_stop_sessions,
+                                      frozenset(peers))
+
+    def _agent_spec(self, agent: Any) -> AgentSpec:
+        if isinstance(agent, AgentSpec):
+            return agent
+        if isinstance(agent, str):
+            spec = self.agents.get(agent)
+            if spec is None:
+                raise InvalidTarget(f"agent {agent!r} is not registered (registered: {sorted(self.agents)})")
+            return spec
+        if callable(agent) or isinstance(agent, (list, tuple)):
+            name = getattr(agent, "__qualname__", None) or "argv:" + str(agent[0] if isinstance(agent, (list, tuple)) else agent)
+            return AgentSpec(name, agent)
+        raise InvalidTarget(f"agent must be a registered name or a callable, not {type(agent).__name__}")
+
+    def session(self, key: str, agent: Any = None, *, parent: AsyncSession | None = None,
+                label: str | None = None) -> AsyncSession:
+        """Create or get the session `key`. A new session needs an agent."""
+        self._check_open()
+        existing = self._sessions.get(key)
+        if existing is not None:
+            if agent is not None:
+                spec = self._agent_spec(agent)
+                if spec.name != existing.agent:
+                    raise InvalidTarget(f"session {key!r} runs agent {existing.agent!r}, not {spec.name!r}")
+                self._adhoc_agents.setdefault(spec.name, spec)
+            return existing
+        if agent is None:
+            raise InvalidTarget(f"session {key!r} does not exist; name its agent to create it")
+        spec = self._agent_spec(agent)
+        if spec.name not in self.agents:
+            self._adhoc_agents[spec.name] = spec
+        s = AsyncSession(self, key, spec.name, parent=parent, label=label)
+        if parent is not None:
+            parent.children.append(s)
+        self._sessions[key] = s
+        self.store_session(s)
+        return s
+
+    def get_session(self, key: str) -> AsyncSession:
+        try:
+            return self._sessions[key]
+        except KeyError:
+            raise SessionNotFound(f"no session {key!r}") from None
+
+    def sessions(self, active: bool | None = None, min_tokens: int | None = None) -> list[AsyncSession]:
+        out = []
+        for s in self._sessions.values():
+            if active is not None and s.active != active:
+                continue
+            if min_tokens is not None and s.usage.tokens < min_tokens:
+                continue
+            out.append(s)
+        return out
+
+    async def _start_session_run(self, session: AsyncSession, message: Any, messages: list[Any]) -> AsyncRun:
+        spec = self.agents.get(session.agent) or self._adhoc_agents.get(session.agent)
+        if spec is None:
+            raise InvalidTarget(f"session {session.key!r}: agent {session.agent!r} is not registered "
+                                "in this supervisor (register it again after a restart)")
+        context = {"session": session.key, "generation": session.generation, "messages": messages,
+                   "parent": session.parent.key if session.parent else None, "label": session.label}
+        inbox = {"message": message, "messages": messages, "context": context}
+        if callable(spec.target):
+            kind, desc, blob, argv = self._prepare_target(spec.target, (message,), context)
+        else:
+            kind, desc, blob, argv = self._prepare_target(spec.target, (), {})
+        run = await self._launch(kind, desc, blob, argv, list(spec.tools), spec.grace, None, None,
+                                 limits=spec.limits, session=session, inbox=inbox)
+        session.active_run = run
+        session.runs.append(run.id)
+        self.store_session(session)
+        return run
+
+    def store_session(self, s: AsyncSession) -> None:
+        self.journal.session({
+            "key": s.key, "agent": s.agent, "parent": s.parent.key if s.parent else None, "label": s.label,
+            "generation": s.generation, "created_wall": s.created_wall, "updated_wall": s.updated_wall,
+            "last_run": s.runs[-1] if s.runs else None, "last_outcome": s.last_outcome,
+            "aborted_last_run": s.aborted_last_run, "answer": s.answer, "answer_generation": s.answer_generation,
+            "usage": s.usage.to_dict()})
+
+    # -- sampling ---------------------------------------------------------------------------------
+    def _ensure_sampler(self) -> None:
+        if self._sampler is None or self._sampler.done():
+            self._sampler = self.loop.create_task(self._sample_forever(), name="deadstop-sampler")
+
+    async def _sample_forever(self) -> None:
+        """CPU, memory and process counts of runs with such limits, every sample_interval."""
+        while not self.closed:
+            watched = [r for r in self.runs.values() if r.state is RunState.RUNNING and r.limits is not None
+                       and r.containment is not None]
+            if not watched:
+                return
+            for run in watched:
+                try:
+                    cpu, memory, procs = run.containment.measure()
+                except Exception:  # the run ended under us
+                    continue
+                run.record_sample(cpu, memory, procs)
+            await asyncio.sleep(self.sample_interval)

@@ -18,6 +18,7 @@ __all__ = [
     "EgressRefused",
     "ErrorCode",
     "RunNotFound",
+    "SessionNotFound",
     "InvalidTarget",
     "InvalidTransition",
     "StopIncomplete",
@@ -29,6 +30,10 @@ __all__ = [
 
 class RunNotFound(DeadstopError):
     """No run with that id is known to this supervisor."""
+
+
+class SessionNotFound(DeadstopError):
+    """No session with that key is known to this supervisor or its store."""
 
 
 class InvalidTarget(DeadstopError, ValueError):

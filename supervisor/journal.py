@@ -40,8 +40,15 @@ CREATE TABLE IF NOT EXISTS supervisors(
 CREATE TABLE IF NOT EXISTS runs(
     id TEXT PRIMARY KEY, supervisor_id TEXT, kind TEXT, target TEXT, tools TEXT,
     pid INTEGER, pid_create_time REAL, cgroup TEXT, containment TEXT, state TEXT,
-    created_ns INTEGER, created_wall REAL, ended_ns INTEGER,
-    exit_code INTEGER, exit_signal INTEGER);
+    created_ns INTEGER, created_wall REAL, ended_ns INTEGER, ended_wall REAL,
+    exit_code INTEGER, exit_signal INTEGER, session TEXT, generation INTEGER, usage TEXT);
+CREATE INDEX IF NOT EXISTS runs_session ON runs(session);
+CREATE TABLE IF NOT EXISTS sessions(
+    key TEXT PRIMARY KEY, agent TEXT, parent TEXT, label TEXT, generation INTEGER,
+    created_wall REAL, updated_wall REAL, last_run TEXT, last_outcome TEXT, aborted_last_run INTEGER,
+    answer TEXT, answer_generation INTEGER, usage TEXT);
+CREATE TABLE IF NOT EXISTS messages(
+    seq INTEGER PRIMARY KEY, session TEXT, generation INTEGER, t_ns INTEGER, wall REAL, message TEXT);
 CREATE TABLE IF NOT EXISTS transitions(
     seq INTEGER PRIMARY KEY, run_id TEXT, t_ns INTEGER, old TEXT, new TEXT);
 CREATE TABLE IF NOT EXISTS revocations(
@@ -71,11 +78,20 @@ class Journal:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
+        self._migrate()
         self.db.commit()
         self._commit_pending = False
         self._pending: list[tuple[str, tuple[Any, ...]]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self.closed = False
+
+    def _migrate(self) -> None:
+        """Add columns that a journal written by an older version lacks."""
+        wanted = {"ended_wall": "REAL", "session": "TEXT", "generation": "INTEGER", "usage": "TEXT"}
+        have = {row[1] for row in self.db.execute("PRAGMA table_info(runs)")}
+        for column, kind in wanted.items():
+            if column not in have:
+                self.db.execute(f"ALTER TABLE runs ADD COLUMN {column} {kind}")
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -129,11 +145,12 @@ class Journal:
         self.commit_now()
 
     def run_created(self, run_id: str, sup_id: str, kind: str, target: str, tools: list[str],
-                    containment: str, cgroup: str | None) -> None:
+                    containment: str, cgroup: str | None, session: str | None = None,
+                    generation: int = 0) -> None:
         self._exec("INSERT INTO runs(id, supervisor_id, kind, target, tools, containment, cgroup, state,"
-                   " created_ns, created_wall) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                   " created_ns, created_wall, session, generation) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                    (run_id, sup_id, kind, target, json.dumps(tools), containment, cgroup, "starting",
-                    time.monotonic_ns(), time.time()))
+                    time.monotonic_ns(), time.time(), session, generation))
 
     def run_started(self, run_id: str, pid: int, pid_create_time: float) -> None:
         self._exec("UPDATE runs SET pid=?, pid_create_time=? WHERE id=?", (pid, pid_create_time, run_id))
@@ -154,11 +171,34 @@ class Journal:
                    " VALUES (?,?,?,?,?,?,?,?)", (run_id, t_ns, req_id, verb, tool, decision, code, detail))
 
     def run_ended(self, run_id: str, state: str, t_ns: int, exit_code: int | None, exit_signal: int | None,
-                  report: dict[str, Any]) -> None:
-        self._exec("UPDATE runs SET state=?, ended_ns=?, exit_code=?, exit_signal=? WHERE id=?",
-                   (state, t_ns, exit_code, exit_signal, run_id))
+                  report: dict[str, Any], usage: dict[str, Any] | None = None) -> None:
+        self._exec("UPDATE runs SET state=?, ended_ns=?, ended_wall=?, exit_code=?, exit_signal=?, usage=?"
+                   " WHERE id=?", (state, t_ns, time.time(), exit_code, exit_signal, json.dumps(usage or {}),
+                                   run_id))
         self._exec("INSERT OR REPLACE INTO stops VALUES (?,?,?)", (run_id, t_ns, json.dumps(report)))
         self.commit_now()
+
+    def message(self, session: str, generation: int, message: Any) -> None:
+        self._exec("INSERT INTO messages(session, generation, t_ns, wall, message) VALUES (?,?,?,?,?)",
+                   (session, generation, time.monotonic_ns(), time.time(), _json(message)))
+
+    def session(self, info: dict[str, Any]) -> None:
+        self._exec("INSERT INTO sessions(key, agent, parent, label, generation, created_wall, updated_wall,"
+                   " last_run, last_outcome, aborted_last_run, answer, answer_generation, usage)"
+                   " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(key) DO UPDATE SET"
+                   " generation=excluded.generation, updated_wall=excluded.updated_wall,"
+                   " last_run=excluded.last_run, last_outcome=excluded.last_outcome,"
+                   " aborted_last_run=excluded.aborted_last_run, answer=excluded.answer,"
+                   " answer_generation=excluded.answer_generation, usage=excluded.usage",
+                   (info["key"], info["agent"], info["parent"], info["label"], info["generation"],
+                    info["created_wall"], info["updated_wall"], info["last_run"], info["last_outcome"],
+                    int(bool(info["aborted_last_run"])), _json(info["answer"]), info["answer_generation"],
+                    json.dumps(info["usage"])))
+
+    def fenced(self, run_id: str, t_ns: int, what: str, detail: str) -> None:
+        """An output of a superseded generation that was kept from subscribers and the store."""
+        self._exec("INSERT INTO egress(run_id, t_ns, req_id, verb, tool, decision, code, detail)"
+                   " VALUES (?,?,?,?,?,?,?,?)", (run_id, t_ns, None, what, None, "fenced", None, detail[:500]))
 
     def close(self) -> None:
         if self.closed:
@@ -168,6 +208,13 @@ class Journal:
         finally:
             self.closed = True
             self.db.close()
+
+
+def _json(value: Any) -> str:
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return json.dumps(repr(value))
 
 
 def open_readonly(path: str) -> sqlite3.Connection:

@@ -22,6 +22,7 @@ class StopReport:
     revoked_at: int = 0
     revoke_source: str = ""  # api | exit | supervisor | spawner | quota | ...
     revoke_reason: str = ""
+    limit: str | None = None  # the limit whose crossing stopped the run (revoke_source "quota")
     term_sent_at: int | None = None
     kill_sent_at: int | None = None
     reaped_at: int = 0

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from supervisor.channel import Channel, RevokeRecord
 from supervisor.containment import CgroupContainment, Containment
-from supervisor.errors import RunFailed, StopIncomplete
+from supervisor.errors import InvalidTransition, RunFailed, StopIncomplete
+from supervisor.limits import Limits, Usage, crossed
 from supervisor.report import StopReport
 from supervisor.states import RunState, RunStateMachine
 from supervisor.stop import KILL_BOUND, StopRequest, stop_sequence
@@ -41,8 +42,18 @@ class ExitInfo:
 
 class AsyncRun:
     def __init__(self, sup: "AsyncSupervisor", run_id: str, kind: str, target: str, tools: list[str],
-                 grace: float, channel: Channel):
+                 grace: float, channel: Channel, *, session: Any = None, limits: Limits | None = None,
+                 inbox: dict[str, Any] | None = None):
         self._sup = sup
+        self.session = session  # the AsyncSession this run serves, if any
+        self.generation = channel.generation
+        self.limits = limits
+        self.usage = Usage()
+        self.limit_crossed: str | None = None
+        self.inbox = inbox or {}
+        self._active_since: float | None = None  # monotonic seconds; None while paused or ended
+        self.frozen = False  # its processes were frozen by pause()
+        self._deadline: asyncio.TimerHandle | None = None
         self.id = run_id
         self.kind = kind  # "python" | "argv"
         self.target = target
@@ -80,6 +91,7 @@ class AsyncRun:
         self._sup.journal.run_started(self.id, pid, create_time)
         if self.machine.state is RunState.STARTING:
             self.machine.to(RunState.RUNNING)
+            self._clock_start()
         if pidfd is not None:
             self._sup.loop.add_reader(pidfd, self._on_leader_exit)
         else:  # no pidfd (macOS): a thread waits on psutil for us
@@ -119,6 +131,7 @@ class AsyncRun:
 
     def _begin(self, req: StopRequest) -> asyncio.Task:
         if self._stop_task is None:
+            self._clock_stop()
             if self.machine.state is not RunState.STOPPING:
                 self.machine.to(RunState.STOPPING)  # buffered; the revoke's commit writes it
             # Revoke in the caller's own loop step, not in the task's first
@@ -136,10 +149,12 @@ class AsyncRun:
             raise
         finally:
             self._done.set()
+        report.limit = self.limit_crossed
+        self.usage.tool_calls = self.channel.calls
         self.report = report
         self.machine.to(RunState(report.outcome))
         self._sup.journal.run_ended(self.id, report.outcome, report.reaped_at, report.exit_code,
-                                    report.exit_signal, report.to_dict())
+                                    report.exit_signal, report.to_dict(), self.usage.to_dict())
         self._release_handles()
         self._sup.run_finished(self)
         return report
@@ -177,6 +192,89 @@ class AsyncRun:
         except Exception:  # spawner gone: the leader was reaped elsewhere
             return None
 
+    # -- limits and usage -------------------------------------------------------------
+    def _clock_start(self) -> None:
+        self._active_since = time.monotonic()
+        if self.limits is not None and self.limits.wall_clock is not None:
+            remaining = self.limits.wall_clock - self.usage.wall_clock
+            self._deadline = self._sup.loop.call_later(max(0.0, remaining), self.quota, "wall_clock")
+
+    def _clock_stop(self) -> None:
+        if self._active_since is not None:
+            self.usage.wall_clock += time.monotonic() - self._active_since
+            self._active_since = None
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def live_usage(self) -> Usage:
+        """Usage now: counters are exact, CPU and memory are from the last sample."""
+        usage = Usage(**self.usage.to_dict())
+        usage.tool_calls = self.channel.calls
+        if self._active_since is not None:
+            usage.wall_clock += time.monotonic() - self._active_since
+        return usage
+
+    def add_tokens(self, amount: float) -> None:
+        self.usage.tokens += int(amount)
+        self._check_limits()
+
+    def record_sample(self, cpu_seconds: float, memory_bytes: int, processes: int) -> None:
+        self.usage.cpu_seconds = max(self.usage.cpu_seconds, cpu_seconds)
+        self.usage.peak_memory_bytes = max(self.usage.peak_memory_bytes, memory_bytes)
+        self.usage.peak_processes = max(self.usage.peak_processes, processes)
+        self._check_limits()
+
+    def _check_limits(self) -> None:
+        limit = crossed(self.limits, self.live_usage())
+        if limit is not None:
+            self.quota(limit)
+
+    def quota(self, limit: str) -> None:
+        """A limit was crossed: stop the run (once), naming the limit."""
+        if self._stop_task is not None or self.limit_crossed is not None or not self.machine.live:
+            return
+        self.limit_crossed = limit
+        value = getattr(self.limits, limit, None)
+        self._begin(StopRequest("stop", "quota", f"{limit} limit ({value}) crossed", self.grace,
+                                time.monotonic_ns()))
+
+    # -- pause / resume -------------------------------------------------------------------
+    async def pause(self, timeout: float = 5.0) -> bool:
+        """Hold egress (requests queue, none is dispatched), then freeze every process.
+
+        Returns True once the whole tree is frozen. Wall-clock limits do not
+        count paused time. A paused run can be stopped or killed at once.
+        """
+        if self.machine.state is RunState.PAUSED:
+            return True
+        if self.machine.state is not RunState.RUNNING:
+            raise InvalidTransition(f"run {self.id} is {self.state.value}; only a running run can be paused")
+        self._sup.broker.hold(self.channel)
+        self.machine.to(RunState.PAUSED)
+        self._clock_stop()
+        assert self.containment is not None
+        self.frozen = True
+        self.containment.freeze()
+        return await self.containment.wait_frozen(True, timeout)
+
+    async def resume(self, timeout: float = 5.0) -> bool:
+        """Thaw the tree, then release held requests in the order they arrived."""
+        if self.machine.state is not RunState.PAUSED:
+            if self.machine.state is RunState.RUNNING:
+                return True
+            raise InvalidTransition(f"run {self.id} is {self.state.value}; only a paused run can be resumed")
+        assert self.containment is not None
+        self.containment.thaw()
+        self.frozen = False
+        thawed = await self.containment.wait_frozen(False, timeout)
+        if self.machine.state is not RunState.PAUSED:
+            return thawed  # stopped meanwhile: the stop sequence owns it now
+        self.machine.to(RunState.RUNNING)
+        self._clock_start()
+        self._sup.broker.release(self.channel)
+        return thawed
+
     def final_state(self, mode: str, exit_code: int | None) -> RunState:
         if mode == "exit":
             ok = exit_code == 0 and self._failure is None
@@ -186,6 +284,20 @@ class AsyncRun:
         return RunState.STOPPED
 
     # -- verbs ---------------------------------------------------------------------------
+    def begin_end(self, mode: str, source: str, reason: str, grace: float | None = None) -> asyncio.Task:
+        """Start ending the run without waiting: revoke now, signal when the task runs.
+
+        A session ends a whole tree by calling this for every run first (all
+        revoked in one loop step) and awaiting the tasks afterwards.
+        """
+        if mode == "kill":
+            self._kill_requested = True
+            if self._stop_task is not None:
+                self.escalated.set()
+                return self._stop_task
+        req = StopRequest(mode, source, reason, self.grace if grace is None else grace, time.monotonic_ns())
+        return self._begin(req)
+
     async def stop(self, grace: float | None = None, *, requested_at: int | None = None,
                    source: str = "api", reason: str = "stop requested") -> StopReport:
         """Revoke, SIGTERM, wait `grace`, SIGKILL, sweep. Returns the report.

@@ -85,7 +85,8 @@ async def stop_sequence(run: "AsyncRun", req: StopRequest) -> StopReport:
     else:
         report.term_sent_at = time.monotonic_ns()
         layer.signal(signal.SIGTERM)
-        layer.thaw()  # a frozen run must be able to act on SIGTERM
+        if run.frozen:
+            layer.thaw()  # a paused run must be able to act on SIGTERM
         run.stop_phase = "grace"
         if await _wait_empty_or_escalate(run, report.term_sent_at, req.grace):
             report.ended_by = "sigterm"

@@ -28,7 +28,7 @@ EXIT_EXEC_FAILED = 127
 class StartSpec:
     """Everything a run needs, as sent by the supervisor through the spawner."""
 
-    __slots__ = ("run_id", "blob", "argv", "env", "cwd", "cgroup_procs", "in_cgroup", "credential",
+    __slots__ = ("run_id", "blob", "argv", "env", "cwd", "cgroup_procs", "in_cgroup", "rlimits", "credential",
                  "generation", "egress", "supervisor_pid")
 
     def __init__(self, msg: dict[str, Any]):
@@ -61,6 +61,26 @@ def _reset_inherited_state() -> None:
     # Drop the spawner's control socket, selector and wake-up pipe; close_range
     # makes this cheap even with a large fd limit.
     os.closerange(3, os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 4096)
+
+
+def _apply_rlimits(extra: dict[str, int] | None) -> None:
+    """Limits the cgroup could not enforce, as headroom above the current use."""
+    if not extra:
+        return
+    import resource
+
+    if "as_extra" in extra:
+        with open("/proc/self/status") as f:
+            vm_kb = next((int(line.split()[1]) for line in f if line.startswith("VmSize:")), 0)
+        cap = vm_kb * 1024 + extra["as_extra"]
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    if "nproc_extra" in extra and os.geteuid() != 0:  # the kernel ignores RLIMIT_NPROC for root
+        import psutil
+
+        uid = os.getuid()
+        mine = sum(1 for p in psutil.process_iter(["uids"]) if p.info["uids"] and p.info["uids"].real == uid)
+        cap = mine + extra["nproc_extra"]
+        resource.setrlimit(resource.RLIMIT_NPROC, (cap, cap))
 
 
 def _run_variables(spec: StartSpec) -> dict[str, str]:
@@ -159,6 +179,7 @@ def child_main(msg: dict[str, Any], spawner_pid: int, ready_fd: int) -> NoReturn
         spec = StartSpec(msg)
         _contain(spec, spawner_pid, ready_fd)
         _reset_inherited_state()  # handlers to default, then unblock (the spawner blocked all across fork)
+        _apply_rlimits(spec.rlimits)
         platform.rewrite_exec_env(framing.ENV_MARKER, spec.run_id)
         added = _run_variables(spec)
         if spec.argv:
