@@ -2,15 +2,19 @@
 
 from supervisor.core import AsyncSupervisor, Event
 from supervisor.errors import (ContainmentDegraded, DeadstopError, EgressRefused, InvalidTarget, RunFailed,
-                               RunNotFound, StopIncomplete, SupervisorClosed)
+                               RunNotFound, SessionNotFound, StopIncomplete, SupervisorClosed)
 from supervisor.report import StopReport
 from supervisor.run import AsyncRun, ExitInfo
 from supervisor.states import RunState
-from supervisor.sync import Run, Supervisor
+from supervisor.limits import Limits, Usage
+from supervisor.sessions import AsyncSession, SessionStopped
+from supervisor.session_tools import PolicyDenied
+from supervisor.sync import Run, Session, Supervisor
 from supervisor.tools import ToolCancelled, ToolContext
 
 __all__ = [
-    "AsyncRun", "AsyncSupervisor", "ContainmentDegraded", "DeadstopError", "EgressRefused", "Event",
+    "AsyncRun", "AsyncSession", "AsyncSupervisor", "Limits", "PolicyDenied", "Session", "SessionNotFound",
+    "SessionStopped", "Usage", "ContainmentDegraded", "DeadstopError", "EgressRefused", "Event",
     "ExitInfo", "InvalidTarget", "Run", "RunFailed", "RunNotFound", "RunState", "StopIncomplete",
     "StopReport", "Supervisor", "SupervisorClosed", "ToolCancelled", "ToolContext",
 ]

@@ -24,7 +24,7 @@ import msgspec
 import zmq
 
 from ipc import framing, schema
-from ipc.errors import ErrorCode
+from ipc.errors import EgressRefused, ErrorCode
 from supervisor.channel import Channel, GenerationCell, RevokeRecord
 from supervisor.journal import Journal
 from supervisor.tools import Tool, ToolCancelled, ToolContext, ToolRegistry
@@ -340,6 +340,10 @@ class Broker:
                               f"tool {ctx.tool!r} cancelled: run {chan.run_id} was revoked", chan.revoked_reason())
             return
         exc = fut.exception()
+        if isinstance(exc, EgressRefused):  # a built-in tool's refusal (policy): pass its code on
+            self.journal.egress(chan.run_id, t, req_id, "call", ctx.tool, "refused", int(exc.code), str(exc)[:4000])
+            self._reply_error(ident, req_id, ErrorCode(exc.code), str(exc))
+            return
         if isinstance(exc, ToolCancelled):
             self.journal.egress(chan.run_id, t, req_id, "call", ctx.tool, "cancelled", int(ErrorCode.CANCELLED), str(exc))
             self._reply_error(ident, req_id, ErrorCode.CANCELLED, str(exc))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import os
 import secrets
@@ -29,7 +30,9 @@ from supervisor.containment import (CGROUP, PGROUP, PGROUP_SUBREAPER, CgroupCont
 from supervisor.errors import (ContainmentDegraded, DeadstopError, InvalidTarget, RunNotFound, SessionNotFound,
                                SupervisorClosed)
 from supervisor.journal import Journal
-from supervisor.limits import TOKEN_KEYS, Limits, apply_cgroup_limits, rlimits_for
+from supervisor.recovery import recover
+from supervisor.limits import TOKEN_KEYS, Limits, Usage, apply_cgroup_limits, rlimits_for
+from supervisor import session_tools
 from supervisor.sessions import AgentSpec, AsyncSession
 from supervisor.run import AsyncRun
 from supervisor.spawner_client import SpawnerClient
@@ -98,6 +101,8 @@ class AsyncSupervisor:
         self.runtime_dir = framing.make_runtime_dir()
         self.journal = Journal(os.path.join(self.state_dir, "journal.db"))
         self.journal.bind(self.loop)
+        self.recovered = await recover(self.journal, self.id)
+        self._load_sessions()
         self.cgroups: CgroupTree | None = None
         self.watcher: InotifyWatcher | None = None
         if self._containment_choice != "process-group":
@@ -114,6 +119,7 @@ class AsyncSupervisor:
             self.containment_degraded_reason = "process-group containment forced by configuration"
         self.broker = Broker(self.loop, framing.ipc_address(self.runtime_dir, "egress"), self.journal, self.tools,
                              self, max_request_bytes=self._max_request_bytes, tool_threads=self._tool_threads)
+        session_tools.register(self)
         self.spawner = await SpawnerClient.launch(self.cgroups.child("spawner") if self.cgroups else None)
         self.spawner.on_lost = self._spawner_lost
         if self.cgroups is not None:
@@ -450,6 +456,54 @@ class AsyncSupervisor:
         session.runs.append(run.id)
         self.store_session(session)
         return run
+
+    def _load_sessions(self) -> None:
+        """Sessions survive restarts: rebuild them (idle) from the store."""
+        rows = self.journal.db.execute(
+            "SELECT key, agent, parent, label, generation, created_wall, updated_wall, last_outcome,"
+            " aborted_last_run, answer, answer_generation, usage FROM sessions ORDER BY created_wall").fetchall()
+        runs_of: dict[str, list[str]] = {}
+        for run_id, key in self.journal.db.execute(
+                "SELECT id, session FROM runs WHERE session IS NOT NULL ORDER BY created_ns"):
+            runs_of.setdefault(key, []).append(run_id)
+        for (key, agent, parent, label, generation, created, updated, outcome, aborted, answer, answer_gen,
+             usage) in rows:
+            s = AsyncSession(self, key, agent, parent=self._sessions.get(parent), label=label,
+                             generation=generation or 0)
+            if s.parent is not None:
+                s.parent.children.append(s)
+            s.created_wall, s.updated_wall = created, updated
+            s.last_outcome, s.aborted_last_run = outcome, bool(aborted)
+            s.answer, s.answer_generation = (json.loads(answer) if answer else None), answer_gen
+            s.ended_usage = Usage.from_dict(json.loads(usage) if usage else None)
+            s.runs = runs_of.get(key, [])
+            self._sessions[key] = s
+
+    async def cleanup(self, older_than: float = 3600) -> list[str]:
+        """Remove sessions that are idle, whose whole subtree is idle, and that
+        have not changed for `older_than` seconds, with every record of their runs."""
+        cutoff = time.time() - older_than
+
+        def removable(s: AsyncSession) -> bool:
+            return not s.active and s.updated_wall <= cutoff and all(removable(c) for c in s.children)
+
+        roots = [s for s in self._sessions.values() if removable(s) and (s.parent is None or not removable(s.parent))]
+        gone: list[AsyncSession] = []
+        for root in roots:
+            gone.extend([root] + root.descendants())
+        if not gone:
+            return []
+        keys = [s.key for s in gone]
+        self.journal.forget(keys)
+        for s in gone:
+            self._sessions.pop(s.key, None)
+            for run_id in s.runs:
+                run = self.runs.pop(run_id, None)
+                if run is not None:
+                    self.broker.channels.pop(run_id, None)
+            if s.parent is not None and s.parent not in gone:
+                s.parent.children.remove(s)
+        return keys
 
     def store_session(self, s: AsyncSession) -> None:
         self.journal.session({

@@ -195,6 +195,29 @@ class Journal:
                     int(bool(info["aborted_last_run"])), _json(info["answer"]), info["answer_generation"],
                     json.dumps(info["usage"])))
 
+    def session_recovered(self, key: str, run_id: str) -> None:
+        self._exec("UPDATE sessions SET last_run=?, last_outcome='ended by recovery', aborted_last_run=1,"
+                   " updated_wall=? WHERE key=?", (run_id, time.time(), key))
+
+    def supervisor_recovered(self, sup_id: str, by: str) -> None:
+        self._exec("UPDATE supervisors SET ended_wall=? WHERE id=?", (time.time(), sup_id))
+
+    def forget(self, session_keys: list[str]) -> int:
+        """Delete sessions and every record of their runs; returns how many runs went."""
+        self.commit_now()
+        marks = ",".join("?" * len(session_keys))
+        with self.db:
+            run_ids = [r for (r,) in self.db.execute(f"SELECT id FROM runs WHERE session IN ({marks})",
+                                                      session_keys)]
+            if run_ids:
+                rmarks = ",".join("?" * len(run_ids))
+                for table, column in (("transitions", "run_id"), ("revocations", "run_id"), ("egress", "run_id"),
+                                      ("stops", "run_id"), ("runs", "id")):
+                    self.db.execute(f"DELETE FROM {table} WHERE {column} IN ({rmarks})", run_ids)
+            self.db.execute(f"DELETE FROM messages WHERE session IN ({marks})", session_keys)
+            self.db.execute(f"DELETE FROM sessions WHERE key IN ({marks})", session_keys)
+        return len(run_ids)
+
     def fenced(self, run_id: str, t_ns: int, what: str, detail: str) -> None:
         """An output of a superseded generation that was kept from subscribers and the store."""
         self._exec("INSERT INTO egress(run_id, t_ns, req_id, verb, tool, decision, code, detail)"

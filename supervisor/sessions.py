@@ -86,6 +86,7 @@ class AsyncSession:
         self._inbox: list[tuple[Any, asyncio.Future]] = []
         self._driver: asyncio.Task | None = None
         self._ending: list[asyncio.Task] = []
+        self._on_behalf_of: tuple[AsyncSession, int] | None = None  # who sent the queued messages
 
     # -- reading ---------------------------------------------------------------
     @property
@@ -151,7 +152,7 @@ class AsyncSession:
         return generation == self.gen.value
 
     # -- messages and takeover -------------------------------------------------------
-    async def send(self, message: Any) -> "AsyncRun":
+    async def send(self, message: Any, *, on_behalf_of: "tuple[AsyncSession, int] | None" = None) -> "AsyncRun":
         """Start a run with `message`; if a run is active, take it over.
 
         Takeover: the generation is bumped and the active run's tree is revoked
@@ -163,6 +164,7 @@ class AsyncSession:
         fut = asyncio.get_running_loop().create_future()
         self.bump()
         self._inbox.append((message, fut))
+        self._on_behalf_of = on_behalf_of
         self._sup.journal.message(self.key, self.generation, message)
         self._end_tree(mode="stop", source="takeover", reason="a new message superseded the run",
                        include_self=True, bump=False, clear_inbox=False)
@@ -182,8 +184,17 @@ class AsyncSession:
                 break
             batch, self._inbox = self._inbox, []
             messages = [m for m, _ in batch]
+            if self._sender_superseded():
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(SessionStopped(f"session {self.key}: the run that sent the message "
+                                                         "was stopped or superseded before it started"))
+                continue
             try:
                 run = await self._sup._start_session_run(self, combine(messages), messages)
+                if self._sender_superseded():  # the sender ended while this child was starting
+                    self._end_tree(mode="kill", source="parent", reason="the sending run was stopped",
+                                   include_self=True, bump=True, clear_inbox=True)
             except BaseException as exc:
                 for _, fut in batch:
                     if not fut.done():
@@ -194,6 +205,11 @@ class AsyncSession:
             for _, fut in batch:
                 if not fut.done():
                     fut.set_result(run)
+
+    def _sender_superseded(self) -> bool:
+        """Was this message sent by a run (a parent session's) that has since been superseded?"""
+        sender = self._on_behalf_of
+        return sender is not None and not sender[0].is_current(sender[1])
 
     # -- ending ------------------------------------------------------------------------
     def _end_tree(self, *, mode: str, source: str, reason: str, include_self: bool, bump: bool,

@@ -14,6 +14,9 @@ import time
 from typing import Any, Callable, Iterator, Sequence
 
 from supervisor.core import AsyncSupervisor, Event
+from supervisor.limits import Usage
+from supervisor.sessions import AsyncSession
+from supervisor.states import LIVE
 from supervisor.report import StopReport
 from supervisor.run import AsyncRun, ExitInfo
 from supervisor.states import RunState
@@ -53,11 +56,97 @@ class Run:
     def wait(self, timeout: float | None = None) -> ExitInfo:
         return self._sup._call(self._core.wait(timeout))
 
+    def pause(self) -> bool:
+        return self._sup._call(self._core.pause())
+
+    def resume(self) -> bool:
+        return self._sup._call(self._core.resume())
+
+    @property
+    def generation(self) -> int:
+        return self._core.generation
+
+    @property
+    def usage(self) -> Usage:
+        return self._sup._call(_value(self._core.live_usage))
+
     def result(self, timeout: float | None = None) -> Any:
         return self._sup._call(self._core.result(timeout))
 
     def __repr__(self) -> str:
         return f"<Run {self.id} pid={self.pid} {self.state.value}>"
+
+
+class Session:
+    """Handle on one session; all state lives in the core."""
+
+    def __init__(self, sup: "Supervisor", core: AsyncSession):
+        self._sup = sup
+        self._core = core
+
+    @property
+    def key(self) -> str:
+        return self._core.key
+
+    @property
+    def agent(self) -> str:
+        return self._core.agent
+
+    @property
+    def generation(self) -> int:
+        return self._core.generation
+
+    @property
+    def state(self) -> str:
+        return self._core.state
+
+    @property
+    def active_run(self) -> Run | None:
+        run = self._core.active_run
+        return Run(self._sup, run) if run is not None and run.state in LIVE else None
+
+    @property
+    def runs(self) -> list[Run]:
+        return [Run(self._sup, self._sup._core.runs[r]) for r in self._core.runs if r in self._sup._core.runs]
+
+    @property
+    def usage(self) -> Usage:
+        return self._sup._call(_value(lambda: self._core.usage))
+
+    @property
+    def answer(self) -> Any:
+        return self._core.answer
+
+    @property
+    def children(self) -> list["Session"]:
+        return [Session(self._sup, c) for c in self._core.children]
+
+    def info(self) -> dict[str, Any]:
+        return self._sup._call(_value(self._core.info))
+
+    def send(self, message: Any) -> Run:
+        """Start a run with `message`; takes over an active run (see AsyncSession.send)."""
+        return Run(self._sup, self._sup._call(self._core.send(message)))
+
+    def stop(self, grace: float | None = None) -> list[StopReport]:
+        return self._sup._call(self._core.stop(grace))
+
+    def kill(self) -> list[StopReport]:
+        return self._sup._call(self._core.kill())
+
+    def pause(self) -> bool:
+        return self._sup._call(self._core.pause())
+
+    def resume(self) -> bool:
+        return self._sup._call(self._core.resume())
+
+    def __repr__(self) -> str:
+        return f"<Session {self.key} gen={self.generation} {self.state}>"
+
+
+async def _value(fn: Callable[[], Any]) -> Any:
+    """Read core state on the loop thread, where it is only ever changed."""
+    return fn()
 
 
 class Supervisor:
@@ -100,10 +189,27 @@ class Supervisor:
     def register_tool(self, name: str, fn: Callable[..., Any]) -> None:
         self._core.register_tool(name, fn)
 
+    def register_agent(self, name: str, target: Any, **options: Any) -> None:
+        """See AsyncSupervisor.register_agent."""
+        self._call(_value(lambda: self._core.register_agent(name, target, **options)))
+
+    def session(self, key: str, agent: Any = None) -> Session:
+        """Create or get a session; `agent` is a registered name or a callable."""
+        return Session(self, self._call(_value(lambda: self._core.session(key, agent))))
+
+    def sessions(self, active: bool | None = None, min_tokens: int | None = None) -> list[Session]:
+        found = self._call(_value(lambda: self._core.sessions(active=active, min_tokens=min_tokens)))
+        return [Session(self, s) for s in found]
+
+    def cleanup(self, older_than: float = 3600) -> list[str]:
+        """Remove ended sessions idle for `older_than` seconds, with their runs' records."""
+        return self._call(self._core.cleanup(older_than))
+
     def start(self, target: Any, *args: Any, tools: Sequence[str] = (), grace: float | None = None,
               kwargs: dict[str, Any] | None = None, env: dict[str, str] | None = None,
-              cwd: str | None = None) -> Run:
-        core = self._call(self._core.start(target, *args, tools=tools, grace=grace, kwargs=kwargs, env=env, cwd=cwd))
+              cwd: str | None = None, limits: Any = None) -> Run:
+        core = self._call(self._core.start(target, *args, tools=tools, grace=grace, kwargs=kwargs, env=env, cwd=cwd,
+                                           limits=limits))
         return Run(self, core)
 
     def stop_all(self, grace: float | None = None) -> list[StopReport]:
@@ -116,9 +222,9 @@ class Supervisor:
     def runs(self) -> list[Run]:
         return [Run(self, r) for r in list(self._core.runs.values())]
 
-    def subscribe(self) -> Iterator[Event]:
-        """Blocking iterator over events; ends when the supervisor closes."""
-        agen = self._core.subscribe()
+    def subscribe(self, session: str | None = None) -> Iterator[Event]:
+        """Blocking iterator over events (of one session, or all); ends when the supervisor closes."""
+        agen = self._core.subscribe(session)
         # Register the subscriber before returning so no event is missed.
         first = asyncio.run_coroutine_threadsafe(agen.__anext__(), self._loop)
         def gen() -> Iterator[Event]:
