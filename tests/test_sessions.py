@@ -1,0 +1,271 @@
+"""Sessions: unified run invalidation (generation, pre-tool gate, stale output
+fence, takeover), pause/resume, sub-agent trees and their policy.
+
+Real processes throughout; async tool handlers stamp themselves on the
+supervisor's loop, the same thread that bumps generations and revokes, so
+"before" and "after" are exact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sqlite3
+import time
+
+import pytest
+
+import session_agents
+from procscan import marked_processes
+from supervisor import AsyncSupervisor, InvalidTarget, Supervisor
+from waiting import Countdown
+
+
+def _cpu_seconds(pids) -> float:
+    """CPU time of these processes, read from /proc (independent of deadstop)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
+def test_takeover_while_the_old_run_floods(tmp_path) -> None:
+    async def main() -> None:
+        async with AsyncSupervisor(state_dir=str(tmp_path)) as sup:
+            ticks: list[tuple[str, int]] = []
+            ready = asyncio.Event()
+
+            async def tick(ctx) -> None:
+                ticks.append((ctx.run_id, time.monotonic_ns()))
+
+            sup.register_tool("tick", tick)
+            sup.register_tool("ready", ready.set)
+            sup.register_agent("flooder", session_agents.flooder_or_echo, tools=["tick", "ready"])
+            s = sup.session("chat", agent="flooder")
+            old = await s.send("flood")
+            await asyncio.wait_for(ready.wait(), 30)
+            assert s.generation == 1 and old.state.value == "running"
+
+            bumped_at = time.monotonic_ns()
+            runs = await asyncio.gather(s.send("first"), s.send("second"), s.send("third"))
+
+            assert runs[0] is runs[1] is runs[2], "messages of one takeover start one run"
+            new = runs[0]
+            assert new is not old and new.generation == s.generation == 4
+            assert await new.result(30) == {"message": "first\n\nsecond\n\nthird", "generation": 4,
+                                            "messages": ["first", "second", "third"]}
+            assert s.answer["message"] == "first\n\nsecond\n\nthird" and s.answer_generation == 4
+            old_ticks = [t for run_id, t in ticks if run_id == old.id]
+            assert old_ticks, "the old run was flooding"
+            assert max(old_ticks) < bumped_at, "an old-generation tool call was dispatched after the bump"
+            assert old.state.value == "stopped" and old.report.revoke_source == "takeover"
+            assert old.report.refused_after_revoke >= 0 and marked_processes(old.id) == {}
+            db = sqlite3.connect(sup.journal.path)
+            (late,) = db.execute(
+                "SELECT count(*) FROM egress e JOIN revocations r USING (run_id) WHERE e.run_id = ?"
+                " AND e.decision = 'dispatched' AND e.t_ns > r.t_ns", (old.id,)).fetchone()
+            stale = db.execute("SELECT count(*) FROM egress WHERE run_id = ? AND code = 6", (old.id,)).fetchone()[0]
+            messages = [json.loads(m) for (m,) in db.execute("SELECT message FROM messages WHERE session='chat'"
+                                                             " ORDER BY seq")]
+            db.close()
+            assert late == 0
+            assert messages == ["flood", "first", "second", "third"], "every message is journaled, in order"
+            assert stale >= 0
+
+    asyncio.run(main())
+
+
+def test_stale_events_never_reach_subscribers(tmp_path) -> None:
+    async def main() -> None:
+        async with AsyncSupervisor(state_dir=str(tmp_path)) as sup:
+            ready = asyncio.Event()
+            sup.register_tool("ready", ready.set)
+            sup.register_agent("emitter", session_agents.emitter, tools=["ready"])
+            s = sup.session("feed", agent="emitter")
+            events = sup.subscribe(session="feed")
+            first = asyncio.ensure_future(events.__anext__())
+            await s.send("stream")
+            await asyncio.wait_for(ready.wait(), 30)
+            got = await asyncio.wait_for(first, 30)
+            assert got.kind == "progress" and got.generation == 1
+            # Let generation-1 events pile up undelivered, then supersede the run.
+            while sup._subscribers[0][0].qsize() < 50:
+                await asyncio.sleep(0.001)
+            run = await s.send("answer please")
+            assert s.generation == 2
+            delivered = []
+            async for ev in events:
+                delivered.append(ev)
+                if ev.kind == "run.ended" and ev.run_id == run.id:
+                    break
+            progress = [ev for ev in delivered if ev.kind == "progress"]
+            assert progress == [], f"{len(progress)} stale events reached the subscriber"
+            assert s.answer == {"answer": "answer please", "generation": 2}
+            db = sqlite3.connect(sup.journal.path)
+            (fenced,) = db.execute("SELECT count(*) FROM egress WHERE decision = 'fenced'").fetchone()
+            db.close()
+            assert fenced >= 50, "held-back events are journaled as fenced"
+
+    asyncio.run(main())
+
+
+def test_pause_freezes_the_tree_and_resume_thaws_it(layer, tmp_path) -> None:
+    ready = Countdown(1)
+    with Supervisor(containment=layer) as sup:
+        sup.register_tool("ready", ready)
+        sup.register_agent("tree", session_agents.busy_tree, tools=["ready"])
+        s = sup.session("work", agent="tree")
+        run = s.send("go")
+        assert ready.wait(30)
+        pids = list(marked_processes(run.id))
+        assert len(pids) == 21
+        assert s.pause() is True and s.state == "paused" and run.state.value == "paused"
+        frozen_at = _cpu_seconds(pids)
+        time.sleep(0.5)  # the thing measured: no CPU time may accrue while paused
+        assert _cpu_seconds(pids) == frozen_at, "a process ran while the session was paused"
+        assert s.resume() is True and s.state == "running"
+        time.sleep(0.3)
+        assert _cpu_seconds(pids) > frozen_at, "resume must thaw every process"
+        assert s.pause() is True
+        reports = s.kill()  # a paused run can be killed at once
+        assert reports[0].outcome == "killed" and reports[0].survivors == 0
+        assert marked_processes(run.id) == {}
+
+
+def test_pause_holds_egress_and_resume_releases_it_in_order(tmp_path) -> None:
+    async def main() -> None:
+        async with AsyncSupervisor(state_dir=str(tmp_path)) as sup:
+            order: list[int] = []
+            paused = asyncio.Event()
+
+            async def pause_me(ctx) -> None:
+                await sup.runs[ctx.run_id].session.pause()  # holds egress first, in this very step
+                paused.set()
+
+            async def seq(i: int) -> int:
+                order.append(i)
+                return i
+
+            sup.register_tool("pause_me", pause_me)
+            sup.register_tool("seq", seq)
+            sup.register_agent("burst", session_agents.burst_then_wait, tools=["pause_me", "seq"])
+            s = sup.session("b", agent="burst")
+            run = await s.send("go")
+            await asyncio.wait_for(paused.wait(), 30)
+            assert s.state == "paused"
+            held = len(run.channel.held)
+            assert held > 0, "requests that arrived during the pause must be held"
+            dispatched_while_paused = list(order)
+            await asyncio.sleep(0.2)
+            assert order == dispatched_while_paused, "nothing is dispatched while paused"
+            await s.resume()
+            assert await run.result(30) == list(range(20))
+            assert order == list(range(20)), "held requests are released in arrival order"
+            db = sqlite3.connect(sup.journal.path)
+            (n,) = db.execute("SELECT count(*) FROM egress WHERE run_id = ? AND decision = 'held'",
+                              (run.id,)).fetchone()
+            db.close()
+            assert n == held
+
+    asyncio.run(main())
+
+
+def test_stopping_a_grandparent_kills_three_levels_of_sub_agents(layer, tmp_path) -> None:
+    ready = Countdown(3)
+    with Supervisor(containment=layer, state_dir=str(tmp_path)) as sup:
+        sup.register_tool("ready", lambda depth: ready())
+        sup.register_agent("level", session_agents.level, tools=["ready", "sessions.spawn"])
+        top = sup.session("grandparent", agent="level")
+        top.send("3")
+        assert ready.wait(60)
+        sessions = [top] + top.children + top.children[0].children
+        assert [s.key for s in sessions] == ["grandparent", "grandparent/level2-1", "grandparent/level2-1/level1-1"]
+        runs = [s.active_run for s in sessions]
+        pids = {run.id: set(marked_processes(run.id)) for run in runs}
+        assert all(len(p) == 9 for p in pids.values()), "each level has its own tree of 9 processes"
+        leaders = [run.pid for run in runs]
+        assert len({os.getpgid(pid) for pid in leaders}) == 3, "each sub-agent is its own process group"
+
+        reports = top.stop()
+
+        assert len(reports) == 3 and all(r.survivors == 0 for r in reports)
+        for run in runs:
+            assert marked_processes(run.id) == {}, "a sub-agent outlived its stopped ancestor"
+        # The whole tree's egress was revoked before any of it was signalled.
+        assert max(r.revoked_at for r in reports) < min(r.term_sent_at for r in reports)
+        assert all(s.state == "idle" for s in sessions)
+        assert top.info()["aborted_last_run"] is True
+
+
+def test_sub_agent_policy(tmp_path) -> None:
+    """sessions.stop is denied to sub-agents unless allowed; a run acts only on
+    sessions it spawned unless the agent-to-agent allow-list says otherwise."""
+    ready = Countdown(1)
+    with Supervisor(state_dir=str(tmp_path)) as sup:
+        tools = ["sessions.spawn", "sessions.stop", "sessions.send", "sessions.list"]
+        sup.register_tool("ready", ready)
+        sup.register_agent("caller", session_agents.session_tool_caller, tools=tools)
+        sup.register_agent("trusted", session_agents.session_tool_caller, tools=tools, may_stop_sessions=True,
+                           peers=["sleeper"])
+        sup.register_agent("sleeper", session_agents.sleeper, tools=["ready"])
+        stranger = sup.session("stranger", agent="sleeper")
+        stranger.send("x")
+        assert ready.wait(30)
+
+        # A top-level run: may spawn, list and stop its own sub-agent; may not touch a stranger.
+        steps = [["sessions.spawn", ["sleeper", "hi", "kid"]], ["sessions.list", []],
+                 ["sessions.stop", ["top/kid-1"]], ["sessions.stop", ["stranger"]],
+                 ["sessions.send", ["stranger", "hello"]], ["sessions.stop", ["top"]]]
+        top = sup.session("top", agent="caller")
+        out = top.send(json.dumps(steps)).result(timeout=60)
+        assert out[0]["ok"] and out[0]["value"]["key"] == "top/kid-1"
+        assert [s["key"] for s in out[1]["value"]] == ["top/kid-1"]
+        assert out[2] == {"ok": True, "value": {"key": "top/kid-1", "runs_stopped": 1, "outcomes": ["stopped"]}}
+        assert (out[3]["ok"], out[3]["code"]) == (False, 15) and "did not spawn" in out[3]["message"]
+        assert (out[4]["ok"], out[4]["code"]) == (False, 15)
+        assert (out[5]["ok"], out[5]["code"]) == (False, 15) and "itself or an ancestor" in out[5]["message"]
+        assert stranger.state == "running", "a denied stop must change nothing"
+
+        # A sub-agent may not use sessions.stop at all, even on its own child.
+        parent = sup.session("parent", agent="caller")
+        inner = json.dumps([["sessions.spawn", ["sleeper", "hi", "grandkid"]],
+                            ["sessions.stop", ["parent/sub-1/grandkid-1"]]])
+        out = parent.send(json.dumps([["sessions.spawn", ["caller", inner, "sub"]]])).result(timeout=60)
+        assert out[0]["ok"]
+        sub_out = sup.session("parent/sub-1").runs[-1].result(timeout=60)
+        assert sub_out[0]["ok"] is True
+        assert (sub_out[1]["ok"], sub_out[1]["code"]) == (False, 15) and "sub-agents may not" in sub_out[1]["message"]
+        assert sup.session("parent/sub-1/grandkid-1").state == "running"
+
+        # An agent with may_stop_sessions and peers=["sleeper"] may stop a stranger's sleeper session.
+        boss = sup.session("boss", agent="trusted")
+        out = boss.send(json.dumps([["sessions.stop", ["stranger"]]])).result(timeout=60)
+        assert out == [{"ok": True, "value": {"key": "stranger", "runs_stopped": 1, "outcomes": ["stopped"]}}]
+        assert stranger.state == "idle"
+
+        db = sqlite3.connect(sup.journal_path)
+        (denied,) = db.execute("SELECT count(*) FROM egress WHERE code = 15 AND decision = 'refused'").fetchone()
+        db.close()
+        assert denied == 4, "every policy refusal is journaled"
+        for s in sup.sessions(active=True):
+            s.kill()
+
+
+def test_session_needs_an_agent_and_keeps_it() -> None:
+    with Supervisor() as sup:
+        sup.register_agent("a", session_agents.sleeper)
+        with pytest.raises(InvalidTarget, match="name its agent"):
+            sup.session("nobody")
+        with pytest.raises(InvalidTarget, match="not registered"):
+            sup.session("x", agent="unknown")
+        s = sup.session("k", agent="a")
+        assert sup.session("k").key == "k"
+        with pytest.raises(InvalidTarget, match="runs agent 'a'"):
+            sup.session("k", agent=session_agents.emitter)
