@@ -269,3 +269,14 @@ def test_session_needs_an_agent_and_keeps_it() -> None:
         assert sup.session("k").key == "k"
         with pytest.raises(InvalidTarget, match="runs agent 'a'"):
             sup.session("k", agent=session_agents.emitter)
+
+
+def test_argv_agent_reads_its_message_from_the_inbox(tmp_path) -> None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    script = os.path.join(here, "agents", "argv_session_agent.py")
+    with Supervisor() as sup:
+        sup.register_agent("argv", [os.sys.executable, script])
+        s = sup.session("cli", agent="argv")
+        run = s.send("hello from the gateway")
+        assert run.result(timeout=30) == {"got": "hello from the gateway", "generation": 1, "session": "cli"}
+        assert s.answer == run.result(timeout=30) and s.info()["last_outcome"] == "exited"

@@ -214,6 +214,15 @@ def emit(kind: str, data: Any = None) -> None:
     request(schema.Emit(id=next(_ids), kind=kind, data=data))
 
 
+def inbox() -> Any:
+    """The message(s) this run was started with: {"message", "messages", "context"}.
+
+    A Python agent receives its message as its first argument; an argv agent
+    (any language) asks for it with this verb.
+    """
+    return request(schema.Inbox(id=next(_ids)))
+
+
 def ping() -> Any:
     return request(schema.Ping(id=next(_ids)))
 
