@@ -195,6 +195,9 @@ class AsyncSession:
                 if self._sender_superseded():  # the sender ended while this child was starting
                     self._end_tree(mode="kill", source="parent", reason="the sending run was stopped",
                                    include_self=True, bump=True, clear_inbox=True)
+                elif not self.is_current(run.generation):  # stopped (or superseded) while starting
+                    run.revoke("stop", "the session was stopped while this run was starting")
+                    self._ending.append(run.begin_end("kill", "stop", "superseded while starting"))
             except BaseException as exc:
                 for _, fut in batch:
                     if not fut.done():

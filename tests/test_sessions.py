@@ -280,3 +280,23 @@ def test_argv_agent_reads_its_message_from_the_inbox(tmp_path) -> None:
         run = s.send("hello from the gateway")
         assert run.result(timeout=30) == {"got": "hello from the gateway", "generation": 1, "session": "cli"}
         assert s.answer == run.result(timeout=30) and s.info()["last_outcome"] == "exited"
+
+
+def test_stop_while_the_run_is_starting_leaves_nothing_running(tmp_path) -> None:
+    async def main() -> None:
+        async with AsyncSupervisor() as sup:
+            sup.register_tool("ready", lambda: None)
+            sup.register_agent("sleeper", session_agents.sleeper, tools=["ready"])
+            s = sup.session("racy", agent="sleeper")
+            sending = asyncio.ensure_future(s.send("go"))
+            while not sup.runs:  # loop turns until the run exists but its spawn is not answered yet
+                await asyncio.sleep(0)
+            (starting,) = sup.runs.values()
+            assert starting.state.value == "starting"
+            await s.stop()
+            run = await sending  # the message was already being started: it gets its run...
+            info = await run.wait(30)  # ...which is ended at once, not left running
+            assert info.state.value == "killed" and marked_processes(run.id) == {}
+            assert s.state == "idle"
+
+    asyncio.run(main())
