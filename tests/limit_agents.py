@@ -1,0 +1,156 @@
+"""Session agents for the limits, recovery and cleanup tests (not test_sessions.py's).
+
+Each is called inside a run as ``agent(message, **context)``. Agents that
+need the test to wait for them call the `ready` tool (a waiting.Countdown)
+once they are set up; the tests never sleep to synchronise.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from worker import egress
+
+
+def _ready() -> None:
+    try:
+        egress.call("ready")
+    except egress.DeadstopError:
+        pass
+
+
+def call_until_refused(message: dict, **context) -> int:
+    """Call message["tool"] up to message["n"] times. On the first refusal, write
+    "<class> <code> <index>" to message["out"] and exit at once.
+
+    SIGTERM is ignored so the refusal is always on record before the run
+    ends: the stop that follows the refusal then ends by the run's own exit.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for i in range(message["n"]):
+        try:
+            egress.call(message["tool"])
+        except Exception as exc:
+            line = f"{type(exc).__name__} {int(getattr(exc, 'code', 0))} {i}\n"
+            fd = os.open(message["out"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.write(fd, line.encode())
+            os.fsync(fd)
+            os.close(fd)
+            os._exit(0)
+    return message["n"]
+
+
+def ready_then_sleep(message, **context) -> None:
+    """Say ready, then sleep until stopped."""
+    _ready()
+    while True:
+        time.sleep(1)
+
+
+def sleep_forever(message, **context) -> None:
+    while True:
+        time.sleep(1)
+
+
+def _sleep_in_steps(seconds: float, step: float = 0.01) -> None:
+    # Short steps: a freeze in the middle of one step costs at most one step,
+    # whereas one long sleep would run out its time while frozen.
+    for _ in range(int(round(seconds / step))):
+        time.sleep(step)
+
+
+def sleep_pause_point_sleep(message: dict, **context) -> str:
+    """Sleep message["before"] s, call `ready` (the test pauses the session
+    there), sleep message["after"] s, return "done"."""
+    _sleep_in_steps(message["before"])
+    egress.call("ready")
+    _sleep_in_steps(message["after"])
+    return "done"
+
+
+def busy_loop(message, **context) -> None:
+    _ready()
+    x = 0
+    while True:
+        x += 1
+
+
+def allocate(message: dict, **context) -> None:
+    """Allocate and touch message["step_mb"] MiB at a time up to message["max_mb"],
+    holding all of it; on MemoryError keep what was allocated. Then sleep."""
+    held = []
+    step = message["step_mb"] << 20
+    try:
+        for _ in range(message["max_mb"] // message["step_mb"]):
+            block = bytearray(step)
+            for off in range(0, step, 4096):  # touch every page: resident, not just mapped
+                block[off] = 1
+            held.append(block)
+            time.sleep(0.02)
+    except MemoryError:
+        pass
+    while True:
+        time.sleep(1)
+
+
+def fork_sleepers(message: dict, **context) -> None:
+    """Fork message["children"] children that sleep forever, then sleep."""
+    for _ in range(message["children"]):
+        try:
+            pid = os.fork()
+        except OSError:  # a pids limit refused the fork: fine, we are over it anyway
+            break
+        if pid == 0:
+            while True:
+                time.sleep(1)
+    while True:
+        time.sleep(1)
+
+
+def tree_session(message: str, **context) -> None:
+    """behaviours.tree with 5 children, each with a grandchild."""
+    import behaviours
+
+    behaviours.tree(message, 5)
+
+
+def escaper_session(message: str, **context) -> None:
+    """behaviours.setsid_escaper: a setsid grandchild that ignores SIGTERM."""
+    import behaviours
+
+    behaviours.setsid_escaper(message)
+
+
+def use_llm(message: str, **context) -> str:
+    """One `llm` tool call (which reports tokens), then return the message in upper case."""
+    egress.call("llm")
+    return message.upper()
+
+
+def use_llm_then_sleep(message, **context) -> None:
+    """One `llm` call, say ready, then sleep until stopped."""
+    egress.call("llm")
+    _ready()
+    while True:
+        time.sleep(1)
+
+
+def report_tokens(message: dict, **context) -> int:
+    """One `llm` call that reports message["tokens"] tokens; returns that number."""
+    egress.call("llm", message["tokens"])
+    return message["tokens"]
+
+
+def report_tokens_then_sleep(message: dict, **context) -> None:
+    """One `llm` call reporting message["tokens"] tokens, say ready, sleep until stopped."""
+    egress.call("llm", message["tokens"])
+    _ready()
+    while True:
+        time.sleep(1)
+
+
+def spawn_child(message: dict, **context) -> str:
+    """Spawn a sub-agent session of agent message["agent"] and return its key; the child outlives this run."""
+    return egress.call("sessions.spawn", message["agent"], message["message"])["key"]
