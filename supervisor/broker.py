@@ -328,9 +328,17 @@ class Broker:
     def _finished(self, ident: bytes, chan: Channel, key: int, req_id: int, ctx: ToolContext,
                   fut: asyncio.Future) -> None:
         chan.in_flight.pop(key, None)
+        try:
+            self._answer(ident, chan, req_id, ctx, fut)
+        finally:
+            # Usage last: a call that crosses a token limit still gets its
+            # result (its cost is spent); the stop it triggers then revokes
+            # the run before anything else of it is dispatched.
+            if ctx.usage:
+                self.sink.on_usage(chan.run_id, ctx.tool, ctx.usage)
+
+    def _answer(self, ident: bytes, chan: Channel, req_id: int, ctx: ToolContext, fut: asyncio.Future) -> None:
         t = time.monotonic_ns()
-        if ctx.usage:
-            self.sink.on_usage(chan.run_id, ctx.tool, ctx.usage)
         if fut.cancelled() or ctx.cancelled or chan.revocation is not None:
             if not fut.cancelled():
                 fut.exception()  # retrieve, so asyncio does not log it; the result is discarded
