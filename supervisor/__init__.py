@@ -8,9 +8,8 @@ from supervisor.run import AsyncRun, ExitInfo
 from supervisor.states import RunState
 from supervisor.limits import Limits, Usage
 from supervisor.sessions import AsyncSession, SessionStopped
-from supervisor.session_tools import PolicyDenied
 from supervisor.sync import Run, Session, Supervisor
-from supervisor.tools import ToolCancelled, ToolContext
+from supervisor.tools import PolicyDenied, ToolCancelled, ToolContext
 
 __all__ = [
     "AsyncRun", "AsyncSession", "AsyncSupervisor", "Limits", "PolicyDenied", "Session", "SessionNotFound",

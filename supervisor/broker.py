@@ -24,10 +24,10 @@ import msgspec
 import zmq
 
 from ipc import framing, schema
-from ipc.errors import EgressRefused, ErrorCode
+from ipc.errors import ErrorCode
 from supervisor.channel import Channel, GenerationCell, RevokeRecord
 from supervisor.journal import Journal
-from supervisor.tools import Tool, ToolCancelled, ToolContext, ToolRegistry
+from supervisor.tools import PolicyDenied, Tool, ToolCancelled, ToolContext, ToolRegistry
 
 log = logging.getLogger("deadstop.broker")
 
@@ -55,6 +55,11 @@ class BrokerSink(Protocol):
 
 def _verb(req: Any) -> str:
     return type(req).__struct_config__.tag if hasattr(type(req), "__struct_config__") else "?"
+
+
+def _name(req: Any) -> str | None:
+    """What a request names, as the journal files it: a call's tool, an event's kind."""
+    return getattr(req, "tool", None) or getattr(req, "kind", None)
 
 
 def _guess_id(body: bytes) -> int:
@@ -108,9 +113,10 @@ class Broker:
             handle.cancel()  # an async handler stops at its next await; a queued sync one never starts
             chan.cancelled_at_revoke += 1
         held, chan.held = chan.held, []
-        for ident, req, t in held:  # held while paused: refused now, never dispatched
-            self._refuse(ident, chan, chan.run_id, req.id, _verb(req), getattr(req, "tool", None), ErrorCode.REVOKED,
-                         f"run {chan.run_id} is revoked ({chan.revoked_reason()})", t)
+        now = time.monotonic_ns()
+        for ident, req, _arrived in held:  # held while paused: refused now, never dispatched
+            self._refuse(ident, chan, chan.run_id, req.id, _verb(req), _name(req), ErrorCode.REVOKED,
+                         f"run {chan.run_id} is revoked ({chan.revoked_reason()})", now)
         return rec
 
     # -- pause ---------------------------------------------------------------------
@@ -122,12 +128,13 @@ class Broker:
         """Dispatch what was held, in arrival order, re-checking each request."""
         chan.paused = False
         held, chan.held = chan.held, []
-        for ident, req, t in held:
+        for ident, req, _arrived in held:  # journaled at release time, in arrival order
+            t = time.monotonic_ns()
             if chan.revocation is not None:
-                self._refuse(ident, chan, chan.run_id, req.id, _verb(req), getattr(req, "tool", None),
+                self._refuse(ident, chan, chan.run_id, req.id, _verb(req), _name(req),
                              ErrorCode.REVOKED, f"run {chan.run_id} is revoked ({chan.revoked_reason()})", t)
             elif chan.stale:
-                self._refuse(ident, chan, chan.run_id, req.id, _verb(req), getattr(req, "tool", None),
+                self._refuse(ident, chan, chan.run_id, req.id, _verb(req), _name(req),
                              ErrorCode.STALE_GENERATION,
                              f"generation {chan.generation} is not current ({chan.current.value})", t)
             else:
@@ -234,7 +241,7 @@ class Broker:
             return
         if chan.paused and not isinstance(req, schema.Ping):
             chan.held.append((ident, req, t))
-            self.journal.egress(run_id, t, req.id, _verb(req), getattr(req, "tool", None), "held")
+            self.journal.egress(run_id, t, req.id, _verb(req), _name(req), "held")
             return
         self._dispatch(ident, chan, req, t)
 
@@ -348,9 +355,9 @@ class Broker:
                               f"tool {ctx.tool!r} cancelled: run {chan.run_id} was revoked", chan.revoked_reason())
             return
         exc = fut.exception()
-        if isinstance(exc, EgressRefused):  # a built-in tool's refusal (policy): pass its code on
+        if isinstance(exc, PolicyDenied):  # a built-in tool's policy refusal: the run sees code 15
             self.journal.egress(chan.run_id, t, req_id, "call", ctx.tool, "refused", int(exc.code), str(exc)[:4000])
-            self._reply_error(ident, req_id, ErrorCode(exc.code), str(exc))
+            self._reply_error(ident, req_id, ErrorCode.POLICY_DENIED, str(exc))
             return
         if isinstance(exc, ToolCancelled):
             self.journal.egress(chan.run_id, t, req_id, "call", ctx.tool, "cancelled", int(ErrorCode.CANCELLED), str(exc))

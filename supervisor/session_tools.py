@@ -24,8 +24,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ipc.errors import EgressRefused, ErrorCode
-from supervisor.tools import ToolContext
+from supervisor.tools import PolicyDenied, ToolContext
 
 if TYPE_CHECKING:
     from supervisor.core import AsyncSupervisor
@@ -33,12 +32,6 @@ if TYPE_CHECKING:
 
 SPAWN, LIST, SEND, STOP = "sessions.spawn", "sessions.list", "sessions.send", "sessions.stop"
 NAMES = (SPAWN, LIST, SEND, STOP)
-
-
-class PolicyDenied(EgressRefused):
-    """The agent-to-agent policy refused a session operation."""
-
-    code = ErrorCode.POLICY_DENIED
 
 
 def _caller(sup: "AsyncSupervisor", ctx: ToolContext) -> "AsyncSession":
@@ -75,6 +68,8 @@ def register(sup: "AsyncSupervisor") -> None:
         if agent not in sup.agents:
             raise PolicyDenied(f"agent {agent!r} is not registered; sub-agents must be registered agents")
         n = len(caller.children) + 1
+        while f"{caller.key}/{label or agent}-{n}" in sup._sessions:  # cleanup may have removed siblings
+            n += 1
         key = f"{caller.key}/{label or agent}-{n}"
         child = sup.session(key, agent, parent=caller, label=label)
         run = await child.send(message, on_behalf_of=(caller, caller.generation))

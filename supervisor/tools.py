@@ -15,7 +15,13 @@ import threading
 import time
 from typing import Any, Callable
 
-from ipc.errors import DeadstopError
+from ipc.errors import DeadstopError, EgressRefused, ErrorCode
+
+
+class PolicyDenied(EgressRefused):
+    """A built-in tool refused the request by policy; the run sees POLICY_DENIED (15)."""
+
+    code = ErrorCode.POLICY_DENIED
 
 
 class ToolCancelled(DeadstopError):

@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import sqlite3
+import threading
 import time
 
 import pytest
@@ -300,3 +301,32 @@ def test_stop_while_the_run_is_starting_leaves_nothing_running(tmp_path) -> None
             assert s.state == "idle"
 
     asyncio.run(main())
+
+
+def test_spawned_keys_stay_unique_after_cleanup(tmp_path) -> None:
+    """A child removed by cleanup frees no key that a live sibling still holds."""
+    ready, cleaned, waiting = Countdown(1), threading.Event(), threading.Event()
+    with Supervisor() as sup:
+        def wait_for_cleanup() -> None:
+            waiting.set()
+            assert cleaned.wait(30)
+
+        sup.register_tool("ready", ready)
+        sup.register_tool("wait_for_cleanup", wait_for_cleanup)
+        sup.register_agent("caller", session_agents.session_tool_caller,
+                           tools=["sessions.spawn", "wait_for_cleanup"])
+        sup.register_agent("sleeper", session_agents.sleeper, tools=["ready"])
+        sup.register_agent("quick", session_agents.flooder_or_echo)
+        top = sup.session("top", agent="caller")
+        steps = [["sessions.spawn", ["quick", "done", "a"]], ["sessions.spawn", ["sleeper", "x", "b"]],
+                 ["wait_for_cleanup", []], ["sessions.spawn", ["sleeper", "y", "b"]]]
+        run = top.send(json.dumps(steps))
+        assert waiting.wait(30) and ready.wait(30)
+        sup.session("top/a-1").runs[-1].wait(timeout=30)
+        b2 = sup.session("top/b-2")
+        generation = b2.generation
+        assert sup.cleanup(older_than=0) == ["top/a-1"]
+        cleaned.set()
+        out = run.result(timeout=60)
+        assert [o["value"]["key"] for o in out if o["value"]] == ["top/a-1", "top/b-2", "top/b-3"]
+        assert b2.state == "running" and b2.generation == generation, "a new child took over a live sibling"
