@@ -178,3 +178,10 @@ def tree_floors(trials: int, settle: float) -> dict[str, object]:
     out = subprocess.run([sys.executable, "-m", "benchmarks._treefloor", str(trials), str(settle)],
                          env=helper_env(), cwd=ROOT, check=True, stdout=subprocess.PIPE, timeout=600).stdout
     return json.loads(out)
+
+
+def freeze_floors(trials: int, settle: float) -> dict[str, object]:
+    """cgroup.freeze and killpg(SIGSTOP) of an equal 20-process busy tree, in a subreaper helper (see _freezefloor)."""
+    out = subprocess.run([sys.executable, "-m", "benchmarks._freezefloor", str(trials), str(settle)],
+                         env=helper_env(), cwd=ROOT, check=True, stdout=subprocess.PIPE, timeout=600).stdout
+    return json.loads(out)

@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import time
+from typing import Callable
 
 import cloudpickle  # noqa: F401  (address-space parity with a run, see above)
 import msgspec  # noqa: F401
@@ -31,8 +32,9 @@ from benchmarks._procs import (Inotify, ReadyChannel, Tracked, become_subreaper,
 from benchmarks._targets import TREE_SIZE
 
 
-def _spawn_tree(path: str, cgroup_procs: str | None, own_group: bool) -> int:
-    """Fork a tree leader that first joins the floor cgroup or its own process group."""
+def _spawn_tree(path: str, cgroup_procs: str | None, own_group: bool,
+                body: Callable[[str], object] = _targets.tree) -> int:
+    """Fork a tree leader (running `body(path)`) that first joins the floor cgroup or its own process group."""
     pid = os.fork()
     if pid == 0:
         try:
@@ -41,7 +43,7 @@ def _spawn_tree(path: str, cgroup_procs: str | None, own_group: bool) -> int:
                     f.write("0")
             if own_group:
                 os.setpgid(0, 0)
-            _targets.tree(path)
+            body(path)
         finally:
             os._exit(0)
     return pid
