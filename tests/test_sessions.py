@@ -167,13 +167,12 @@ def test_pause_holds_egress_and_resume_releases_it_in_order(tmp_path) -> None:
             # race by nature (the rest wait, frozen, in the run's own socket);
             # what must hold is that none of them is dispatched while paused.
             held = len(run.channel.held)
-            dispatched_while_paused = list(order)
+            assert order == [], "the burst came after pause_me on one socket: none of it may run before the pause"
             await asyncio.sleep(0.2)
-            assert order == dispatched_while_paused, "nothing is dispatched while paused"
+            assert order == [], "nothing is dispatched while paused"
             await s.resume()
             assert await run.result(30) == list(range(20))
             assert order == list(range(20)), "held requests are released in arrival order"
-            assert len(dispatched_while_paused) + held <= 20
             db = sqlite3.connect(sup.journal.path)
             (n,) = db.execute("SELECT count(*) FROM egress WHERE run_id = ? AND decision = 'held'",
                               (run.id,)).fetchone()
