@@ -102,12 +102,17 @@ class Broker:
         self.channels[run_id] = chan
         return chan
 
-    def revoke(self, chan: Channel, source: str, reason: str) -> RevokeRecord:
-        """Revoke, journal (committed), and cancel in-flight handlers; idempotent."""
+    def revoke(self, chan: Channel, source: str, reason: str, *, commit: bool = True) -> RevokeRecord:
+        """Revoke, journal, and cancel in-flight handlers; idempotent.
+
+        The journal row is committed before returning unless the caller
+        revokes several runs at once and commits them together (before any
+        signal: G1 still holds).
+        """
         rec, first = chan.revoke(source, reason)
         if not first:
             return rec
-        self.journal.revoked(chan.run_id, rec.at, source, reason)
+        self.journal.revoked(chan.run_id, rec.at, source, reason, commit=commit)
         for handle, ctx in list(chan.in_flight.values()):
             ctx.cancelled = True
             handle.cancel()  # an async handler stops at its next await; a queued sync one never starts

@@ -22,12 +22,13 @@ import asyncio
 import os
 import signal
 import time
-from typing import Protocol
+from typing import Callable, Protocol
 
 import psutil
 
 from supervisor import procs
 from supervisor.cgroups import Cgroup, InotifyWatcher
+from supervisor.timer import sleep_until
 
 CGROUP = "cgroup"
 PGROUP_SUBREAPER = "process-group+subreaper"
@@ -120,8 +121,17 @@ class CgroupContainment:
         return len(left)
 
     async def _wait_for(self, predicate, timeout: float) -> bool:
+        """Wait on cgroup.events notifications, re-reading on a short backoff too.
+
+        The kernel rate-limits these notifications: a change that follows
+        another within a few milliseconds (freeze right after thaw) is
+        reported up to ~10 ms late although the state itself changed in
+        0.3 ms. So besides each notification, the file is re-read after
+        1, 2, 4 ... ms.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        recheck = 0.001
         while True:
             fut = loop.create_future()
             self._waiters.append(fut)  # register before reading: no lost wake-up
@@ -131,9 +141,9 @@ class CgroupContainment:
             if remaining <= 0:
                 return False
             try:
-                await asyncio.wait_for(fut, remaining)
+                await asyncio.wait_for(fut, min(remaining, recheck))
             except asyncio.TimeoutError:
-                return predicate()
+                recheck = min(recheck * 2, 0.05)
 
     async def wait_empty(self, timeout: float) -> bool:
         return await self._wait_for(lambda: not self.cgroup.populated(), timeout)
@@ -198,14 +208,17 @@ class ProcessGroupContainment:
         return psutil.pids()
 
     def _scan(self, with_marker: bool) -> list[int]:
-        found = []
-        for pid in self._candidates():
-            st = procs.read_stat(pid)
-            if st is None or st[0] in ("Z", "X"):
-                continue  # exited; the spawner reaps it
-            if st[1] == self.pgid or (with_marker and procs.has_marker(pid, self.marker)):
-                found.append(pid)
-        return found
+        return [pid for pid in self._candidates() if self._belongs(pid, with_marker)]
+
+    def _belongs(self, pid: int, with_marker: bool = True) -> bool:
+        st = procs.read_stat(pid)
+        if st is None or st[0] in ("Z", "X"):
+            return False  # exited; the spawner reaps it
+        return st[1] == self.pgid or (with_marker and procs.has_marker(pid, self.marker))
+
+    def _still_ours(self, pids: list[int]) -> Callable[[], set[int]]:
+        """Membership re-check for signal_members: a few reads per pid, not a new tree walk."""
+        return lambda: {pid for pid in pids if self._belongs(pid)}
 
     def members(self) -> set[int]:
         return set(self._scan(with_marker=False))
@@ -227,7 +240,7 @@ class ProcessGroupContainment:
         left = self.survivors()
         if not left:
             return 0
-        return procs.signal_members(left, signal.SIGKILL, lambda: set(self.survivors()))
+        return procs.signal_members(left, signal.SIGKILL, self._still_ours(left))
 
     async def _wait_gone(self, scan, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -252,28 +265,31 @@ class ProcessGroupContainment:
     def freeze(self) -> None:
         """SIGSTOP the group, then every other process of the run (escapers in other groups)."""
         self.signal(signal.SIGSTOP)
-        left = self.survivors()
-        procs.signal_members(left, signal.SIGSTOP, lambda: set(self.survivors()))
+        outside = [pid for pid in self.survivors() if (procs.read_stat(pid) or ("Z", 0))[1] != self.pgid]
+        procs.signal_members(outside, signal.SIGSTOP, self._still_ours(outside))
 
     def thaw(self) -> None:
         self.signal(signal.SIGCONT)
-        left = self.survivors()
-        procs.signal_members(left, signal.SIGCONT, lambda: set(self.survivors()))
+        outside = [pid for pid in self.survivors() if (procs.read_stat(pid) or ("Z", 0))[1] != self.pgid]
+        procs.signal_members(outside, signal.SIGCONT, self._still_ours(outside))
 
     async def wait_frozen(self, frozen: bool, timeout: float) -> bool:
-        # A stop has no pidfd event; re-check the states (and stop late forks)
-        # a few times within the bound.
+        # A stopped process raises no event anyone can wait on (waitid works
+        # for the parent only), so the states are re-read with a short
+        # backoff; one tree walk per pass also catches late forks.
         deadline = time.monotonic() + timeout
-        delay = 0.0005
+        delay = 0.0002
         while True:
-            running = [pid for pid in self.survivors() if (procs.read_stat(pid) or ("Z", 0))[0] not in ("T", "t")]
-            if (not running) if frozen else (len(running) == len(self.survivors())):
+            pids = self.survivors()
+            states = {pid: (procs.read_stat(pid) or ("Z", 0))[0] for pid in pids}
+            running = [pid for pid, st in states.items() if st not in ("T", "t", "Z", "X")]
+            if (not running) if frozen else (len(running) == len(pids)):
                 return True
             if time.monotonic() >= deadline:
                 return False
             if frozen:  # processes forked after the first SIGSTOP
-                procs.signal_members(running, signal.SIGSTOP, lambda: set(self.survivors()))
-            await asyncio.sleep(delay)
+                procs.signal_members(running, signal.SIGSTOP, self._still_ours(running))
+            await sleep_until(time.monotonic_ns() + int(delay * 1e9))
             delay = min(delay * 2, 0.02)
 
     def measure(self) -> tuple[float, int, int]:

@@ -161,9 +161,10 @@ class Journal:
         # revoke-to-signal path short.
         self._exec("INSERT INTO transitions(run_id, t_ns, old, new) VALUES (?,?,?,?)", (run_id, t_ns, old, new))
 
-    def revoked(self, run_id: str, t_ns: int, source: str, reason: str) -> None:
+    def revoked(self, run_id: str, t_ns: int, source: str, reason: str, commit: bool = True) -> None:
         self._exec("INSERT OR IGNORE INTO revocations VALUES (?,?,?,?)", (run_id, t_ns, source, reason))
-        self.commit_now()
+        if commit:
+            self.commit_now()
 
     def egress(self, run_id: str | None, t_ns: int, req_id: int | None, verb: str, tool: str | None,
                decision: str, code: int | None = None, detail: str | None = None) -> None:

@@ -125,9 +125,9 @@ class AsyncRun:
         self._failure = (type_name, message, traceback)
 
     # -- the one end -----------------------------------------------------------------
-    def revoke(self, source: str, reason: str) -> RevokeRecord:
+    def revoke(self, source: str, reason: str, *, commit: bool = True) -> RevokeRecord:
         """Close the run's egress now (idempotent); the first call's record wins."""
-        return self._sup.broker.revoke(self.channel, source, reason)
+        return self._sup.broker.revoke(self.channel, source, reason, commit=commit)
 
     def _begin(self, req: StopRequest) -> asyncio.Task:
         if self._stop_task is None:

@@ -231,7 +231,8 @@ class AsyncSession:
                 s._drop_inbox(reason)
         runs = [s.active_run for s in sessions if s.active_run is not None and s.active_run.state in LIVE]
         for run in runs:
-            run.revoke(source, reason)
+            run.revoke(source, reason, commit=False)
+        self._sup.journal.commit_now()  # the whole tree's revocations, on record before any signal
         tasks = [run.begin_end(mode, source, reason, grace) for run in runs]
         self._ending.extend(tasks)
         return tasks
