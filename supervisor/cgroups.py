@@ -204,10 +204,6 @@ class CgroupTree:
         return self.root.remove()
 
 
-class _InotifyEvent(ctypes.Structure):
-    _fields_ = [("wd", ctypes.c_int), ("mask", ctypes.c_uint32), ("cookie", ctypes.c_uint32), ("len", ctypes.c_uint32)]
-
-
 IN_MODIFY = 0x00000002
 IN_NONBLOCK = os.O_NONBLOCK
 IN_CLOEXEC = os.O_CLOEXEC

@@ -17,8 +17,6 @@ recorded start time (or the machine has rebooted since).
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 import os
 import signal
@@ -143,6 +141,3 @@ def _remove_dead_tree(db: Any, sid: str) -> None:
             if not tree.remove():
                 log.warning("deadstop: could not remove %s (still populated?)", root)
 
-
-def summary(records: list[dict[str, Any]]) -> str:
-    return json.dumps([{k: r[k] for k in ("run_id", "session", "found")} for r in records])

@@ -19,7 +19,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from supervisor.channel import GenerationCell
 from supervisor.errors import DeadstopError
@@ -300,5 +300,3 @@ class AsyncSession:
         self._sup.store_session(self)
         return True
 
-
-AgentTarget = Callable[..., Any]

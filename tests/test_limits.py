@@ -7,12 +7,10 @@ none of the run's processes survives (an independent /proc scan).
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import threading
 import time
 
-import pytest
 
 import limit_agents
 from procscan import marked_processes

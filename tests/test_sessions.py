@@ -270,7 +270,7 @@ def test_session_needs_an_agent_and_keeps_it() -> None:
             sup.session("nobody")
         with pytest.raises(InvalidTarget, match="not registered"):
             sup.session("x", agent="unknown")
-        s = sup.session("k", agent="a")
+        sup.session("k", agent="a")
         assert sup.session("k").key == "k"
         with pytest.raises(InvalidTarget, match="runs agent 'a'"):
             sup.session("k", agent=session_agents.emitter)

@@ -4,7 +4,6 @@ idempotence, refusals after revoke, in-flight handlers, close()."""
 from __future__ import annotations
 
 import asyncio
-import os
 import sqlite3
 import threading
 import time
