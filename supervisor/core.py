@@ -145,6 +145,10 @@ class AsyncSupervisor:
         self.closed = True
         if not self._opened:
             return
+        for s in self._sessions.values():  # queued messages will never start now
+            s._drop_inbox("supervisor closing")
+            if s._driver is not None and not s._driver.done():
+                s._driver.cancel()
         live = [r for r in self.runs.values() if r.state in LIVE and r.containment is not None]
         results = await asyncio.gather(
             *(r.kill(source="supervisor", reason="supervisor closing") for r in live), return_exceptions=True)
@@ -255,11 +259,14 @@ class AsyncSupervisor:
         try:
             started = await self.spawner.start(msg)
         except BaseException as exc:
-            self.broker.revoke(channel, "supervisor", f"start failed: {exc}")
+            why = "start cancelled" if isinstance(exc, asyncio.CancelledError) else f"start failed: {exc}"
+            self.broker.revoke(channel, "supervisor", why)
             run.machine.to(RunState.FAILED)
+            self.journal.run_ended(run_id, RunState.FAILED.value, time.monotonic_ns(), None, None, {"error": why})
             if cgroup is not None:
+                cgroup.kill() if cgroup.populated() else None  # forked before the cancel reached us
                 cgroup.remove()
-            if isinstance(exc, DeadstopError):
+            if isinstance(exc, (DeadstopError, asyncio.CancelledError)):
                 raise
             raise DeadstopError(f"run {run_id} could not be started: {exc}") from exc
         run.attach(started.pid, started.create_time, started.pidfd, self._containment_for(run_id, started.pid, cgroup))

@@ -107,7 +107,9 @@ class Session:
 
     @property
     def runs(self) -> list[Run]:
-        return [Run(self._sup, self._sup._core.runs[r]) for r in self._core.runs if r in self._sup._core.runs]
+        core = self._sup._core
+        found = self._sup._call(_value(lambda: [core.runs[r] for r in self._core.runs if r in core.runs]))
+        return [Run(self._sup, r) for r in found]
 
     @property
     def usage(self) -> Usage:
@@ -119,7 +121,7 @@ class Session:
 
     @property
     def children(self) -> list["Session"]:
-        return [Session(self._sup, c) for c in self._core.children]
+        return [Session(self._sup, c) for c in self._sup._call(_value(lambda: list(self._core.children)))]
 
     def info(self) -> dict[str, Any]:
         return self._sup._call(_value(self._core.info))
