@@ -264,8 +264,9 @@ class AsyncSupervisor:
             run.machine.to(RunState.FAILED)
             self.journal.run_ended(run_id, RunState.FAILED.value, time.monotonic_ns(), None, None, {"error": why})
             if cgroup is not None:
-                cgroup.kill() if cgroup.populated() else None  # forked before the cancel reached us
-                cgroup.remove()
+                if cgroup.populated():  # forked before the cancel reached us
+                    cgroup.kill()
+                cgroup.remove()  # if still populated, close() removes the subtree after the spawner is gone
             if isinstance(exc, (DeadstopError, asyncio.CancelledError)):
                 raise
             raise DeadstopError(f"run {run_id} could not be started: {exc}") from exc
