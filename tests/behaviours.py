@@ -63,8 +63,9 @@ def ignore_term(out_dir: str) -> None:
         time.sleep(0.05)
 
 
-def tree(out_dir: str, children: int = 20) -> None:
-    """`children` children, each with one grandchild: 2 * children + 1 processes."""
+def fork_pairs(children: int) -> None:
+    """Fork `children` sleeping children, each with one sleeping grandchild, and
+    return once all 2 * children exist."""
     r, w = os.pipe()
     for _ in range(children):
         if os.fork() == 0:
@@ -76,6 +77,13 @@ def tree(out_dir: str, children: int = 20) -> None:
             while True:
                 time.sleep(1)
     _wait_bytes(r, 2 * children)
+    os.close(r)
+    os.close(w)
+
+
+def tree(out_dir: str, children: int = 20) -> None:
+    """`children` children, each with one grandchild: 2 * children + 1 processes."""
+    fork_pairs(children)
     _ticker()
     _ready()
     while True:

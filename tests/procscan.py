@@ -7,6 +7,8 @@ there cannot hide a survivor from the tests.
 from __future__ import annotations
 
 import os
+import select
+import time
 import uuid
 
 MARKER = b"DEADSTOP_RUN_MARKER="
@@ -52,3 +54,27 @@ def marked_processes(run_id: str | None = None) -> dict[int, str]:
                         found[int(pid)] = value
                 break
     return found
+
+
+def wait_gone(pids, timeout: float) -> list[int]:
+    """Wait on pidfds (no polling) until every pid has exited; return the survivors."""
+    fds = {}
+    for pid in pids:
+        try:
+            fds[os.pidfd_open(pid)] = pid
+        except ProcessLookupError:
+            pass
+    try:
+        poller = select.poll()
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
+        deadline = time.monotonic() + timeout
+        pending = set(fds)
+        while pending and time.monotonic() < deadline:
+            for fd, _ in poller.poll(max(1, int((deadline - time.monotonic()) * 1000))):
+                pending.discard(fd)
+                poller.unregister(fd)
+        return sorted(fds[fd] for fd in pending)
+    finally:
+        for fd in fds:
+            os.close(fd)

@@ -11,6 +11,7 @@ import os
 import threading
 import time
 
+from behaviours import fork_pairs
 from worker import egress
 
 
@@ -87,19 +88,7 @@ def burst_then_wait(message, **context):
 def level(message, **context):
     """One level of a sub-agent tree: fork 4 children each with a grandchild, spawn the next level, wait."""
     depth = int(message)
-    r, w = os.pipe()
-    for _ in range(4):
-        if os.fork() == 0:
-            if os.fork() == 0:
-                os.write(w, b"g")
-                while True:
-                    time.sleep(1)
-            os.write(w, b"c")
-            while True:
-                time.sleep(1)
-    got = 0
-    while got < 8:  # the whole tree exists before anyone is told we are ready
-        got += len(os.read(r, 8 - got))
+    fork_pairs(4)  # the whole tree exists before anyone is told we are ready
     if depth > 1:
         egress.call("sessions.spawn", "level", str(depth - 1), f"level{depth - 1}")
     _ready(depth=depth)

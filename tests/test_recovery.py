@@ -12,42 +12,16 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import signal
 import sqlite3
 import subprocess
 import sys
-import time
 
 import limit_agents
-from procscan import marked_processes
+from procscan import marked_processes, wait_gone
 from supervisor import Supervisor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _wait_gone(pids, timeout: float) -> list[int]:
-    """Wait on pidfds (no polling) until every pid has exited; return the survivors."""
-    fds = {}
-    for pid in pids:
-        try:
-            fds[os.pidfd_open(pid)] = pid
-        except ProcessLookupError:
-            pass
-    try:
-        poller = select.poll()
-        for fd in fds:
-            poller.register(fd, select.POLLIN)
-        deadline = time.monotonic() + timeout
-        pending = set(fds)
-        while pending and time.monotonic() < deadline:
-            for fd, _ in poller.poll(max(1, int((deadline - time.monotonic()) * 1000))):
-                pending.discard(fd)
-                poller.unregister(fd)
-        return sorted(fds[fd] for fd in pending)
-    finally:
-        for fd in fds:
-            os.close(fd)
 
 
 def _journal(path: str) -> sqlite3.Connection:
@@ -80,7 +54,7 @@ def test_restart_recovers_runs_left_by_a_sigkilled_supervisor(layer, tmp_path) -
         os.killpg(host.pid, signal.SIGKILL)
         host.wait(timeout=30)
         gone_first = sorted(info["leaders"].values()) + [info["spawner"]]
-        assert _wait_gone(gone_first, timeout=20) == [], "run leaders outlived their spawner"
+        assert wait_gone(gone_first, timeout=20) == [], "run leaders outlived their spawner"
 
         # Otherwise this test would prove nothing: the spawner could not clean up.
         left = {run: marked_processes(run) for run in run_ids}
@@ -89,7 +63,7 @@ def test_restart_recovers_runs_left_by_a_sigkilled_supervisor(layer, tmp_path) -
         survivors = sorted(pid for pids in left.values() for pid in pids)
 
         with Supervisor(state_dir=str(state), containment=layer) as sup:
-            assert _wait_gone(survivors, timeout=20) == [], "recovery left processes alive"
+            assert wait_gone(survivors, timeout=20) == [], "recovery left processes alive"
             for run in run_ids:
                 assert marked_processes(run) == {}
 

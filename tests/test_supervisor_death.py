@@ -13,35 +13,7 @@ import signal
 import subprocess
 import sys
 
-from procscan import marked_processes
-
-
-def _wait_gone(pids: list[int], timeout: float) -> list[int]:
-    """Wait on pidfds (no polling) until every pid has exited; return the survivors."""
-    import select
-
-    fds = {}
-    for pid in pids:
-        try:
-            fds[os.pidfd_open(pid)] = pid
-        except ProcessLookupError:
-            pass
-    try:
-        poller = select.poll()
-        for fd in fds:
-            poller.register(fd, select.POLLIN)
-        import time
-
-        deadline = time.monotonic() + timeout
-        pending = set(fds)
-        while pending and time.monotonic() < deadline:
-            for fd, _ in poller.poll(max(1, int((deadline - time.monotonic()) * 1000))):
-                pending.discard(fd)
-                poller.unregister(fd)
-        return [fds[fd] for fd in pending]
-    finally:
-        for fd in fds:
-            os.close(fd)
+from procscan import marked_processes, wait_gone
 
 
 def test_runs_die_with_a_sigkilled_supervisor(layer, tmp_path) -> None:
@@ -61,7 +33,7 @@ def test_runs_die_with_a_sigkilled_supervisor(layer, tmp_path) -> None:
         os.kill(host.pid, signal.SIGKILL)
         host.wait(timeout=30)
 
-        survivors = _wait_gone(sorted(run_pids | {spawner}), timeout=20)
+        survivors = wait_gone(sorted(run_pids | {spawner}), timeout=20)
         assert survivors == [], f"processes outlived their SIGKILLed supervisor: {survivors}"
         for run in info["runs"]:
             assert marked_processes(run) == {}
