@@ -40,9 +40,14 @@ class StopSamples:
     survivors: int = 0  # members the pidfd check found alive after stop() returned
 
     def note(self) -> str:
-        how = ",".join(f"{k}:{v}" for k, v in sorted(self.ended_by.items()))
-        alive = f"; {self.survivors} ALIVE after stop" if self.survivors else "; 0 left"
-        return f"ended_by {how}{alive}"
+        return ended_note(self.ended_by, self.survivors)
+
+
+def ended_note(ended_by: collections.Counter, survivors: int, after: str = "stop") -> str:
+    """How the runs ended (report.ended_by, counted), and what the pidfd check found alive after `after`."""
+    how = ",".join(f"{k}:{v}" for k, v in sorted(ended_by.items()))
+    alive = f"; {survivors} ALIVE after {after}" if survivors else "; 0 left"
+    return f"ended_by {how}{alive}"
 
 
 def _record(samples: StopSamples, t_start: int, ready_t: int, t0: int, report: Any, tracked: Tracked,

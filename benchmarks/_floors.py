@@ -22,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+from typing import Any
 
 from benchmarks import _targets
 from benchmarks._procs import ReadyChannel
@@ -173,15 +174,25 @@ def zmq_echo(n: int, batches: int, batch: int) -> tuple[Dist, Dist]:
     return Dist(data["rtt"]), Dist(data["pipelined"])
 
 
-def tree_floors(trials: int, settle: float) -> dict[str, object]:
+def run_helper(module: str, trials: int, settle: float, timeout: float) -> dict[str, Any]:
+    """Run a helper process (`python -m <module> TRIALS SETTLE`, see _procs.helper_main); what it printed."""
+    out = subprocess.run([sys.executable, "-m", module, str(trials), str(settle)],
+                         env=helper_env(), cwd=ROOT, check=True, stdout=subprocess.PIPE, timeout=timeout).stdout
+    return json.loads(out)
+
+
+def _helper_floors(module: str, cgroup_key: str, key: str, trials: int, settle: float) -> dict[str, Any]:
+    """A floor helper's two floors as Dists; the cgroup one is None where it could not run (cgroup_error says why)."""
+    res = run_helper(module, trials, settle, timeout=600)
+    return {cgroup_key: Dist(res[cgroup_key]) if cgroup_key in res else None, key: Dist(res[key]),
+            "cgroup_error": res.get("cgroup_error", "")}
+
+
+def tree_floors(trials: int, settle: float) -> dict[str, Any]:
     """cgroup.kill and killpg of an equal 40-process tree, in a subreaper helper (see _treefloor)."""
-    out = subprocess.run([sys.executable, "-m", "benchmarks._treefloor", str(trials), str(settle)],
-                         env=helper_env(), cwd=ROOT, check=True, stdout=subprocess.PIPE, timeout=600).stdout
-    return json.loads(out)
+    return _helper_floors("benchmarks._treefloor", "cgroup_kill", "killpg", trials, settle)
 
 
-def freeze_floors(trials: int, settle: float) -> dict[str, object]:
+def freeze_floors(trials: int, settle: float) -> dict[str, Any]:
     """cgroup.freeze and killpg(SIGSTOP) of an equal 20-process busy tree, in a subreaper helper (see _freezefloor)."""
-    out = subprocess.run([sys.executable, "-m", "benchmarks._freezefloor", str(trials), str(settle)],
-                         env=helper_env(), cwd=ROOT, check=True, stdout=subprocess.PIPE, timeout=600).stdout
-    return json.loads(out)
+    return _helper_floors("benchmarks._freezefloor", "cgroup_freeze", "sigstop", trials, settle)

@@ -30,36 +30,17 @@ subreaper process so that everything it forks is reaped here.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import sys
 import time
+from typing import Callable
 
-from benchmarks._procs import (Inotify, ReadyChannel, Tracked, become_subreaper, kill_descendants, own_cgroup_dir,
-                               wait_unpopulated)
+from benchmarks._procs import (Inotify, ReadyChannel, Tracked, floor_helper_main, kill_cgroup, spawn_leader,
+                               wait_cgroup_event)
 from benchmarks._session_targets import BUSY_PROCS, busy_tree
-from benchmarks._treefloor import _reap_all, _spawn_tree
+from benchmarks._treefloor import _reap_all  # importing _treefloor also gives the tree a run's imports, see there
 
 POLL = 0.0001
-
-
-def _frozen(cg: str) -> bool:
-    with open(os.path.join(cg, "cgroup.events"), "rb") as f:
-        for line in f:
-            key, value = line.split()
-            if key == b"frozen":
-                return value == b"1"
-    return False
-
-
-def _wait_frozen(cg: str, ino: Inotify, frozen: bool, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while _frozen(cg) != frozen:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError(f"{cg}: frozen != {int(frozen)} after {timeout}s")
-        ino.wait(max(1, int(left * 1000)))
 
 
 def _busy_leader(path: str) -> None:
@@ -68,33 +49,52 @@ def _busy_leader(path: str) -> None:
     busy_tree(path, BUSY_PROCS)
 
 
-def cgroup_freeze_floor(chan: ReadyChannel, cg: str, trials: int, settle: float) -> list[int]:
-    leader = _spawn_tree(chan.path, os.path.join(cg, "cgroup.procs"), own_group=False, body=_busy_leader)
-    pids = [r.pid for r in chan.wait(BUSY_PROCS)]
-    ino = Inotify(os.path.join(cg, "cgroup.events"))
-    fd = os.open(os.path.join(cg, "cgroup.freeze"), os.O_WRONLY)
+def _pause_trials(pids: list[int], trials: int, settle: float, pause: Callable[[], None], resume: Callable[[], None],
+                  kill: Callable[[], None], survived: str) -> list[int]:
+    """Time pause() of the running tree `pids`, resume() it, `trials` times after two warm-ups.
+
+    Then kill() the tree, reap it, and check by pidfd that every member is
+    gone (RuntimeError `survived` if not).
+    """
     samples = []
     with Tracked(pids) as tracked:
         try:
             for _ in range(trials + 2):
                 time.sleep(settle)
                 t0 = time.monotonic_ns()
-                os.write(fd, b"1")
-                _wait_frozen(cg, ino, True)
+                pause()
                 samples.append(time.monotonic_ns() - t0)
-                os.write(fd, b"0")
-                _wait_frozen(cg, ino, False)
+                resume()
         finally:
-            os.close(fd)
-            with open(os.path.join(cg, "cgroup.kill"), "w") as f:
-                f.write("1")
-            wait_unpopulated(cg, ino)
-            ino.close()
-            os.waitpid(leader, 0)
+            kill()
             _reap_all()
             if tracked.wait_gone(5.0):
-                raise RuntimeError("cgroup.freeze floor: tree members survived cgroup.kill")
+                raise RuntimeError(survived)
     return samples[2:]
+
+
+def cgroup_freeze_floor(chan: ReadyChannel, cg: str, trials: int, settle: float) -> list[int]:
+    leader = spawn_leader(chan.path, _busy_leader, os.path.join(cg, "cgroup.procs"))
+    pids = [r.pid for r in chan.wait(BUSY_PROCS)]
+    ino = Inotify(os.path.join(cg, "cgroup.events"))
+    fd = os.open(os.path.join(cg, "cgroup.freeze"), os.O_WRONLY)
+
+    def freeze() -> None:
+        os.write(fd, b"1")
+        wait_cgroup_event(cg, ino, b"frozen", b"1")
+
+    def thaw() -> None:
+        os.write(fd, b"0")
+        wait_cgroup_event(cg, ino, b"frozen", b"0")
+
+    def kill() -> None:
+        os.close(fd)
+        kill_cgroup(cg, ino)
+        ino.close()
+        os.waitpid(leader, 0)
+
+    return _pause_trials(pids, trials, settle, freeze, thaw, kill,
+                         "cgroup.freeze floor: tree members survived cgroup.kill")
 
 
 def _state(pid: int) -> bytes:
@@ -108,58 +108,27 @@ def _state(pid: int) -> bytes:
 
 def sigstop_floor(chan: ReadyChannel, trials: int, settle: float) -> list[int]:
     # setsid() makes the leader a process group leader too (setpgid() first would make it fail).
-    leader = _spawn_tree(chan.path, None, own_group=False, body=_busy_leader)
+    leader = spawn_leader(chan.path, _busy_leader)
     pids = [r.pid for r in chan.wait(BUSY_PROCS)]
-    samples = []
-    with Tracked(pids) as tracked:
-        try:
-            for _ in range(trials + 2):
-                time.sleep(settle)
-                t0 = time.monotonic_ns()
-                os.killpg(leader, signal.SIGSTOP)
-                left = pids
-                while True:
-                    left = [p for p in left if _state(p) not in (b"T", b"t")]
-                    if not left:
-                        break
-                    time.sleep(POLL)
-                samples.append(time.monotonic_ns() - t0)
-                os.killpg(leader, signal.SIGCONT)
-                while any(_state(p) in (b"T", b"t") for p in pids):
-                    time.sleep(POLL)
-        finally:
-            os.killpg(leader, signal.SIGKILL)
-            _reap_all()
-            if tracked.wait_gone(5.0):
-                raise RuntimeError("SIGSTOP floor: tree members survived killpg(SIGKILL)")
-    return samples[2:]
 
+    def stop() -> None:
+        os.killpg(leader, signal.SIGSTOP)
+        left = pids
+        while True:
+            left = [p for p in left if _state(p) not in (b"T", b"t")]
+            if not left:
+                break
+            time.sleep(POLL)
 
-def main() -> None:
-    trials, settle = int(sys.argv[1]), float(sys.argv[2])
-    become_subreaper()
-    chan = ReadyChannel()
-    result: dict[str, object] = {}
-    try:
-        try:
-            cg = os.path.join(own_cgroup_dir(), f"ds-bench-freeze-{os.getpid()}")
-            os.mkdir(cg)
-        except (OSError, RuntimeError) as exc:
-            result["cgroup_error"] = str(exc)
-        else:
-            try:
-                if not os.path.exists(os.path.join(cg, "cgroup.freeze")):
-                    result["cgroup_error"] = "no cgroup.freeze (kernel older than 5.2)"
-                else:
-                    result["cgroup_freeze"] = cgroup_freeze_floor(chan, cg, trials, settle)
-            finally:
-                os.rmdir(cg)
-        result["sigstop"] = sigstop_floor(chan, trials, settle)
-    finally:
-        chan.close()
-        kill_descendants()
-    json.dump(result, sys.stdout)
+    def cont() -> None:
+        os.killpg(leader, signal.SIGCONT)
+        while any(_state(p) in (b"T", b"t") for p in pids):
+            time.sleep(POLL)
+
+    return _pause_trials(pids, trials, settle, stop, cont, lambda: os.killpg(leader, signal.SIGKILL),
+                         "SIGSTOP floor: tree members survived killpg(SIGKILL)")
 
 
 if __name__ == "__main__":
-    main()
+    floor_helper_main("ds-bench-freeze", "cgroup.freeze", "no cgroup.freeze (kernel older than 5.2)",
+                      ("cgroup_freeze", cgroup_freeze_floor), ("sigstop", sigstop_floor))

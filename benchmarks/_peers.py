@@ -14,16 +14,14 @@ forks never share a process with the deadstop measurements.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import sys
 import time
 from typing import Any, Callable
 
 from benchmarks import _targets
-from benchmarks._procs import (ReadyChannel, Tracked, become_subreaper, cleanup_leaked, kill_descendants, reap_known,
-                               tree_ready)
+from benchmarks._procs import (ReadyChannel, Tracked, cleanup_leaked, helper_main, kill_and_wait, reap_known,
+                               spawn_leader, tree_ready)
 
 LEAK_WINDOW = 0.05
 
@@ -120,43 +118,24 @@ class PsutilTree(Peer):
     name, how = "psutil children(recursive)+kill+wait_procs", "SIGKILL to each process found, then wait"
 
     def start(self, target: Callable[[str], None], path: str) -> int:
-        return _fork_running(target, path, own_group=False)
+        return spawn_leader(path, target)
 
     def stop(self, pid: int) -> None:
         import psutil
 
         leader = psutil.Process(pid)
-        procs = [leader, *leader.children(recursive=True)]
-        for p in procs:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(procs, timeout=5)
+        kill_and_wait([leader, *leader.children(recursive=True)])
 
 
 class Killpg(Peer):
     name, how = "plain killpg(SIGKILL)+waitpid", "SIGKILL to the process group (a setsid() member would escape)"
 
     def start(self, target: Callable[[str], None], path: str) -> int:
-        return _fork_running(target, path, own_group=True)
+        return spawn_leader(path, target, own_group=True)
 
     def stop(self, pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-
-
-def _fork_running(target: Callable[[str], None], path: str, own_group: bool) -> int:
-    """A plain forked leader, optionally in its own process group, running `target`."""
-    pid = os.fork()
-    if pid == 0:
-        try:
-            if own_group:
-                os.setpgid(0, 0)
-            target(path)
-        finally:
-            os._exit(0)
-    return pid
 
 
 def measure(peer: Peer, chan: ReadyChannel, target: Callable[[str], None], tree: bool, trials: int,
@@ -198,30 +177,24 @@ def available_peers() -> tuple[list[Callable[[], Peer]], dict[str, str]]:
     return peers, skipped
 
 
-def main() -> None:
-    trials, settle = int(sys.argv[1]), float(sys.argv[2])
-    become_subreaper()
-    chan = ReadyChannel()
+def measure_all(chan: ReadyChannel, trials: int, settle: float) -> dict[str, Any]:
+    """Every available peer on both targets; what is left when this returns is killed (and reported) by helper_main."""
     results: dict[str, Any] = {}
     factories, skipped = available_peers()
-    try:
-        for factory in factories:
-            peer = factory()
-            try:
-                results[peer.name] = {
-                    "coop": measure(peer, chan, _targets.sleeper, False, trials, settle),
-                    "tree": measure(peer, chan, _targets.tree, True, min(trials, peer.tree_cap or trials), settle),
-                }
-            finally:
-                peer.close()
-        import multiprocessing.resource_tracker as stdlib_tracker  # started by loky for its semaphores
+    for factory in factories:
+        peer = factory()
+        try:
+            results[peer.name] = {
+                "coop": measure(peer, chan, _targets.sleeper, False, trials, settle),
+                "tree": measure(peer, chan, _targets.tree, True, min(trials, peer.tree_cap or trials), settle),
+            }
+        finally:
+            peer.close()
+    import multiprocessing.resource_tracker as stdlib_tracker  # started by loky for its semaphores
 
-        stdlib_tracker._resource_tracker._stop()
-    finally:
-        chan.close()
-        left = kill_descendants()  # anything a peer failed to end (and its orphans) is ours to end
-    json.dump({"peers": results, "skipped": skipped, "killed_at_exit": left}, sys.stdout)
+    stdlib_tracker._resource_tracker._stop()
+    return {"peers": results, "skipped": skipped}
 
 
 if __name__ == "__main__":
-    main()
+    helper_main(measure_all)

@@ -1,4 +1,4 @@
-"""Process plumbing for the benchmark: the ready FIFO, pidfds, cgroup v2 helpers, cleanup.
+"""Process plumbing for the benchmark: the ready FIFO, pidfds, cgroup v2 helpers, cleanup, helper mains.
 
 PIDs are only names; a benchmark that kills "leftovers" by PID must make sure
 the PID still names the process it saw. Everything here that checks or
@@ -11,13 +11,16 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import dataclasses
+import json
 import os
 import select
 import signal
+import sys
 import tempfile
 import time
+from typing import Any, Callable
 
-from benchmarks._targets import TREE_SIZE
+from benchmarks._targets import TREE_SIZE, _fork_child
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,6 +201,21 @@ def kill_registry_survivors() -> list[int]:
     return killed
 
 
+def spawn_leader(path: str, body: Callable[[str], object], cgroup_procs: str | None = None,
+                 own_group: bool = False) -> int:
+    """Fork a tree leader running `body(path)` that first joins a cgroup (its cgroup.procs) or its own process group."""
+
+    def leader() -> None:
+        if cgroup_procs:
+            with open(cgroup_procs, "w") as f:
+                f.write("0")
+        if own_group:
+            os.setpgid(0, 0)
+        body(path)
+
+    return _fork_child(leader)
+
+
 def reap_known(pids: list[int]) -> None:
     """Reap those of `pids` that are now our (subreaper) children; others are not ours to wait for."""
     for pid in pids:
@@ -246,13 +264,14 @@ def own_cgroup_dir() -> str:
     return os.path.normpath(os.path.join(mount, rel))
 
 
-def cgroup_populated(cg: str) -> bool:
+def cgroup_event(cg: str, key: bytes) -> bytes | None:
+    """The value of `key` in cg's cgroup.events (`populated` is always there, `frozen` wherever cgroup.freeze is)."""
     with open(os.path.join(cg, "cgroup.events"), "rb") as f:
         for line in f:
-            key, value = line.split()
-            if key == b"populated":
-                return value != b"0"
-    return False
+            name, value = line.split()
+            if name == key:
+                return value
+    return None
 
 
 class Inotify:
@@ -280,20 +299,39 @@ class Inotify:
         os.close(self.fd)
 
 
-def wait_unpopulated(cg: str, ino: Inotify, timeout: float = 5.0) -> None:
-    """Wait for cgroup.events to say `populated 0`, woken by `ino` (a watch on that file), never by sleeping."""
+def wait_cgroup_event(cg: str, ino: Inotify, key: bytes, value: bytes, timeout: float = 5.0) -> None:
+    """Wait for cgroup.events to say `key value`, woken by `ino` (a watch on that file), never by sleeping."""
     deadline = time.monotonic() + timeout
-    while cgroup_populated(cg):
+    while cgroup_event(cg, key) != value:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise TimeoutError(f"{cg} still populated after {timeout}s")
+            raise TimeoutError(f"{cg}: {key.decode()} != {value.decode()} after {timeout}s")
         ino.wait(max(1, int(left * 1000)))
+
+
+def kill_cgroup(cg: str, ino: Inotify) -> None:
+    """cgroup.kill, then wait (by `ino`, a watch on cgroup.events) until it says `populated 0`."""
+    with open(os.path.join(cg, "cgroup.kill"), "w") as f:
+        f.write("1")
+    wait_cgroup_event(cg, ino, b"populated", b"0")
 
 
 def tree_ready(chan: ReadyChannel, timeout: float = 10.0) -> list[Ready]:
     """Wait for a whole tree to announce itself; the leader's line is returned first."""
     got = chan.wait(TREE_SIZE, timeout)
     return sorted(got, key=lambda r: r.tag != "L")
+
+
+def kill_and_wait(procs: list[Any]) -> None:
+    """SIGKILL each of `procs` (psutil.Process objects) still there, then wait up to 5 s for all of them."""
+    import psutil
+
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=5)
 
 
 def kill_descendants() -> list[int]:
@@ -308,12 +346,7 @@ def kill_descendants() -> list[int]:
         rest = psutil.Process().children(recursive=True)
     except psutil.Error:
         rest = []
-    for proc in rest:
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(rest, timeout=5)
+    kill_and_wait(rest)
     while True:
         try:
             if os.waitpid(-1, os.WNOHANG)[0] == 0:
@@ -321,3 +354,55 @@ def kill_descendants() -> list[int]:
         except ChildProcessError:
             break
     return [p.pid for p in rest]
+
+
+def helper_main(body: Callable[[ReadyChannel, int, float], dict[str, Any]]) -> None:
+    """Main of a helper process run as ``python -m benchmarks.<helper> TRIALS SETTLE``: prints JSON.
+
+    The helper is a subreaper, so the orphaned members of every tree it
+    kills come back to it to reap (PID 1 need not reap them at all), and
+    whatever is still below it when `body` is done is killed and reaped too;
+    their PIDs are reported as `killed_at_exit`, beside what `body` returned.
+    """
+    trials, settle = int(sys.argv[1]), float(sys.argv[2])
+    become_subreaper()
+    chan = ReadyChannel()
+    try:
+        result = body(chan, trials, settle)
+    finally:
+        chan.close()
+        left = kill_descendants()
+    json.dump({**result, "killed_at_exit": left}, sys.stdout)
+
+
+def floor_helper_main(name: str, control: str, missing: str,
+                      cgroup_floor: tuple[str, Callable[[ReadyChannel, str, int, float], list[int]]],
+                      fallback_floor: tuple[str, Callable[[ReadyChannel, int, float], list[int]]]) -> None:
+    """Main of a floor helper (_treefloor, _freezefloor), run through helper_main.
+
+    `cgroup_floor` and `fallback_floor` are (key, floor function) pairs;
+    each floor's samples are reported under its key. The cgroup floor runs
+    in a fresh child cgroup `name`-<pid> of our own; it is left out, and
+    `cgroup_error` says why, where none can be made or it lacks the file
+    `control` (then `missing` is the reason). The fallback floor always runs.
+    """
+
+    def floors(chan: ReadyChannel, trials: int, settle: float) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        try:
+            cg = os.path.join(own_cgroup_dir(), f"{name}-{os.getpid()}")
+            os.mkdir(cg)
+        except (OSError, RuntimeError) as exc:
+            result["cgroup_error"] = str(exc)
+        else:
+            try:
+                if not os.path.exists(os.path.join(cg, control)):
+                    result["cgroup_error"] = missing
+                else:
+                    result[cgroup_floor[0]] = cgroup_floor[1](chan, cg, trials, settle)
+            finally:
+                os.rmdir(cg)
+        result[fallback_floor[0]] = fallback_floor[1](chan, trials, settle)
+        return result
+
+    helper_main(floors)

@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Any, NoReturn
 
-from benchmarks._targets import _fork_child, announce, sleep_forever
+from benchmarks._targets import _fork_child, announce, fork_members, sleep_forever
 
 #: The paused tree: a leader and 19 children, every one busy-looping.
 BUSY_PROCS = 20
@@ -95,19 +95,7 @@ def level_agent(message: dict[str, Any], **context: Any) -> NoReturn:
     t = time.monotonic_ns()
     path = message["path"]
     (children, grandchildren), below = message["levels"][0], message["levels"][1:]
-
-    def grandchild() -> None:
-        announce(path, "G")
-        sleep_forever()
-
-    def child() -> None:
-        for _ in range(grandchildren):
-            _fork_child(grandchild)
-        announce(path, "C")
-        sleep_forever()
-
-    for _ in range(children):
-        _fork_child(child)
+    fork_members(path, children, grandchildren)
     if below:
         from worker import egress
 

@@ -18,7 +18,7 @@ from typing import Any
 import cloudpickle
 
 from benchmarks import _session_targets
-from benchmarks._deadstop import _stop  # also registers _targets for pickling by value
+from benchmarks._deadstop import _stop, ended_note  # also registers _targets for pickling by value
 from benchmarks._procs import ReadyChannel, Tracked, cleanup_leaked
 from benchmarks._session_targets import BUSY_PROCS, LEVELS, busy_agent, flood_agent, level_agent, level_size
 from benchmarks._targets import noop
@@ -59,9 +59,7 @@ class TakeoverSamples:
         return [a + b for a, b in zip(self.floor_stop, self.floor_start)]
 
     def note(self, counter: collections.Counter, what: str = "old run") -> str:
-        how = ",".join(f"{k}:{v}" for k, v in sorted(counter.items()))
-        alive = f"; {self.survivors} ALIVE after a stop or takeover" if self.survivors else "; 0 left"
-        return f"{what} ended_by {how}{alive}"
+        return f"{what} {ended_note(counter, self.survivors, 'a stop or takeover')}"
 
 
 def _flood_rate(run: Any, since_ns: int, until_ns: int) -> float:
@@ -136,6 +134,13 @@ class PauseSamples:
                  f"{self.survivors} ALIVE after stop" if self.survivors else "0 left"]
         return "; ".join(p for p in parts if p)
 
+    def add(self, t0: int, t1: int, t2: int, t3: int, ok: bool, ran: bool) -> None:
+        """One trial: pause() from t0 to t1 (returning `ok`), resume() from t2 to t3; `ran`: CPU used in between."""
+        self.pause.append(t1 - t0)
+        self.resume.append(t3 - t2)
+        self.not_true += not ok
+        self.not_frozen += ran
+
 
 def _cpu_ns(pids: list[int]) -> int:
     """CPU time of `pids` so far, in nanoseconds (/proc/<pid>/schedstat, first field)."""
@@ -147,6 +152,13 @@ def _cpu_ns(pids: list[int]) -> int:
         except (OSError, ValueError, IndexError):
             pass
     return total
+
+
+def _ran_on(pids: list[int]) -> bool:
+    """Whether the (paused) tree `pids` gains CPU time over FROZEN_CHECK."""
+    cpu = _cpu_ns(pids)
+    time.sleep(FROZEN_CHECK)
+    return _cpu_ns(pids) != cpu
 
 
 def pause_trials(sup: Any, chan: ReadyChannel, trials: int, settle: float, key: str) -> PauseSamples:
@@ -166,17 +178,12 @@ def pause_trials(sup: Any, chan: ReadyChannel, trials: int, settle: float, key: 
                 t0 = time.monotonic_ns()
                 ok = session.pause()
                 t1 = time.monotonic_ns()
-                cpu = _cpu_ns(pids)
-                time.sleep(FROZEN_CHECK)
-                ran = _cpu_ns(pids) != cpu
+                ran = _ran_on(pids)
                 t2 = time.monotonic_ns()
                 session.resume()
                 t3 = time.monotonic_ns()
                 if i >= 2:
-                    out.pause.append(t1 - t0)
-                    out.resume.append(t3 - t2)
-                    out.not_true += not ok
-                    out.not_frozen += ran
+                    out.add(t0, t1, t2, t3, ok, ran)
         finally:
             session.stop()
             out.survivors += cleanup_leaked(tracked, 0.0)
@@ -195,9 +202,7 @@ class TreeStopSamples:
 
     def note(self) -> str:
         runs = ",".join(f"{k} runs:{v}" for k, v in sorted(self.runs.items()))
-        how = ",".join(f"{k}:{v}" for k, v in sorted(self.ended_by.items()))
-        alive = f"; {self.survivors} ALIVE after stop" if self.survivors else "; 0 left"
-        return f"{runs}; ended_by {how}{alive}"
+        return f"{runs}; {ended_note(self.ended_by, self.survivors)}"
 
 
 def tree_size() -> int:
@@ -265,17 +270,12 @@ def measure_async_pause(chan: ReadyChannel, trials: int, settle: float) -> tuple
                         t0 = time.monotonic_ns()
                         ok = await session.pause()
                         t1 = time.monotonic_ns()
-                        cpu = _cpu_ns(pids)
-                        time.sleep(FROZEN_CHECK)
-                        ran = _cpu_ns(pids) != cpu
+                        ran = _ran_on(pids)
                         t2 = time.monotonic_ns()
                         await session.resume()
                         t3 = time.monotonic_ns()
                         if i >= 2:
-                            out.pause.append(t1 - t0)
-                            out.resume.append(t3 - t2)
-                            out.not_true += not ok
-                            out.not_frozen += ran
+                            out.add(t0, t1, t2, t3, ok, ran)
                 finally:
                     await session.stop()
                     out.survivors += cleanup_leaked(tracked, 0.0)

@@ -66,9 +66,8 @@ def _fork_child(body) -> int:
     return pid
 
 
-def tree(path: str, children: int = TREE_CHILDREN, grandchildren: int = TREE_GRANDCHILDREN) -> None:
-    """Leader of a 40-process tree; every member announces itself, then sleeps."""
-    t = time.monotonic_ns()
+def fork_members(path: str, children: int, grandchildren: int) -> None:
+    """Fork `children` children, each with `grandchildren` of its own; every one announces itself, then sleeps."""
 
     def grandchild() -> None:
         announce(path, "G")
@@ -82,6 +81,12 @@ def tree(path: str, children: int = TREE_CHILDREN, grandchildren: int = TREE_GRA
 
     for _ in range(children):
         _fork_child(child)
+
+
+def tree(path: str, children: int = TREE_CHILDREN, grandchildren: int = TREE_GRANDCHILDREN) -> None:
+    """Leader of a 40-process tree; every member announces itself, then sleeps."""
+    t = time.monotonic_ns()
+    fork_members(path, children, grandchildren)
     announce(path, "L", t)
     sleep_forever()
 

@@ -14,12 +14,9 @@ part of every kill, are comparable to a run's.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import sys
 import time
-from typing import Callable
 
 import cloudpickle  # noqa: F401  (address-space parity with a run, see above)
 import msgspec  # noqa: F401
@@ -27,26 +24,8 @@ import psutil  # noqa: F401
 import zmq  # noqa: F401
 
 from benchmarks import _targets
-from benchmarks._procs import (Inotify, ReadyChannel, Tracked, become_subreaper, kill_descendants, own_cgroup_dir,
-                               tree_ready, wait_unpopulated)
+from benchmarks._procs import Inotify, ReadyChannel, Tracked, floor_helper_main, kill_cgroup, spawn_leader, tree_ready
 from benchmarks._targets import TREE_SIZE
-
-
-def _spawn_tree(path: str, cgroup_procs: str | None, own_group: bool,
-                body: Callable[[str], object] = _targets.tree) -> int:
-    """Fork a tree leader (running `body(path)`) that first joins the floor cgroup or its own process group."""
-    pid = os.fork()
-    if pid == 0:
-        try:
-            if cgroup_procs:
-                with open(cgroup_procs, "w") as f:
-                    f.write("0")
-            if own_group:
-                os.setpgid(0, 0)
-            body(path)
-        finally:
-            os._exit(0)
-    return pid
 
 
 def _reap_all() -> int:
@@ -75,15 +54,13 @@ def cgroup_kill_floor(chan: ReadyChannel, cg: str, trials: int, settle: float) -
     """
     samples = []
     for _ in range(trials + 2):
-        leader = _spawn_tree(chan.path, os.path.join(cg, "cgroup.procs"), own_group=False)
+        leader = spawn_leader(chan.path, _targets.tree, os.path.join(cg, "cgroup.procs"))
         pids = [r.pid for r in tree_ready(chan)]
         time.sleep(settle)
         ino = Inotify(os.path.join(cg, "cgroup.events"))
         with Tracked(pids) as tracked:
             t0 = time.monotonic_ns()
-            with open(os.path.join(cg, "cgroup.kill"), "w") as f:
-                f.write("1")
-            wait_unpopulated(cg, ino)
+            kill_cgroup(cg, ino)
             os.waitpid(leader, 0)
             samples.append(time.monotonic_ns() - t0)
             ino.close()
@@ -95,7 +72,7 @@ def killpg_floor(chan: ReadyChannel, trials: int, settle: float) -> list[int]:
     """killpg(SIGKILL) of the tree as one process group, then reap all 40 members."""
     samples = []
     for _ in range(trials + 2):
-        leader = _spawn_tree(chan.path, None, own_group=True)
+        leader = spawn_leader(chan.path, _targets.tree, own_group=True)
         pids = [r.pid for r in tree_ready(chan)]
         time.sleep(settle)
         with Tracked(pids) as tracked:
@@ -107,32 +84,6 @@ def killpg_floor(chan: ReadyChannel, trials: int, settle: float) -> list[int]:
     return samples[2:]
 
 
-def main() -> None:
-    trials, settle = int(sys.argv[1]), float(sys.argv[2])
-    become_subreaper()
-    chan = ReadyChannel()
-    result: dict[str, object] = {}
-    try:
-        try:
-            base = own_cgroup_dir()
-            cg = os.path.join(base, f"ds-bench-floor-{os.getpid()}")
-            os.mkdir(cg)
-        except (OSError, RuntimeError) as exc:
-            result["cgroup_error"] = str(exc)
-        else:
-            try:
-                if not os.path.exists(os.path.join(cg, "cgroup.kill")):
-                    result["cgroup_error"] = "no cgroup.kill (kernel older than 5.14)"
-                else:
-                    result["cgroup_kill"] = cgroup_kill_floor(chan, cg, trials, settle)
-            finally:
-                os.rmdir(cg)
-        result["killpg"] = killpg_floor(chan, trials, settle)
-    finally:
-        chan.close()
-        kill_descendants()
-    json.dump(result, sys.stdout)
-
-
 if __name__ == "__main__":
-    main()
+    floor_helper_main("ds-bench-floor", "cgroup.kill", "no cgroup.kill (kernel older than 5.14)",
+                      ("cgroup_kill", cgroup_kill_floor), ("killpg", killpg_floor))

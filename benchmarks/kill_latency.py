@@ -28,7 +28,7 @@ import os
 import platform
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -74,10 +74,7 @@ def measure_floors(cfg: Config, chan: ReadyChannel) -> dict[str, Any]:
     f["fork_kill"] = _floors.fork_kill(cfg.trials, cfg.settle)
     f["warm_fork"] = _floors.warm_fork(cfg.trials, cfg.settle)
     log("floors: cgroup.kill and killpg of a 40-process tree (subreaper helper)")
-    trees = _floors.tree_floors(cfg.trials, cfg.settle)
-    f["cgroup_kill"] = Dist(trees["cgroup_kill"]) if "cgroup_kill" in trees else None
-    f["cgroup_error"] = trees.get("cgroup_error", "")
-    f["killpg"] = Dist(trees["killpg"])
+    f.update(_floors.tree_floors(cfg.trials, cfg.settle))
     log("floors: multiprocess spawn start")
     f["spawn"] = _floors.spawn_start(cfg.trials, chan, cfg.settle)
     log("floors: asyncio loop-thread hop, raw pyzmq echo")
@@ -102,14 +99,10 @@ def measure_deadstop(cfg: Config, chan: ReadyChannel) -> dict[str, Any]:
 
 
 def measure_peers(cfg: Config) -> dict[str, Any]:
-    import subprocess
-
-    from benchmarks._floors import ROOT, helper_env
+    from benchmarks._floors import run_helper
 
     log("peers: multiprocess, psutil, killpg, pebble, loky (subreaper helper)")
-    out = subprocess.run([sys.executable, "-m", "benchmarks._peers", str(cfg.trials), str(cfg.settle)],
-                         env=helper_env(), cwd=ROOT, check=True, stdout=subprocess.PIPE, timeout=900).stdout
-    return json.loads(out)
+    return run_helper("benchmarks._peers", cfg.trials, cfg.settle, timeout=900)
 
 
 # -- rows ------------------------------------------------------------------------------
@@ -268,11 +261,56 @@ def summary(rows: list[Row]) -> str:
     return "\n".join([f"{passes} targets met, {len(misses)} missed", *misses])
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--trials", type=int, default=50, help="trials per figure (default 50)")
+def arg_parser(doc: str, default_trials: int) -> argparse.ArgumentParser:
+    """The options every benchmark takes; each adds its own after them."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("--trials", type=int, default=default_trials, help=f"trials per figure (default {default_trials})")
     p.add_argument("--quick", action="store_true", help="10 trials per figure: a smoke run")
     p.add_argument("--json", metavar="PATH", help="also write every row (with raw samples) as JSON")
+    return p
+
+
+def trial_count(args: argparse.Namespace) -> int:
+    trials = 10 if args.quick else args.trials
+    if trials < 1:
+        raise SystemExit("--trials must be >= 1")
+    return trials
+
+
+def run(cfg: Any, json_path: str | None, measure: Callable[[ReadyChannel], tuple[list[Row], str]]) -> int:
+    """What every benchmark does around its measurements: log the host, then `measure(chan)` (rows and the
+    cgroup floor error), the leftover check even if that fails, the report on stdout, and --json."""
+    log(f"{cfg.trials} trials per figure on {os.cpu_count()} CPUs, Linux {platform.release()}")
+    load_before = loadavg()
+    version = library_version()
+    log(f"deadstop at commit {version}")
+    chan = ReadyChannel()
+    try:
+        rows, cgroup_error = measure(chan)
+    finally:
+        chan.close()
+        leftovers = leftover_check()
+    print(format_table(rows))
+    print()
+    print(summary(rows))
+    print(leftovers)
+    print(f"deadstop {version}; host: {os.cpu_count()} CPUs, Linux {platform.release()}, "
+          f"load average (1 min) {load_before} at start, {loadavg()} at end")
+    if json_path:
+        with open(json_path, "w") as fh:
+            json.dump({"config": dataclasses.asdict(cfg), "host": {"cpus": os.cpu_count(),
+                       "kernel": platform.release(), "python": platform.python_version(),
+                       "loadavg_start": load_before, "loadavg_end": loadavg()},
+                       "deadstop_commit": version,
+                       "cgroup_floor_error": cgroup_error, "leftovers": leftovers,
+                       "rows": [r.to_dict() for r in rows]}, fh, indent=1)
+        log(f"wrote {json_path}")
+    log("done")
+    return 0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = arg_parser(__doc__, 50)
     p.add_argument("--grace", type=float, default=0.2, help="grace for the SIGTERM-ignorer (default 0.2 s)")
     p.add_argument("--no-peers", action="store_true", help="skip multiprocess/pebble/loky/psutil/killpg")
     p.add_argument("--no-fallback", action="store_true", help="skip the process-group layer rows")
@@ -281,41 +319,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    trials = 10 if args.quick else args.trials
-    if trials < 1:
-        raise SystemExit("--trials must be >= 1")
+    trials = trial_count(args)
     cfg = Config(trials=trials, grace=args.grace, settle=0.02, egress_calls=trials * 40,
                  pipeline_batches=trials, peers=not args.no_peers, fallback=not args.no_fallback)
-    log(f"{trials} trials per figure on {os.cpu_count()} CPUs, Linux {platform.release()}")
-    load_before = loadavg()
-    version = library_version()
-    log(f"deadstop at commit {version}")
-    chan = ReadyChannel()
-    try:
+
+    def measure(chan: ReadyChannel) -> tuple[list[Row], str]:
         floors = measure_floors(cfg, chan)
         ds = measure_deadstop(cfg, chan)
         peers = measure_peers(cfg) if cfg.peers else None
-    finally:
-        chan.close()
-        leftovers = leftover_check()
-    rows = build_rows(floors, ds, peers, cfg)
-    print(format_table(rows))
-    print()
-    print(summary(rows))
-    print(leftovers)
-    print(f"deadstop {version}; host: {os.cpu_count()} CPUs, Linux {platform.release()}, "
-          f"load average (1 min) {load_before} at start, {loadavg()} at end")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"config": dataclasses.asdict(cfg), "host": {"cpus": os.cpu_count(),
-                       "kernel": platform.release(), "python": platform.python_version(),
-                       "loadavg_start": load_before, "loadavg_end": loadavg()},
-                       "deadstop_commit": version,
-                       "cgroup_floor_error": floors["cgroup_error"], "leftovers": leftovers,
-                       "rows": [r.to_dict() for r in rows]}, fh, indent=1)
-        log(f"wrote {args.json}")
-    log("done")
-    return 0
+        return build_rows(floors, ds, peers, cfg), floors["cgroup_error"]
+
+    return run(cfg, args.json, measure)
 
 
 if __name__ == "__main__":

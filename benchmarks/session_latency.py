@@ -37,9 +37,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
-import platform
 import sys
 from typing import Any
 
@@ -48,9 +46,9 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from benchmarks._procs import ReadyChannel
 from benchmarks._session_targets import BUSY_PROCS, LEVELS, level_size
-from benchmarks._stats import Dist, Row, format_table, latency_row
+from benchmarks._stats import Dist, Row, latency_row
 from benchmarks._targets import TREE_SIZE
-from benchmarks.kill_latency import MS, leftover_check, library_version, loadavg, log, summary
+from benchmarks.kill_latency import MS, arg_parser, log, run, trial_count
 
 FLOOD_THREADS = 3
 TAKEOVER_MARGIN_NS = 5 * MS
@@ -69,17 +67,11 @@ def measure_floors(cfg: Config) -> dict[str, Any]:
     """The bare-primitive floors, each in a subreaper helper process, before any supervisor exists."""
     from benchmarks import _floors
 
-    f: dict[str, Any] = {}
     log(f"floors: cgroup.freeze and killpg(SIGSTOP) of a {BUSY_PROCS}-process busy tree (subreaper helper)")
     frz = _floors.freeze_floors(cfg.trials, cfg.pause_settle)
-    f["cgroup_freeze"] = Dist(frz["cgroup_freeze"]) if "cgroup_freeze" in frz else None
-    f["sigstop"] = Dist(frz["sigstop"])
     log(f"floors: cgroup.kill and killpg of a {TREE_SIZE}-process tree (subreaper helper)")
     trees = _floors.tree_floors(cfg.trials, cfg.settle)
-    f["cgroup_kill"] = Dist(trees["cgroup_kill"]) if "cgroup_kill" in trees else None
-    f["killpg"] = Dist(trees["killpg"])
-    f["cgroup_error"] = "; ".join(e for e in (frz.get("cgroup_error"), trees.get("cgroup_error")) if e)
-    return f
+    return {**frz, **trees, "cgroup_error": "; ".join(e for e in (frz["cgroup_error"], trees["cgroup_error"]) if e)}
 
 
 def measure_deadstop(cfg: Config, chan: ReadyChannel) -> dict[str, Any]:
@@ -174,50 +166,23 @@ def build_rows(f: dict[str, Any], d: dict[str, Any], cfg: Config) -> list[Row]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--trials", type=int, default=30, help="trials per figure (default 30)")
-    p.add_argument("--quick", action="store_true", help="10 trials per figure: a smoke run")
-    p.add_argument("--json", metavar="PATH", help="also write every row (with raw samples) as JSON")
+    p = arg_parser(__doc__, 30)
     p.add_argument("--no-fallback", action="store_true", help="skip the process-group layer rows")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    trials = 10 if args.quick else args.trials
-    if trials < 1:
-        raise SystemExit("--trials must be >= 1")
+    trials = trial_count(args)
     assert sum(level_size(c, g) for c, g in LEVELS) == TREE_SIZE, "the session tree must match the tree floor"
     cfg = Config(trials=trials, settle=0.02, pause_settle=0.1, flood_threads=FLOOD_THREADS,
                  fallback=not args.no_fallback)
-    log(f"{trials} trials per figure on {os.cpu_count()} CPUs, Linux {platform.release()}")
-    load_before = loadavg()
-    version = library_version()
-    log(f"deadstop at commit {version}")
-    chan = ReadyChannel()
-    try:
+
+    def measure(chan: ReadyChannel) -> tuple[list[Row], str]:
         floors = measure_floors(cfg)
-        ds = measure_deadstop(cfg, chan)
-    finally:
-        chan.close()
-        leftovers = leftover_check()
-    rows = build_rows(floors, ds, cfg)
-    print(format_table(rows))
-    print()
-    print(summary(rows))
-    print(leftovers)
-    print(f"deadstop {version}; host: {os.cpu_count()} CPUs, Linux {platform.release()}, "
-          f"load average (1 min) {load_before} at start, {loadavg()} at end")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"config": dataclasses.asdict(cfg), "host": {"cpus": os.cpu_count(),
-                       "kernel": platform.release(), "python": platform.python_version(),
-                       "loadavg_start": load_before, "loadavg_end": loadavg()},
-                       "deadstop_commit": version, "cgroup_floor_error": floors["cgroup_error"],
-                       "leftovers": leftovers, "rows": [r.to_dict() for r in rows]}, fh, indent=1)
-        log(f"wrote {args.json}")
-    log("done")
-    return 0
+        return build_rows(floors, measure_deadstop(cfg, chan), cfg), floors["cgroup_error"]
+
+    return run(cfg, args.json, measure)
 
 
 if __name__ == "__main__":
