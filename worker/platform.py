@@ -49,31 +49,36 @@ def has_pidfd() -> bool:
     return hasattr(os, "pidfd_open")
 
 
+#: Kernels built without CONFIG_PROC_CHILDREN (and macOS) have no children file.
+_HAVE_CHILDREN_FILE = os.path.exists(f"/proc/self/task/{os.getpid()}/children")
+
+
 def direct_children(pid: int) -> list[int]:
     """Children of `pid`, read from /proc without scanning every process.
 
-    Falls back to psutil where /proc/<pid>/task/*/children is missing
-    (kernels without CONFIG_PROC_CHILDREN, macOS).
+    A process that exits while it is being read simply has no children any
+    more (they re-parent, and a walk of the tree meets them there). Falls
+    back to psutil where the children file does not exist.
     """
+    if not _HAVE_CHILDREN_FILE:
+        import psutil
+
+        try:
+            return [c.pid for c in psutil.Process(pid).children()]
+        except psutil.Error:
+            return []
     try:
         tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        tasks = None
-    if tasks is not None:
-        found: list[int] = []
-        try:
-            for tid in tasks:
-                with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
-                    found.extend(int(x) for x in f.read().split())
-            return found
-        except FileNotFoundError:
-            pass
-    import psutil
-
-    try:
-        return [c.pid for c in psutil.Process(pid).children()]
-    except psutil.Error:
         return []
+    found: list[int] = []
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+                found.extend(int(x) for x in f.read().split())
+        except OSError:  # ENOENT / ESRCH: that thread or the process exited meanwhile
+            continue
+    return found
 
 
 def rewrite_exec_env(name: str, value: str) -> bool:
