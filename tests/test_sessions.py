@@ -334,3 +334,17 @@ def test_spawned_keys_stay_unique_after_cleanup(tmp_path) -> None:
         out = run.result(timeout=60)
         assert [o["value"]["key"] for o in out if o["value"]] == ["top/a-1", "top/b-2", "top/b-3"]
         assert b2.state == "running" and b2.generation == generation, "a new child took over a live sibling"
+
+
+def test_a_paused_session_stops_at_once(layer) -> None:
+    """SIGTERM reaches frozen processes only once thawed: stop() thaws after signalling."""
+    ready = Countdown(1)
+    with Supervisor(containment=layer, grace=30) as sup:
+        sup.register_tool("ready", ready)
+        sup.register_agent("tree", session_agents.busy_tree, tools=["ready"])
+        s = sup.session("frozen", agent="tree")
+        run = s.send("go")
+        assert ready.wait(30) and s.pause()
+        (report,) = s.stop()
+        assert report.ended_by == "sigterm", "the frozen tree must act on SIGTERM, not wait out the grace"
+        assert report.survivors == 0 and marked_processes(run.id) == {}
