@@ -51,7 +51,7 @@ class Containment(Protocol):
         """SIGKILL every member."""
 
     def sweep(self) -> int:
-        """SIGKILL survivors the layer's kill did not reach; returns how many."""
+        """SIGKILL survivors the layer's kill did not reach; returns how many it found (0: none left)."""
 
     async def wait_empty(self, timeout: float) -> bool:
         """Wait until no member is left; False on timeout."""
@@ -238,9 +238,9 @@ class ProcessGroupContainment:
 
     def sweep(self) -> int:
         left = self.survivors()
-        if not left:
-            return 0
-        return procs.signal_members(left, signal.SIGKILL, self._still_ours(left))
+        if left:
+            procs.signal_members(left, signal.SIGKILL, self._still_ours(left))
+        return len(left)
 
     async def _wait_gone(self, scan, timeout: float) -> bool:
         deadline = time.monotonic() + timeout

@@ -100,11 +100,12 @@ async def stop_sequence(run: "AsyncRun", req: StopRequest) -> StopReport:
     # 3. Sweep: whatever the layer's signals could not reach (setsid escapers
     #    outside the process group, processes that raced the kill).
     swept = layer.sweep()
+    left: list[int] = []  # the sweep's own look found nothing: no second walk of the tree
     if swept:
         report.swept = swept
         report.ended_by = "swept" if req.mode != "exit" else report.ended_by
         await _wait_all_gone(layer)
-    left = layer.survivors()
+        left = layer.survivors()
     report.survivors = len(left)
     report.survivor_pids = left
 
