@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import os
 import secrets
@@ -27,12 +26,12 @@ from supervisor.broker import Broker
 from supervisor.cgroups import CgroupTree, InotifyWatcher
 from supervisor.containment import (CGROUP, PGROUP, PGROUP_SUBREAPER, CgroupContainment, Containment,
                                     ProcessGroupContainment)
-from supervisor.errors import (ContainmentDegraded, DeadstopError, InvalidTarget, RunNotFound, SessionNotFound,
-                               SupervisorClosed)
+from supervisor.errors import (ContainmentDegraded, DeadstopError, InvalidTarget, RunNotFound, SupervisorClosed)
 from supervisor.journal import Journal
 from supervisor.recovery import recover
-from supervisor.limits import TOKEN_KEYS, Limits, Usage, apply_cgroup_limits, rlimits_for
+from supervisor.limits import TOKEN_KEYS, Limits, apply_cgroup_limits, rlimits_for
 from supervisor import session_tools
+from supervisor.registry import SessionRegistry
 from supervisor.sessions import AgentSpec, AsyncSession
 from supervisor.run import AsyncRun
 from supervisor.spawner_client import SpawnerClient
@@ -83,9 +82,7 @@ class AsyncSupervisor:
         self._tool_threads = tool_threads
         self.tools = ToolRegistry()
         self.runs: dict[str, AsyncRun] = {}
-        self.agents: dict[str, AgentSpec] = {}
-        self._adhoc_agents: dict[str, AgentSpec] = {}
-        self._sessions: dict[str, AsyncSession] = {}
+        self.registry = SessionRegistry(self)
         self._subscribers: list[tuple[asyncio.Queue, str | None]] = []
         self._sampler: asyncio.Task | None = None
         self.sample_interval = sample_interval
@@ -102,7 +99,7 @@ class AsyncSupervisor:
         self.journal = Journal(os.path.join(self.state_dir, "journal.db"))
         self.journal.bind(self.loop)
         self.recovered = await recover(self.journal, self.id)
-        self._load_sessions()
+        self.registry.load()
         self.cgroups: CgroupTree | None = None
         self.watcher: InotifyWatcher | None = None
         if self._containment_choice != "process-group":
@@ -145,7 +142,7 @@ class AsyncSupervisor:
         self.closed = True
         if not self._opened:
             return
-        for s in self._sessions.values():  # queued messages will never start now
+        for s in self.registry.by_key.values():  # queued messages will never start now
             s._drop_inbox("supervisor closing")
             if s._driver is not None and not s._driver.done():
                 s._driver.cancel()
@@ -366,7 +363,7 @@ class AsyncSupervisor:
                 event = await q.get()
                 if event is None:
                     return
-                owner = self._sessions.get(event.session) if event.session else None
+                owner = self.registry.by_key.get(event.session) if event.session else None
                 if owner is not None and event.kind != "run.ended" and not owner.is_current(event.generation):
                     self.journal.fenced(event.run_id, time.monotonic_ns(), "emit",
                                         f"event {event.kind!r} of generation {event.generation} held back at delivery")
@@ -375,7 +372,7 @@ class AsyncSupervisor:
         finally:
             self._subscribers.remove(entry)
 
-    # -- sessions ------------------------------------------------------------------------------
+    # -- sessions (see supervisor/registry.py) ------------------------------------------------
     def register_agent(self, name: str, target: Any, *, tools: Sequence[str] = (), limits: Limits | None = None,
                        grace: float | None = None, may_stop_sessions: bool = False,
                        peers: Sequence[str] = ()) -> None:
@@ -386,140 +383,34 @@ class AsyncSupervisor:
         peers: agents whose sessions runs of this one may send to or stop
         without having spawned them (the agent-to-agent allow-list).
         """
-        if not isinstance(name, str) or not name:
-            raise ValueError("agent name must be a non-empty string")
-        self._prepare_target(target, (), {})  # fail now, not at the first message
-        self._check_tools(tools)
-        self.agents[name] = AgentSpec(name, target, tuple(tools), limits, grace, may_stop_sessions,
-                                      frozenset(peers))
+        self.registry.register_agent(name, target, tools=tools, limits=limits, grace=grace,
+                                     may_stop_sessions=may_stop_sessions, peers=peers)
 
-    def _agent_spec(self, agent: Any) -> AgentSpec:
-        if isinstance(agent, AgentSpec):
-            return agent
-        if isinstance(agent, str):
-            spec = self.agents.get(agent)
-            if spec is None:
-                raise InvalidTarget(f"agent {agent!r} is not registered (registered: {sorted(self.agents)})")
-            return spec
-        if callable(agent) or isinstance(agent, (list, tuple)):
-            name = getattr(agent, "__qualname__", None) or "argv:" + str(agent[0] if isinstance(agent, (list, tuple)) else agent)
-            return AgentSpec(name, agent)
-        raise InvalidTarget(f"agent must be a registered name or a callable, not {type(agent).__name__}")
+    @property
+    def agents(self) -> dict[str, AgentSpec]:
+        return self.registry.agents
 
     def session(self, key: str, agent: Any = None, *, parent: AsyncSession | None = None,
                 label: str | None = None) -> AsyncSession:
         """Create or get the session `key`. A new session needs an agent."""
-        self._check_open()
-        existing = self._sessions.get(key)
-        if existing is not None:
-            if agent is not None:
-                spec = self._agent_spec(agent)
-                if spec.name != existing.agent:
-                    raise InvalidTarget(f"session {key!r} runs agent {existing.agent!r}, not {spec.name!r}")
-                self._adhoc_agents.setdefault(spec.name, spec)
-            return existing
-        if agent is None:
-            raise InvalidTarget(f"session {key!r} does not exist; name its agent to create it")
-        spec = self._agent_spec(agent)
-        if spec.name not in self.agents:
-            self._adhoc_agents[spec.name] = spec
-        s = AsyncSession(self, key, spec.name, parent=parent, label=label)
-        if parent is not None:
-            parent.children.append(s)
-        self._sessions[key] = s
-        self.store_session(s)
-        return s
+        return self.registry.session(key, agent, parent=parent, label=label)
 
     def get_session(self, key: str) -> AsyncSession:
-        try:
-            return self._sessions[key]
-        except KeyError:
-            raise SessionNotFound(f"no session {key!r}") from None
+        return self.registry.get(key)
 
     def sessions(self, active: bool | None = None, min_tokens: int | None = None) -> list[AsyncSession]:
-        out = []
-        for s in self._sessions.values():
-            if active is not None and s.active != active:
-                continue
-            if min_tokens is not None and s.usage.tokens < min_tokens:
-                continue
-            out.append(s)
-        return out
-
-    async def _start_session_run(self, session: AsyncSession, message: Any, messages: list[Any]) -> AsyncRun:
-        spec = self.agents.get(session.agent) or self._adhoc_agents.get(session.agent)
-        if spec is None:
-            raise InvalidTarget(f"session {session.key!r}: agent {session.agent!r} is not registered "
-                                "in this supervisor (register it again after a restart)")
-        context = {"session": session.key, "generation": session.generation, "messages": messages,
-                   "parent": session.parent.key if session.parent else None, "label": session.label}
-        inbox = {"message": message, "messages": messages, "context": context}
-        if callable(spec.target):
-            kind, desc, blob, argv = self._prepare_target(spec.target, (message,), context)
-        else:
-            kind, desc, blob, argv = self._prepare_target(spec.target, (), {})
-        run = await self._launch(kind, desc, blob, argv, list(spec.tools), spec.grace, None, None,
-                                 limits=spec.limits, session=session, inbox=inbox)
-        session.active_run = run
-        session.runs.append(run.id)
-        self.store_session(session)
-        return run
-
-    def _load_sessions(self) -> None:
-        """Sessions survive restarts: rebuild them (idle) from the store."""
-        rows = self.journal.db.execute(
-            "SELECT key, agent, parent, label, generation, created_wall, updated_wall, last_outcome,"
-            " aborted_last_run, answer, answer_generation, usage FROM sessions ORDER BY created_wall").fetchall()
-        runs_of: dict[str, list[str]] = {}
-        for run_id, key in self.journal.db.execute(
-                "SELECT id, session FROM runs WHERE session IS NOT NULL ORDER BY created_ns"):
-            runs_of.setdefault(key, []).append(run_id)
-        for (key, agent, parent, label, generation, created, updated, outcome, aborted, answer, answer_gen,
-             usage) in rows:
-            s = AsyncSession(self, key, agent, parent=self._sessions.get(parent), label=label,
-                             generation=generation or 0)
-            if s.parent is not None:
-                s.parent.children.append(s)
-            s.created_wall, s.updated_wall = created, updated
-            s.last_outcome, s.aborted_last_run = outcome, bool(aborted)
-            s.answer, s.answer_generation = (json.loads(answer) if answer else None), answer_gen
-            s.ended_usage = Usage.from_dict(json.loads(usage) if usage else None)
-            s.runs = runs_of.get(key, [])
-            self._sessions[key] = s
+        """Sessions, optionally only (in)active ones or those that used at least `min_tokens`."""
+        return self.registry.find(active=active, min_tokens=min_tokens)
 
     async def cleanup(self, older_than: float = 3600) -> list[str]:
-        """Remove sessions that are idle, whose whole subtree is idle, and that
-        have not changed for `older_than` seconds, with every record of their runs."""
-        cutoff = time.time() - older_than
-
-        def removable(s: AsyncSession) -> bool:
-            return not s.active and s.updated_wall <= cutoff and all(removable(c) for c in s.children)
-
-        roots = [s for s in self._sessions.values() if removable(s) and (s.parent is None or not removable(s.parent))]
-        gone: list[AsyncSession] = []
-        for root in roots:
-            gone.extend([root] + root.descendants())
-        if not gone:
-            return []
-        keys = [s.key for s in gone]
-        self.journal.forget(keys)
-        for s in gone:
-            self._sessions.pop(s.key, None)
-            for run_id in s.runs:
-                run = self.runs.pop(run_id, None)
-                if run is not None:
-                    self.broker.channels.pop(run_id, None)
-            if s.parent is not None and s.parent not in gone:
-                s.parent.children.remove(s)
-        return keys
+        """Remove idle sessions unchanged for `older_than` seconds, with every record of their runs."""
+        return await self.registry.cleanup(older_than)
 
     def store_session(self, s: AsyncSession) -> None:
-        self.journal.session({
-            "key": s.key, "agent": s.agent, "parent": s.parent.key if s.parent else None, "label": s.label,
-            "generation": s.generation, "created_wall": s.created_wall, "updated_wall": s.updated_wall,
-            "last_run": s.runs[-1] if s.runs else None, "last_outcome": s.last_outcome,
-            "aborted_last_run": s.aborted_last_run, "answer": s.answer, "answer_generation": s.answer_generation,
-            "usage": s.usage.to_dict()})
+        self.registry.store(s)
+
+    async def _start_session_run(self, session: AsyncSession, message: Any, messages: list[Any]) -> AsyncRun:
+        return await self.registry.start_run(session, message, messages)
 
     # -- sampling ---------------------------------------------------------------------------------
     def _ensure_sampler(self) -> None:

@@ -68,7 +68,7 @@ def register(sup: "AsyncSupervisor") -> None:
         if agent not in sup.agents:
             raise PolicyDenied(f"agent {agent!r} is not registered; sub-agents must be registered agents")
         n = len(caller.children) + 1
-        while f"{caller.key}/{label or agent}-{n}" in sup._sessions:  # cleanup may have removed siblings
+        while f"{caller.key}/{label or agent}-{n}" in sup.registry.by_key:  # cleanup may have removed siblings
             n += 1
         key = f"{caller.key}/{label or agent}-{n}"
         child = sup.session(key, agent, parent=caller, label=label)

@@ -1,0 +1,174 @@
+"""Agents and sessions of one supervisor, and their rows in the store.
+
+The supervisor owns one SessionRegistry; AsyncSupervisor's session verbs
+(`register_agent`, `session`, `sessions`, `cleanup`) are thin wrappers over
+it. Sessions themselves (generation, takeover, tree stop) live in
+supervisor/sessions.py.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import TYPE_CHECKING, Any, Sequence
+
+from supervisor.errors import InvalidTarget, SessionNotFound
+from supervisor.limits import Limits, Usage
+from supervisor.sessions import AgentSpec, AsyncSession
+
+if TYPE_CHECKING:
+    from supervisor.core import AsyncSupervisor
+    from supervisor.run import AsyncRun
+
+
+class SessionRegistry:
+    def __init__(self, sup: "AsyncSupervisor"):
+        self._sup = sup
+        self.agents: dict[str, AgentSpec] = {}
+        self._adhoc_agents: dict[str, AgentSpec] = {}  # callables given directly to session()
+        self.by_key: dict[str, AsyncSession] = {}
+
+    def register_agent(self, name: str, target: Any, *, tools: Sequence[str] = (), limits: Limits | None = None,
+                       grace: float | None = None, may_stop_sessions: bool = False,
+                       peers: Sequence[str] = ()) -> None:
+        """Name an agent that sessions (and sub-agents, via sessions.spawn) can run.
+
+        may_stop_sessions: a sub-agent of this kind may use `sessions.stop`
+        (top-level runs may always stop sessions they spawned).
+        peers: agents whose sessions runs of this one may send to or stop
+        without having spawned them (the agent-to-agent allow-list).
+        """
+        if not isinstance(name, str) or not name:
+            raise ValueError("agent name must be a non-empty string")
+        self._sup._prepare_target(target, (), {})  # fail now, not at the first message
+        self._sup._check_tools(tools)
+        self.agents[name] = AgentSpec(name, target, tuple(tools), limits, grace, may_stop_sessions,
+                                      frozenset(peers))
+
+    def agent_spec(self, agent: Any) -> AgentSpec:
+        if isinstance(agent, AgentSpec):
+            return agent
+        if isinstance(agent, str):
+            spec = self.agents.get(agent)
+            if spec is None:
+                raise InvalidTarget(f"agent {agent!r} is not registered (registered: {sorted(self.agents)})")
+            return spec
+        if callable(agent) or isinstance(agent, (list, tuple)):
+            name = getattr(agent, "__qualname__", None) or "argv:" + str(agent[0] if isinstance(agent, (list, tuple)) else agent)
+            return AgentSpec(name, agent)
+        raise InvalidTarget(f"agent must be a registered name or a callable, not {type(agent).__name__}")
+
+    def session(self, key: str, agent: Any = None, *, parent: AsyncSession | None = None,
+                label: str | None = None) -> AsyncSession:
+        """Create or get the session `key`. A new session needs an agent."""
+        self._sup._check_open()
+        existing = self.by_key.get(key)
+        if existing is not None:
+            if agent is not None:
+                spec = self.agent_spec(agent)
+                if spec.name != existing.agent:
+                    raise InvalidTarget(f"session {key!r} runs agent {existing.agent!r}, not {spec.name!r}")
+                self._adhoc_agents.setdefault(spec.name, spec)
+            return existing
+        if agent is None:
+            raise InvalidTarget(f"session {key!r} does not exist; name its agent to create it")
+        spec = self.agent_spec(agent)
+        if spec.name not in self.agents:
+            self._adhoc_agents[spec.name] = spec
+        s = AsyncSession(self._sup, key, spec.name, parent=parent, label=label)
+        if parent is not None:
+            parent.children.append(s)
+        self.by_key[key] = s
+        self.store(s)
+        return s
+
+    def get(self, key: str) -> AsyncSession:
+        try:
+            return self.by_key[key]
+        except KeyError:
+            raise SessionNotFound(f"no session {key!r}") from None
+
+    def find(self, active: bool | None = None, min_tokens: int | None = None) -> list[AsyncSession]:
+        out = []
+        for s in self.by_key.values():
+            if active is not None and s.active != active:
+                continue
+            if min_tokens is not None and s.usage.tokens < min_tokens:
+                continue
+            out.append(s)
+        return out
+
+    async def start_run(self, session: AsyncSession, message: Any, messages: list[Any]) -> "AsyncRun":
+        spec = self.agents.get(session.agent) or self._adhoc_agents.get(session.agent)
+        if spec is None:
+            raise InvalidTarget(f"session {session.key!r}: agent {session.agent!r} is not registered "
+                                "in this supervisor (register it again after a restart)")
+        context = {"session": session.key, "generation": session.generation, "messages": messages,
+                   "parent": session.parent.key if session.parent else None, "label": session.label}
+        inbox = {"message": message, "messages": messages, "context": context}
+        if callable(spec.target):
+            kind, desc, blob, argv = self._sup._prepare_target(spec.target, (message,), context)
+        else:
+            kind, desc, blob, argv = self._sup._prepare_target(spec.target, (), {})
+        run = await self._sup._launch(kind, desc, blob, argv, list(spec.tools), spec.grace, None, None,
+                                 limits=spec.limits, session=session, inbox=inbox)
+        session.active_run = run
+        session.runs.append(run.id)
+        self.store(session)
+        return run
+
+    def load(self) -> None:
+        """Sessions survive restarts: rebuild them (idle) from the store."""
+        rows = self._sup.journal.db.execute(
+            "SELECT key, agent, parent, label, generation, created_wall, updated_wall, last_outcome,"
+            " aborted_last_run, answer, answer_generation, usage FROM sessions ORDER BY created_wall").fetchall()
+        runs_of: dict[str, list[str]] = {}
+        for run_id, key in self._sup.journal.db.execute(
+                "SELECT id, session FROM runs WHERE session IS NOT NULL ORDER BY created_ns"):
+            runs_of.setdefault(key, []).append(run_id)
+        for (key, agent, parent, label, generation, created, updated, outcome, aborted, answer, answer_gen,
+             usage) in rows:
+            s = AsyncSession(self._sup, key, agent, parent=self.by_key.get(parent), label=label,
+                             generation=generation or 0)
+            if s.parent is not None:
+                s.parent.children.append(s)
+            s.created_wall, s.updated_wall = created, updated
+            s.last_outcome, s.aborted_last_run = outcome, bool(aborted)
+            s.answer, s.answer_generation = (json.loads(answer) if answer else None), answer_gen
+            s.ended_usage = Usage.from_dict(json.loads(usage) if usage else None)
+            s.runs = runs_of.get(key, [])
+            self.by_key[key] = s
+
+    async def cleanup(self, older_than: float = 3600) -> list[str]:
+        """Remove sessions that are idle, whose whole subtree is idle, and that
+        have not changed for `older_than` seconds, with every record of their runs."""
+        cutoff = time.time() - older_than
+
+        def removable(s: AsyncSession) -> bool:
+            return not s.active and s.updated_wall <= cutoff and all(removable(c) for c in s.children)
+
+        roots = [s for s in self.by_key.values() if removable(s) and (s.parent is None or not removable(s.parent))]
+        gone: list[AsyncSession] = []
+        for root in roots:
+            gone.extend([root] + root.descendants())
+        if not gone:
+            return []
+        keys = [s.key for s in gone]
+        self._sup.journal.forget(keys)
+        for s in gone:
+            self.by_key.pop(s.key, None)
+            for run_id in s.runs:
+                run = self._sup.runs.pop(run_id, None)
+                if run is not None:
+                    self._sup.broker.channels.pop(run_id, None)
+            if s.parent is not None and s.parent not in gone:
+                s.parent.children.remove(s)
+        return keys
+
+    def store(self, s: AsyncSession) -> None:
+        self._sup.journal.session({
+            "key": s.key, "agent": s.agent, "parent": s.parent.key if s.parent else None, "label": s.label,
+            "generation": s.generation, "created_wall": s.created_wall, "updated_wall": s.updated_wall,
+            "last_run": s.runs[-1] if s.runs else None, "last_outcome": s.last_outcome,
+            "aborted_last_run": s.aborted_last_run, "answer": s.answer, "answer_generation": s.answer_generation,
+            "usage": s.usage.to_dict()})
