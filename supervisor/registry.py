@@ -31,16 +31,10 @@ class SessionRegistry:
     def register_agent(self, name: str, target: Any, *, tools: Sequence[str] = (), limits: Limits | None = None,
                        grace: float | None = None, may_stop_sessions: bool = False,
                        peers: Sequence[str] = ()) -> None:
-        """Name an agent that sessions (and sub-agents, via sessions.spawn) can run.
-
-        may_stop_sessions: a sub-agent of this kind may use `sessions.stop`
-        (top-level runs may always stop sessions they spawned).
-        peers: agents whose sessions runs of this one may send to or stop
-        without having spawned them (the agent-to-agent allow-list).
-        """
+        """See AsyncSupervisor.register_agent. Checks the target and tools now, not at the first message."""
         if not isinstance(name, str) or not name:
             raise ValueError("agent name must be a non-empty string")
-        self._sup._prepare_target(target, (), {})  # fail now, not at the first message
+        self._sup._prepare_target(target, (), {})
         self._sup._check_tools(tools)
         self.agents[name] = AgentSpec(name, target, tuple(tools), limits, grace, may_stop_sessions,
                                       frozenset(peers))
