@@ -15,6 +15,7 @@ import runpy
 import sys
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ERROR = 0, 1, 2, 3
+BENCHMARKS = {"kill": "kill_latency.py", "sessions": "session_latency.py"}
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -25,7 +26,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    script = os.path.join(here, "benchmarks", "kill_latency.py")
+    script = os.path.join(here, "benchmarks", BENCHMARKS[args.which])
     if not os.path.exists(script):
         print("deadstop bench: benchmarks/ is not installed with the package; "
               "run it from a source checkout", file=sys.stderr)
@@ -46,14 +47,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--containment", choices=["auto", "cgroup", "process-group"], default="auto")
     demo.add_argument("--grace", type=float, default=0.5, help="seconds between SIGTERM and SIGKILL")
     demo.set_defaults(func=_cmd_demo)
-    bench = sub.add_parser("bench", help="run benchmarks/kill_latency.py (source checkout only)")
-    bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")
+    bench = sub.add_parser("bench", help="run a benchmark from benchmarks/ (source checkout only); "
+                                         "other arguments (--quick, --json PATH, ...) go to the benchmark")
+    bench.add_argument("which", nargs="?", choices=sorted(BENCHMARKS), default="kill")
     bench.set_defaults(func=_cmd_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.verb != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
     from supervisor.errors import DeadstopError
 
     try:
