@@ -1,0 +1,23 @@
+"""The command line: `deadstop demo` is the project's main job; it must pass
+end to end on every containment layer this machine has."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def test_demo_stops_every_misbehaving_run(layer) -> None:
+    out = subprocess.run([sys.executable, "-m", "supervisor.cli", "demo", "--containment", layer, "--grace", "0.2"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "result: every run is gone and nothing ran after stop" in out.stdout
+    for name in ("sigterm-ignorer", "process-tree (40)", "setsid-escaper", "egress-flooder"):
+        row = next(line for line in out.stdout.splitlines() if line.startswith(name))
+        assert row.split()[-1] == "0", f"{name}: processes alive after stop"
+
+
+def test_bad_usage_exits_2() -> None:
+    out = subprocess.run([sys.executable, "-m", "supervisor.cli", "demo", "--bogus"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 2 and "unrecognized arguments" in out.stderr
