@@ -112,6 +112,7 @@ def test_stale_events_never_reach_subscribers(tmp_path) -> None:
             progress = [ev for ev in delivered if ev.kind == "progress"]
             assert progress == [], f"{len(progress)} stale events reached the subscriber"
             assert s.answer == {"answer": "answer please", "generation": 2}
+            sup.journal.commit_now()  # fenced rows written during delivery wait for the next commit otherwise
             db = sqlite3.connect(sup.journal.path)
             (fenced,) = db.execute("SELECT count(*) FROM egress WHERE decision = 'fenced'").fetchone()
             db.close()
