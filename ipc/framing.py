@@ -11,7 +11,6 @@ forged or stale request before it parses any JSON (cheapest check first).
 
 from __future__ import annotations
 
-import hmac
 import os
 import secrets
 import tempfile
@@ -43,10 +42,6 @@ ENV_MARKER = "DEADSTOP_RUN_MARKER"
 def new_credential() -> bytes:
     """A fresh per-run secret, ASCII hex so any language can put it in a frame."""
     return secrets.token_hex(CREDENTIAL_BYTES).encode("ascii")
-
-
-def credential_matches(expected: bytes, presented: bytes) -> bool:
-    return hmac.compare_digest(expected, presented)
 
 
 def make_runtime_dir(prefix: str = "ds-") -> str:

@@ -56,6 +56,9 @@ class Containment(Protocol):
     async def wait_empty(self, timeout: float) -> bool:
         """Wait until no member is left; False on timeout."""
 
+    async def wait_all_gone(self, timeout: float) -> bool:
+        """Wait until no process of the run is left, the sweep's view included."""
+
     def freeze(self) -> None:
         """Stop every process of the run from running (cgroup.freeze, else SIGSTOP)."""
 
@@ -147,6 +150,9 @@ class CgroupContainment:
 
     async def wait_empty(self, timeout: float) -> bool:
         return await self._wait_for(lambda: not self.cgroup.populated(), timeout)
+
+    async def wait_all_gone(self, timeout: float) -> bool:
+        return await self.wait_empty(timeout)  # nothing of the run lives outside its cgroup
 
     def freeze(self) -> None:
         self.cgroup.freeze(True)

@@ -239,10 +239,3 @@ def _json(value: Any) -> str:
         return json.dumps(value)
     except (TypeError, ValueError):
         return json.dumps(repr(value))
-
-
-def open_readonly(path: str) -> sqlite3.Connection:
-    """A separate connection for readers (tests, CLI) that never blocks the writer."""
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
-    db.row_factory = sqlite3.Row
-    return db

@@ -9,9 +9,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-ENDED_BY = ("exited", "sigterm", "sigkill", "swept")
-
-
 @dataclasses.dataclass
 class StopReport:
     run_id: str
@@ -33,11 +30,6 @@ class StopReport:
     handlers_cancelled: int = 0
     exit_code: int | None = None  # leader's exit status, if it exited
     exit_signal: int | None = None  # signal that ended the leader, if any
-
-    @property
-    def stop_ns(self) -> int:
-        """Duration from the request to the last reap."""
-        return self.reaped_at - self.requested_at
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

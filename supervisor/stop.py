@@ -104,7 +104,7 @@ async def stop_sequence(run: "AsyncRun", req: StopRequest) -> StopReport:
     if swept:
         report.swept = swept
         report.ended_by = "swept" if req.mode != "exit" else report.ended_by
-        await _wait_all_gone(layer)
+        await layer.wait_all_gone(KILL_BOUND)
         left = layer.survivors()
     report.survivors = len(left)
     report.survivor_pids = left
@@ -117,14 +117,6 @@ async def stop_sequence(run: "AsyncRun", req: StopRequest) -> StopReport:
     report.refused_after_revoke = run.channel.refused_after_revoke
     report.outcome = run.final_state(req.mode, report.exit_code).value
     return report
-
-
-async def _wait_all_gone(layer) -> None:
-    wait = getattr(layer, "wait_all_gone", None)
-    if wait is not None:
-        await wait(KILL_BOUND)
-    else:
-        await layer.wait_empty(KILL_BOUND)
 
 
 def _decode_status(status: int | None) -> tuple[int | None, int | None]:

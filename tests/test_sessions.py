@@ -70,18 +70,26 @@ def test_takeover_while_the_old_run_floods(tmp_path) -> None:
             # loop step, so revoked_at is the bump's time as the broker saw it.
             assert max(old_ticks) < old.report.revoked_at, "an old-generation tool call ran after the bump"
             assert old.state.value == "stopped" and old.report.revoke_source == "takeover"
-            assert old.report.refused_after_revoke >= 0 and marked_processes(old.id) == {}
+            assert marked_processes(old.id) == {}
+            sup.journal.commit_now()
             db = sqlite3.connect(sup.journal.path)
             (late,) = db.execute(
                 "SELECT count(*) FROM egress e JOIN revocations r USING (run_id) WHERE e.run_id = ?"
                 " AND e.decision = 'dispatched' AND e.t_ns > r.t_ns", (old.id,)).fetchone()
-            stale = db.execute("SELECT count(*) FROM egress WHERE run_id = ? AND code = 6", (old.id,)).fetchone()[0]
+            after = db.execute(
+                "SELECT e.decision, e.code FROM egress e JOIN revocations r USING (run_id) WHERE e.run_id = ?"
+                " AND e.t_ns > r.t_ns", (old.id,)).fetchall()
             messages = [json.loads(m) for (m,) in db.execute("SELECT message FROM messages WHERE session='chat'"
                                                              " ORDER BY seq")]
             db.close()
             assert late == 0
             assert messages == ["flood", "first", "second", "third"], "every message is journaled, in order"
-            assert stale >= 0
+            # After the bump, everything the flooding run still sent was refused
+            # (revoked or stale) or, if already in flight, cancelled.
+            assert {d for d, _ in after} <= {"refused", "cancelled"}, after
+            assert {c for d, c in after if d == "refused"} <= {5, 6}, after
+            refused = sum(1 for d, _ in after if d == "refused")
+            assert refused >= old.report.refused_after_revoke
 
     asyncio.run(main())
 

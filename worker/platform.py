@@ -45,10 +45,6 @@ def set_child_subreaper() -> bool:
     return _prctl(PR_SET_CHILD_SUBREAPER, 1)
 
 
-def has_pidfd() -> bool:
-    return hasattr(os, "pidfd_open")
-
-
 #: Kernels built without CONFIG_PROC_CHILDREN (and macOS) have no children file.
 _HAVE_CHILDREN_FILE = os.path.exists(f"/proc/self/task/{os.getpid()}/children")
 
