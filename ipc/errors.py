@@ -17,7 +17,7 @@ class DeadstopError(Exception):
 
 
 class ErrorCode(enum.IntEnum):
-    MALFORMED = 1  # wrong frame count, generation frame not decimal, bad JSON, schema violation
+    MALFORMED = 1  # wrong frame count, generation frame not decimal, bad or too deeply nested JSON, schema violation
     TOO_LARGE = 2  # request over the size cap
     BAD_VERSION = 3  # protocol version frame not understood
     UNAUTHENTICATED = 4  # unknown run id or credential mismatch
@@ -33,6 +33,8 @@ class ErrorCode(enum.IntEnum):
     QUOTA_EXCEEDED = 14  # a limit of the run was crossed
     POLICY_DENIED = 15  # agent-to-agent policy refused the request
     INTERNAL = 16  # bug in deadstop; the request had no effect
+    QUEUE_FULL = 17  # the run is paused and its held queue is at its cap (count or bytes)
+    RESERVED_KIND = 18  # emit of an event kind the supervisor keeps for itself (run.*, session.*)
 
 
 class EgressRefused(DeadstopError):

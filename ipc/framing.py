@@ -24,6 +24,13 @@ MAX_REQUEST_BYTES = 1 << 20
 #: this large is disconnected by libzmq before the bytes reach Python.
 HARD_FRAME_BYTES = 8 << 20
 
+#: ZeroMQ high-water mark, in messages, of each egress connection in each
+#: direction (both ends set it). An agent has a few dozen requests in flight
+#: at most; 1000 (libzmq's own default) leaves room for bursts and bounds what
+#: one hostile connection can park in the supervisor's memory, where 100,000
+#: let a single flooding peer grow the supervisor by hundreds of megabytes.
+SOCKET_HWM = 1000
+
 CREDENTIAL_BYTES = 32
 #: Run ids are this many hex characters; the marker slot has this width.
 RUN_ID_CHARS = 12
@@ -42,6 +49,29 @@ ENV_MARKER = "DEADSTOP_RUN_MARKER"
 def new_credential() -> bytes:
     """A fresh per-run secret, ASCII hex so any language can put it in a frame."""
     return secrets.token_hex(CREDENTIAL_BYTES).encode("ascii")
+
+
+def credential_memfd(credential: bytes) -> int:
+    """A sealed memfd holding `credential`, for the run to inherit.
+
+    Made on the trusted side and passed to the spawner over SCM_RIGHTS, so
+    the credential bytes never sit in the spawner's memory (which every run
+    forked after it would share). Sealed: nobody can change it. A pipe where
+    there is no memfd (readable once).
+    """
+    import fcntl
+
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("deadstop-credential", os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
+        os.write(fd, credential)
+        os.lseek(fd, 0, os.SEEK_SET)  # a shell run may `read <&$fd`; Python runs pread at 0
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS,
+                    fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
+        return fd
+    r, w = os.pipe()
+    os.write(w, credential)
+    os.close(w)
+    return r
 
 
 def make_runtime_dir(prefix: str = "ds-") -> str:

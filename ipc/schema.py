@@ -17,6 +17,9 @@ MAX_ID = 2**63 - 1
 RequestId = Annotated[int, msgspec.Meta(ge=0, le=MAX_ID)]
 #: Names (tools, event kinds, error types) are short; the journal stores them.
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+#: Event kinds the supervisor publishes itself (`run.ended`, ...): a run may
+#: not emit them, or subscribers could not tell its events from the real ones.
+RESERVED_KIND_PREFIXES = ("run.", "session.")
 
 
 class Call(msgspec.Struct, tag="call", tag_field="verb"):
@@ -90,8 +93,16 @@ _reply_decoder = msgspec.json.Decoder(Reply)
 
 
 def decode_request(body: bytes) -> Request:
-    """Raise msgspec.ValidationError / DecodeError with a readable message on bad input."""
-    return _request_decoder.decode(body)
+    """Raise msgspec.ValidationError / DecodeError with a readable message on bad input.
+
+    msgspec guards its recursion with the interpreter's limit, so JSON nested
+    about 1,000 deep raises RecursionError; that is bad input like any other,
+    not a fault of the broker.
+    """
+    try:
+        return _request_decoder.decode(body)
+    except RecursionError:
+        raise msgspec.DecodeError("JSON is nested too deeply") from None
 
 
 def encode(obj: Any) -> bytes:

@@ -1,8 +1,9 @@
 """deadstop's trusted side: runs, containment, stop sequence, egress broker, journal."""
 
 from supervisor.core import AsyncSupervisor, Event
-from supervisor.errors import (ContainmentDegraded, DeadstopError, EgressRefused, InvalidTarget, RunFailed,
-                               RunNotFound, SessionNotFound, StopIncomplete, SupervisorClosed)
+from supervisor.errors import (ContainmentDegraded, DeadstopError, EgressRefused, InvalidTarget,
+                               LimitUnenforceable, RunFailed, RunNotFound, SessionNotFound, StopIncomplete,
+                               SupervisorClosed)
 from supervisor.report import StopReport
 from supervisor.run import AsyncRun, ExitInfo
 from supervisor.states import RunState
@@ -14,6 +15,6 @@ from supervisor.tools import PolicyDenied, ToolCancelled, ToolContext
 __all__ = [
     "AsyncRun", "AsyncSession", "AsyncSupervisor", "Limits", "PolicyDenied", "Session", "SessionNotFound",
     "SessionStopped", "Usage", "ContainmentDegraded", "DeadstopError", "EgressRefused", "Event",
-    "ExitInfo", "InvalidTarget", "Run", "RunFailed", "RunNotFound", "RunState", "StopIncomplete",
+    "ExitInfo", "InvalidTarget", "LimitUnenforceable", "Run", "RunFailed", "RunNotFound", "RunState", "StopIncomplete",
     "StopReport", "Supervisor", "SupervisorClosed", "ToolCancelled", "ToolContext",
 ]

@@ -7,9 +7,13 @@ container put it) combined with this process's own cgroup from
 
 Layout, below the supervisor's own cgroup:
 
-    deadstop-<supervisor id>/        no processes of its own
+    deadstop-<supervisor id>-<pid>-<start ticks>-<pidns>/   no processes of its own
         spawner/                     the spawner
         run-<run id>/                one per run, created before its fork
+
+The subtree's name carries its owner (the supervisor's pid, start time and
+pid namespace) so that the next supervisor can remove it if its owner died
+without cleaning up (supervisor/leftovers.py).
 
 Waiting is done on inotify events of cgroup.events (the kernel signals a
 change of `populated` / `frozen` as a file modification), never by polling.
@@ -171,11 +175,13 @@ class CgroupTree:
 
     @classmethod
     def create(cls, supervisor_id: str) -> tuple["CgroupTree | None", str]:
-        """Make deadstop-<id> under our cgroup, or say why it cannot be done."""
+        """Make deadstop-<id>-<owner> under our cgroup, or say why it cannot be done."""
+        from supervisor.leftovers import cgroup_name  # leftovers imports this module
+
         base, why = own_cgroup_dir()
         if base is None:
             return None, why
-        path = os.path.join(base, f"deadstop-{supervisor_id}")
+        path = os.path.join(base, cgroup_name(supervisor_id))
         try:
             os.mkdir(path)
         except OSError as exc:

@@ -1,9 +1,11 @@
 """A run's egress channel: its credential, allow-list and revocation record.
 
 Revocation is physical: the credential bytes are dropped, so no frame can
-authenticate as the run any more, whatever the broker's other checks do. A
-digest of the old credential is kept only to tell a late request of the real
-run (answered REVOKED and counted) from a forgery (UNAUTHENTICATED).
+authenticate as the run any more, whatever the broker's other checks do, and
+a run with an endpoint of its own has it closed by the broker (see
+Broker.revoke). A digest of the old credential is kept only to tell a late
+request of the real run (answered REVOKED and counted) from a forgery
+(UNAUTHENTICATED).
 """
 
 from __future__ import annotations
@@ -36,14 +38,56 @@ class GenerationCell:
         self.value = value
 
 
+#: Peer identities (ZeroMQ connections) remembered per channel, to send each
+#: the revocation notice. A run rarely has more sockets than this (one per
+#: process and thread); past it the oldest is forgotten, which costs that
+#: connection only the notice: the revoke itself does not depend on it.
+MAX_PEERS = 64
+
+
+class TokenBucket:
+    """A budget of events: `burst` at once, refilled at `rate` per second.
+
+    Refilled lazily from the caller's clock, so an idle bucket costs nothing.
+    """
+
+    __slots__ = ("_per_ns", "_burst", "_tokens", "_stamp")
+
+    def __init__(self, rate: float, burst: int):
+        self._per_ns = rate / 1e9
+        self._burst = float(burst)
+        self._tokens = float(burst)
+        self._stamp = time.monotonic_ns()
+
+    def take(self, now_ns: int) -> bool:
+        """Spend one token; False when the budget is exhausted."""
+        tokens = min(self._burst, self._tokens + (now_ns - self._stamp) * self._per_ns)
+        self._stamp = now_ns
+        if tokens < 1.0:
+            self._tokens = tokens
+            return False
+        self._tokens = tokens - 1.0
+        return True
+
+
 class Channel:
     __slots__ = ("run_id", "_credential", "_digest", "allowed", "generation", "current", "revocation", "gate",
                  "in_flight", "refused_after_revoke", "cancelled_at_revoke", "calls", "max_calls", "held",
-                 "paused")
+                 "held_bytes", "paused", "address", "endpoint", "peer_uid", "peer_gid", "peers", "budget",
+                 "abused")
 
     def __init__(self, run_id: str, credential: bytes, allowed: frozenset[str], generation: int = 0,
-                 current: GenerationCell | None = None, max_calls: int | None = None):
+                 current: GenerationCell | None = None, max_calls: int | None = None, *,
+                 budget: TokenBucket, address: str = "", peer_uid: int | None = None,
+                 peer_gid: int | None = None):
         self.run_id = run_id
+        self.address = address  # what the run connects to: its own endpoint, or the broker's shared one
+        self.endpoint: str | None = None  # its own endpoint while bound (the broker binds and unbinds it)
+        self.peer_uid = peer_uid  # when set, the kernel-attested uid every request must come from
+        self.peer_gid = peer_gid
+        self.peers: dict[bytes, None] = {}  # connections it authenticated on, oldest first
+        self.budget = budget  # refusals it may draw before it is stopped for abuse
+        self.abused = False
         self._credential: bytes | None = credential
         self._digest = hashlib.sha256(credential).digest()
         self.allowed = allowed
@@ -52,6 +96,7 @@ class Channel:
         self.max_calls = max_calls
         self.paused = False
         self.held: list[tuple[bytes, Any, int]] = []  # requests held while paused, in arrival order
+        self.held_bytes = 0  # their body sizes, summed
         self.revocation: RevokeRecord | None = None
         # Taken by revoke() and by every ToolContext.check(); see supervisor/tools.py.
         self.gate = threading.Lock()
@@ -65,6 +110,19 @@ class Channel:
         if cred is not None:
             return hmac.compare_digest(cred, presented)
         return hmac.compare_digest(self._digest, hashlib.sha256(presented).digest())
+
+    def saw(self, ident: bytes) -> None:
+        """Remember a connection the run authenticated on, for the revocation notice."""
+        peers = self.peers
+        if ident not in peers:
+            if len(peers) >= MAX_PEERS:
+                del peers[next(iter(peers))]
+            peers[ident] = None
+
+    def take_held(self) -> list[tuple[bytes, Any, int]]:
+        """Empty the held queue, returning what it held in arrival order."""
+        held, self.held, self.held_bytes = self.held, [], 0
+        return held
 
     @property
     def stale(self) -> bool:

@@ -7,7 +7,12 @@ does not know which layer it drives.
 
 * `cgroup`: the run's own cgroup v2. `members` is cgroup.procs, `kill` is
   cgroup.kill (atomic against forks), waiting is an inotify event on
-  cgroup.events. setsid() and double forks do not leave a cgroup.
+  cgroup.events. setsid() and double forks do not leave a cgroup; a process
+  that moves itself out (only root can: a run with its own uid owns no
+  cgroup file) is still found, because it still descends from the spawner:
+  the sweep looks at every orphan the spawner adopted and their subtrees for
+  the run's uid (which a run cannot change) or its marker, kills what it
+  finds and reports it as `escaped`.
 * `process-group+subreaper`: the run's process group (pinned by its zombie
   leader, see worker/spawner.py) for signals, and for the sweep every
   descendant of the spawner (orphans come back to it as the subreaper) that
@@ -28,6 +33,7 @@ import psutil
 
 from supervisor import procs
 from supervisor.cgroups import Cgroup, InotifyWatcher
+from supervisor.identities import process_uid
 from supervisor.timer import sleep_until
 
 CGROUP = "cgroup"
@@ -67,6 +73,9 @@ class Containment(Protocol):
     async def wait_frozen(self, frozen: bool, timeout: float) -> bool:
         """Wait until the whole run is frozen (or thawed); False on timeout."""
 
+    def escapees(self) -> list[int]:
+        """Live processes of the run outside the layer's own reach (found by uid or marker)."""
+
     def measure(self) -> tuple[float, int, int]:
         """(CPU seconds, resident bytes, live processes) of the run now."""
 
@@ -76,12 +85,55 @@ class Containment(Protocol):
     def cleanup(self) -> None: ...
 
 
+class RunIdentity:
+    """What marks a process as the run's wherever it went: its uid (which the
+    run cannot change when it has its own) or its environment marker (which a
+    run can overwrite; trusted only without identities), found among the
+    orphans the spawner adopted and their subtrees."""
+
+    def __init__(self, uid: int | None, marker: bytes, spawner_pid: int | None,
+                 other_leaders: Callable[[], set[int]] | None):
+        self.uid = uid
+        self.marker = marker
+        self.spawner_pid = spawner_pid
+        self.other_leaders = other_leaders or (lambda: set())
+
+    def owns(self, pid: int) -> bool:
+        if self.uid is not None:
+            return process_uid(pid) == self.uid
+        return procs.has_marker(pid, self.marker)
+
+    def outside(self, inside: set[int]) -> list[int]:
+        """Processes of the run among the spawner's adopted orphans' subtrees, minus `inside`."""
+        if self.spawner_pid is None:
+            return []
+        from worker.platform import direct_children
+
+        skip = self.other_leaders()
+        found = []
+        for root in direct_children(self.spawner_pid):
+            if root in skip:
+                continue
+            for pid in [root, *procs.descendants(root)]:
+                if pid not in inside and _alive(pid) and self.owns(pid):
+                    found.append(pid)
+        return found
+
+
+def _alive(pid: int) -> bool:
+    st = procs.read_stat(pid)
+    return st is not None and st[0] not in ("Z", "X")
+
+
 class CgroupContainment:
     name = CGROUP
 
-    def __init__(self, cgroup: Cgroup, watcher: InotifyWatcher, has_kill: bool):
+    def __init__(self, cgroup: Cgroup, watcher: InotifyWatcher, has_kill: bool,
+                 identity: RunIdentity | None = None):
         self.cgroup = cgroup
         self.has_kill = has_kill
+        self.identity = identity
+        self.escaped: list[int] = []
         self._watcher = watcher
         self._waiters: list[asyncio.Future] = []
         self._wd = watcher.watch(cgroup.events_file, self.changed)
@@ -100,7 +152,13 @@ class CgroupContainment:
         return set(self.cgroup.pids())
 
     def survivors(self) -> list[int]:
-        return self.cgroup.pids()
+        inside = self.cgroup.pids()
+        return inside + self.escapees(set(inside))
+
+    def escapees(self, inside: set[int] | None = None) -> list[int]:
+        if self.identity is None:
+            return []
+        return self.identity.outside(self.members() if inside is None else inside)
 
     def signal(self, sig: int) -> int:
         return procs.signal_members(self.cgroup.pids(), sig, self.members)
@@ -118,10 +176,14 @@ class CgroupContainment:
 
     def sweep(self) -> int:
         left = self.cgroup.pids()
-        if not left:
-            return 0
-        self.kill()
-        return len(left)
+        if left:
+            self.kill()
+        out = self.escapees(set(left))
+        if out:  # left the cgroup: kill each through a pidfd, re-checked as still the run's
+            self.escaped += [pid for pid in out if pid not in self.escaped]
+            assert self.identity is not None
+            procs.signal_members(out, signal.SIGKILL, lambda: {p for p in out if self.identity.owns(p)})
+        return len(left) + len(out)
 
     async def _wait_for(self, predicate, timeout: float) -> bool:
         """Wait on cgroup.events notifications, re-reading on a short backoff too.
@@ -152,7 +214,9 @@ class CgroupContainment:
         return await self._wait_for(lambda: not self.cgroup.populated(), timeout)
 
     async def wait_all_gone(self, timeout: float) -> bool:
-        return await self.wait_empty(timeout)  # nothing of the run lives outside its cgroup
+        if not await self.wait_empty(timeout):
+            return False
+        return await procs.wait_pids_gone(self.escaped, timeout) if self.escaped else True
 
     def freeze(self) -> None:
         self.cgroup.freeze(True)
@@ -201,11 +265,15 @@ def _cpu_sum(pids: list[int]) -> float:
 
 
 class ProcessGroupContainment:
-    def __init__(self, pgid: int, marker: str, spawner_pid: int, subreaper: bool):
+    def __init__(self, pgid: int, marker: str, spawner_pid: int, subreaper: bool, uid: int | None = None):
         self.pgid = pgid
         self.marker = marker.encode()
         self.spawner_pid = spawner_pid
         self.subreaper = subreaper
+        #: the run's own uid, under isolation: decisive, since the run cannot
+        #: change it (unlike its process group or its marker)
+        self.uid = uid
+        self.escaped: list[int] = []
         self.name = PGROUP_SUBREAPER if subreaper else PGROUP
 
     def _candidates(self) -> list[int]:
@@ -220,7 +288,13 @@ class ProcessGroupContainment:
         st = procs.read_stat(pid)
         if st is None or st[0] in ("Z", "X"):
             return False  # exited; the spawner reaps it
-        return st[1] == self.pgid or (with_marker and procs.has_marker(pid, self.marker))
+        if st[1] == self.pgid:
+            return True
+        if not with_marker:
+            return False
+        if self.uid is not None:
+            return process_uid(pid) == self.uid
+        return procs.has_marker(pid, self.marker)
 
     def _still_ours(self, pids: list[int]) -> Callable[[], set[int]]:
         """Membership re-check for signal_members: a few reads per pid, not a new tree walk."""
@@ -242,9 +316,14 @@ class ProcessGroupContainment:
     def kill(self) -> None:
         self.signal(signal.SIGKILL)
 
+    def escapees(self) -> list[int]:
+        return [pid for pid in self.survivors() if (procs.read_stat(pid) or ("Z", 0))[1] != self.pgid]
+
     def sweep(self) -> int:
         left = self.survivors()
         if left:
+            self.escaped += [pid for pid in left if pid not in self.escaped
+                             and (procs.read_stat(pid) or ("Z", self.pgid))[1] != self.pgid]
             procs.signal_members(left, signal.SIGKILL, self._still_ours(left))
         return len(left)
 

@@ -25,17 +25,23 @@ from ipc import framing
 from supervisor.broker import Broker
 from supervisor.cgroups import CgroupTree, InotifyWatcher
 from supervisor.containment import (CGROUP, PGROUP, PGROUP_SUBREAPER, CgroupContainment, Containment,
-                                    ProcessGroupContainment)
+                                    ProcessGroupContainment, RunIdentity)
 from supervisor.errors import (ContainmentDegraded, DeadstopError, InvalidTarget, RunNotFound, SupervisorClosed)
+from supervisor import isolation as iso
+from supervisor.identities import DEFAULT_UID_RANGE, IdentityPool
 from supervisor.journal import Journal
 from supervisor.recovery import recover
-from supervisor.limits import TOKEN_KEYS, Limits, apply_cgroup_limits, rlimits_for
+from supervisor import leftovers
+from supervisor.cgroup_v1 import V1Tree
+from supervisor.errors import LimitUnenforceable
+from supervisor.limits import TOKEN_KEYS, KernelLimits, Limits, LimitSupport, rlimits_for
 from supervisor import session_tools
 from supervisor.registry import SessionRegistry
 from supervisor.sessions import AgentSpec, AsyncSession
 from supervisor.run import AsyncRun
 from supervisor.spawner_client import SpawnerClient
 from supervisor.states import LIVE, RunState
+from supervisor.stop import StopRequest
 from supervisor.tools import ToolRegistry
 
 log = logging.getLogger("deadstop")
@@ -65,13 +71,28 @@ class AsyncSupervisor:
     containment   "auto" (strongest available), "cgroup" (fail if cgroup v2
                   is not writable) or "process-group" (force the fallback).
     grace         default seconds between SIGTERM and SIGKILL.
+    isolation     "auto" (every layer the host gives; `sup.isolation` names
+                  the missing ones), "strict" (refuse to open unless every
+                  layer is there) or "off" (trusted code: runs share the
+                  supervisor's identity, namespaces and environment).
+    uid_range     (first uid, count) that per-run identities come from.
+    spawner_timeout  seconds the spawner may take to answer a start; past
+                  that it is declared lost and every run is killed through
+                  its cgroup.
     """
 
     def __init__(self, *, state_dir: str | None = None, containment: str = "auto", grace: float = 1.0,
                  max_request_bytes: int = framing.MAX_REQUEST_BYTES, tool_threads: int = 32,
-                 sample_interval: float = 0.1):
+                 sample_interval: float = 0.1, isolation: str = "auto",
+                 uid_range: tuple[int, int] = DEFAULT_UID_RANGE, spawner_timeout: float = 10.0):
         if containment not in CONTAINMENT_CHOICES:
             raise ValueError(f"containment must be one of {CONTAINMENT_CHOICES}, not {containment!r}")
+        if isolation not in iso.ISOLATION_CHOICES:
+            raise ValueError(f"isolation must be one of {iso.ISOLATION_CHOICES}, not {isolation!r}")
+        self._isolation_choice = isolation
+        self._spawner_timeout = spawner_timeout
+        self._uid_range = uid_range
+        self.identities: IdentityPool | None = None
         if grace < 0:
             raise ValueError("grace must be >= 0")
         self.id = secrets.token_hex(4)
@@ -95,10 +116,12 @@ class AsyncSupervisor:
         self.loop = asyncio.get_running_loop()
         self.state_dir = self._state_dir_arg or tempfile.mkdtemp(prefix="deadstop-state-")
         os.makedirs(self.state_dir, exist_ok=True)
-        self.runtime_dir = framing.make_runtime_dir()
         self.journal = Journal(os.path.join(self.state_dir, "journal.db"))
         self.journal.bind(self.loop)
         self.recovered = await recover(self.journal, self.id)
+        # After the journal's recovery (which records what it kills), before our own dirs exist.
+        self.leftovers_removed = await leftovers.sweep()
+        self.runtime_dir = leftovers.make_runtime_dir(self.id)
         self.registry.load()
         self.cgroups: CgroupTree | None = None
         self.watcher: InotifyWatcher | None = None
@@ -114,11 +137,30 @@ class AsyncSupervisor:
                 self.watcher = InotifyWatcher(self.loop)
         else:
             self.containment_degraded_reason = "process-group containment forced by configuration"
+        # Kernel limits: v2 controllers where delegated, else v1 memory/pids
+        # hierarchies (hybrid hosts), whatever the containment layer.
+        self.v1 = V1Tree.create(self.id)
+        self.limit_support = LimitSupport(self.cgroups, self.containment_degraded_reason, self.v1)
         self.broker = Broker(self.loop, framing.ipc_address(self.runtime_dir, "egress"), self.journal, self.tools,
                              self, max_request_bytes=self._max_request_bytes, tool_threads=self._tool_threads)
         session_tools.register(self)
-        self.spawner = await SpawnerClient.launch(self.cgroups.child("spawner") if self.cgroups else None)
+        isolated = self._isolation_choice != "off"
+        self.spawner = await SpawnerClient.launch(self.cgroups.child("spawner") if self.cgroups else None,
+                                                  env=iso.spawner_environment() if isolated else None,
+                                                  isolated=isolated)
         self.spawner.on_lost = self._spawner_lost
+        self.spawner.answer_timeout = self._spawner_timeout
+        try:
+            await self._probe_isolation()
+        except BaseException:
+            await self.spawner.shutdown()
+            self.broker.close()
+            if self.cgroups is not None:
+                self.cgroups.remove()
+            self.v1.remove()
+            self.journal.close()
+            self._cleanup_dirs()
+            raise
         if self.cgroups is not None:
             self.spawner.configure(cgroup_root=self.cgroups.root.path, home_procs=self.cgroups.home_procs)
             self.containment = CGROUP
@@ -162,9 +204,36 @@ class AsyncSupervisor:
             self.watcher.close()
         if self.cgroups is not None:
             self.cgroups.remove()
+        self.v1.remove()
+        if self.identities is not None:
+            self.identities.close()
         self.journal.supervisor_ended(self.id)
         self.journal.close()
         self._cleanup_dirs()
+
+    async def _probe_isolation(self) -> None:
+        """Find which isolation layers this host gives (once), and refuse if strict and any is missing."""
+        mode = self._isolation_choice
+        if mode == "off":
+            self.isolation = iso.profile_from_probe(mode, {})
+            return
+        if os.geteuid() == 0:
+            self.identities = IdentityPool(self._uid_range)
+        probe_uid = self.identities.allocate() if self.identities else None
+        try:
+            results = await self.spawner.probe(iso.probe_plan(probe_uid))
+        finally:
+            if probe_uid is not None:
+                self.identities.release(probe_uid)
+        self.isolation = iso.profile_from_probe(mode, results)
+        if mode == "strict" and self.isolation.missing:
+            raise ContainmentDegraded(f"isolation='strict' but these layers are missing: {self.isolation.missing}")
+        if self.isolation.missing:
+            log.warning("deadstop: isolation degraded: %s", self.isolation)
+        if self.isolation.has("identity"):
+            os.chmod(self.runtime_dir, 0o711)  # runs traverse it to their own endpoint, and list nothing
+        self._voids = iso.make_voids(self.runtime_dir)
+        self._interpreter_paths = sorted(iso.interpreter_paths(), key=lambda p: p.count("/"))
 
     def _cleanup_dirs(self) -> None:
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
@@ -174,10 +243,11 @@ class AsyncSupervisor:
     def _spawner_lost(self) -> None:
         if self.closed:
             return
-        log.error("deadstop: spawner died; killing every live run")
+        why = self.spawner.lost_reason
+        log.error("deadstop: %s; killing every live run through its containment", why)
         for run in list(self.runs.values()):
             if run.state in LIVE and run.containment is not None:
-                self.loop.create_task(run.kill(source="spawner", reason="spawner process died"))
+                self.loop.create_task(run.kill(source="spawner", reason=why))
 
     # -- tools -----------------------------------------------------------------------
     def register_tool(self, name: str, fn: Callable[..., Any]) -> None:
@@ -191,7 +261,7 @@ class AsyncSupervisor:
         if not self._opened:
             raise SupervisorClosed("supervisor is not open: use 'async with AsyncSupervisor()' or await open()")
         if not self.spawner.alive:
-            raise SupervisorClosed("the spawner process died; open a new supervisor")
+            raise SupervisorClosed(f"{self.spawner.lost_reason}: every run was killed; open a new supervisor")
 
     @staticmethod
     def _prepare_target(target: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[str, str, bytes | None, list[str] | None]:
@@ -215,11 +285,27 @@ class AsyncSupervisor:
 
     async def start(self, target: Any, *args: Any, tools: Sequence[str] = (), grace: float | None = None,
                     kwargs: dict[str, Any] | None = None, env: dict[str, str] | None = None,
-                    cwd: str | None = None, limits: Limits | None = None) -> AsyncRun:
-        """Start `target` as a new run in its own process group (and cgroup)."""
+                    cwd: str | None = None, limits: Limits | None = None, network: str = "none",
+                    private_tmp: bool | None = None) -> AsyncRun:
+        """Start `target` as a new run in its own process group (and cgroup).
+
+        Under isolation the run starts from a clean environment (a few host
+        variables, HOME = cwd, then `env`), in `cwd` (which its own uid must
+        be able to use; default "/"), with no network but its own loopback
+        unless network="host", and with a private /tmp if private_tmp (the
+        default under isolation="strict").
+        """
         self._check_open()
         kind, desc, blob, argv = self._prepare_target(target, args, kwargs or {})
-        return await self._launch(kind, desc, blob, argv, list(tools), grace, env, cwd, limits=limits)
+        return await self._launch(kind, desc, blob, argv, list(tools), grace, env, cwd, limits=limits,
+                                  network=network, private_tmp=private_tmp)
+
+    def _check_run_options(self, cwd: str | None, network: str) -> None:
+        """Refuse what no run could use, at registration instead of at the first message."""
+        if network not in iso.NETWORK_CHOICES:
+            raise ValueError(f"network must be one of {iso.NETWORK_CHOICES}, not {network!r}")
+        if cwd is not None and not os.path.isdir(cwd):
+            raise InvalidTarget(f"cwd {cwd!r} is not a directory")
 
     def _check_tools(self, tools: Sequence[str]) -> None:
         for name in tools:
@@ -229,32 +315,66 @@ class AsyncSupervisor:
     async def _launch(self, kind: str, desc: str, blob: bytes | None, argv: list[str] | None, tools: list[str],
                       grace: float | None, env: dict[str, str] | None, cwd: str | None, *,
                       limits: Limits | None = None, session: AsyncSession | None = None,
-                      inbox: dict[str, Any] | None = None) -> AsyncRun:
+                      inbox: dict[str, Any] | None = None, network: str = "none",
+                      private_tmp: bool | None = None) -> AsyncRun:
         self._check_tools(tools)
         if grace is not None and grace < 0:
             raise ValueError("grace must be >= 0")
+        if network not in iso.NETWORK_CHOICES:
+            raise ValueError(f"network must be one of {iso.NETWORK_CHOICES}, not {network!r}")
+        plan = self.check_limits(limits)  # LimitUnenforceable before anything exists
         run_id = secrets.token_hex(framing.RUN_ID_CHARS // 2)
+        try:
+            kernel = KernelLimits.create(run_id, limits, plan, self.v1)  # v1 groups, limits written
+        except OSError as exc:
+            raise LimitUnenforceable(f"run {run_id}: cannot set its kernel limits {plan}: {exc}") from exc
+        uid = self.identities.allocate() if self.isolation.has("identity") else None
+        try:
+            confined = self._confinement(run_id, uid, argv, cwd, env, network, private_tmp)
+        except BaseException:
+            if uid is not None:
+                self.identities.release(uid)
+            if kernel is not None:
+                kernel.cleanup()
+            raise
         credential = framing.new_credential()
         cgroup = self.cgroups.child(f"run-{run_id}") if self.cgroups else None
-        if cgroup is not None and limits is not None:
-            apply_cgroup_limits(cgroup, limits)
+        if kernel is not None:
+            try:
+                kernel.apply_v2(cgroup)
+            except OSError as exc:
+                if cgroup is not None:
+                    cgroup.remove()
+                kernel.cleanup()
+                if confined.endpoint_dir:
+                    shutil.rmtree(confined.endpoint_dir, ignore_errors=True)
+                if uid is not None:
+                    self.identities.release(uid)
+                raise LimitUnenforceable(f"run {run_id}: cannot set its kernel limits {plan}: {exc}") from exc
         generation = session.generation if session is not None else 0
         self.journal.run_created(run_id, self.id, kind, desc, tools, self.containment, cgroup.path if cgroup else None,
                                  session.key if session else None, generation)
         channel = self.broker.open_channel(run_id, credential, frozenset(tools), generation,
                                            session.gen if session is not None else None,
-                                           limits.tool_calls if limits else None)
+                                           limits.tool_calls if limits else None,
+                                           peer_uid=uid, peer_gid=uid, endpoint_dir=confined.endpoint_dir)
         run = AsyncRun(self, run_id, kind, desc, tools, self.grace if grace is None else grace, channel,
                        session=session, limits=limits, inbox=inbox)
+        run.uid = uid
+        run.kernel_limits, run.limits_enforcement = kernel, plan
+        run.isolation = confined.summary
         self.runs[run_id] = run
         msg = {
-            "run_id": run_id, "blob": blob, "argv": argv, "env": dict(env or {}), "cwd": cwd,
-            "cgroup_procs": cgroup.procs_file if cgroup else None, "pin_group": cgroup is None,
-            "credential": credential, "generation": generation, "egress": self.broker.address,
-            "supervisor_pid": os.getpid(), "rlimits": rlimits_for(limits, cgroup),
+            "run_id": run_id, "blob": blob, "argv": argv, "env": confined.env, "clean_env": confined.clean_env,
+            "cwd": confined.cwd, "cgroup_procs": cgroup.procs_file if cgroup else None, "pin_group": cgroup is None,
+            "generation": generation, "egress": getattr(channel, "address", self.broker.address),
+            "supervisor_pid": os.getpid(), "rlimits": rlimits_for(limits, plan), "sandbox": confined.plan,
+            # v1 memory/pids groups, joined (as root, before any user code) right after the v2 cgroup
+            "join_cgroups": kernel.join_files() if kernel is not None else [],
         }
+        cred_fd = framing.credential_memfd(credential)
         try:
-            started = await self.spawner.start(msg)
+            started = await self.spawner.start(msg, cred_fd)
         except BaseException as exc:
             why = "start cancelled" if isinstance(exc, asyncio.CancelledError) else f"start failed: {exc}"
             self.broker.revoke(channel, "supervisor", why)
@@ -264,19 +384,75 @@ class AsyncSupervisor:
                 if cgroup.populated():  # forked before the cancel reached us
                     cgroup.kill()
                 cgroup.remove()  # if still populated, close() removes the subtree after the spawner is gone
+            if kernel is not None:
+                kernel.cleanup()  # kills a child forked before the cancel, removes the v1 groups
+            self._forget_confinement(run)
             if isinstance(exc, (DeadstopError, asyncio.CancelledError)):
                 raise
             raise DeadstopError(f"run {run_id} could not be started: {exc}") from exc
-        run.attach(started.pid, started.create_time, started.pidfd, self._containment_for(run_id, started.pid, cgroup))
+        finally:
+            os.close(cred_fd)
+        run.attach(started.pid, started.create_time, started.pidfd,
+                   self._containment_for(run_id, started.pid, cgroup, uid))
         if limits is not None and (limits.cpu_seconds or limits.memory_bytes or limits.processes):
             self._ensure_sampler()
         return run
 
-    def _containment_for(self, run_id: str, pid: int, cgroup) -> Containment:
+    def _confinement(self, run_id: str, uid: int | None, argv: list[str] | None, cwd: str | None,
+                     env: dict[str, str] | None, network: str, private_tmp: bool | None) -> iso.Confinement:
+        """The run's sandbox plan, environment and endpoint; InvalidTarget if its cwd is unusable."""
+        if self.isolation.mode == "off":
+            return iso.Confinement(None, dict(env or {}), False, cwd, None, {"mode": "off", "network": "host"})
+        if private_tmp is None:
+            private_tmp = self.isolation.mode == "strict"
+        workdir = os.path.abspath(cwd) if cwd else "/"
+        if uid is not None:
+            why = iso.check_workspace(workdir, uid, uid)
+            if why:
+                raise InvalidTarget(why)
+        endpoint_dir = None
+        if uid is not None:
+            endpoint_dir = os.path.join(self.runtime_dir, f"r-{run_id}")
+            os.mkdir(endpoint_dir, 0o710)
+            os.chown(endpoint_dir, 0, uid)
+        plan = iso.sandbox_plan(self.isolation, run_id, uid, workdir, argv, network, private_tmp,
+                                self._interpreter_paths, endpoint_dir, self._voids,
+                                masks=self.journal.files() + [self.state_dir])
+        summary = {**self.isolation.to_dict(), "network": network, "private_tmp": private_tmp}
+        if network == "host":
+            summary["missing"] = {**summary["missing"], "namespace:network": "network='host': the run is unconfined"}
+            summary["active"] = [n for n in summary["active"] if n != "namespace:network"]
+        return iso.Confinement(plan, iso.run_environment(env, workdir), True, workdir, endpoint_dir, summary)
+
+    def _forget_confinement(self, run: AsyncRun) -> None:
+        """Give back what the run's confinement held: its endpoint directory, then its uid."""
+        endpoint_dir = os.path.join(self.runtime_dir, f"r-{run.id}")
+        shutil.rmtree(endpoint_dir, ignore_errors=True)
+        if run.uid is not None and self.identities is not None:
+            self.identities.release(run.uid)
+
+    def check_limits(self, limits: Limits | None) -> dict[str, str]:
+        """How each limit would be enforced here (limit -> mechanism); raises
+        LimitUnenforceable for a memory_bytes / processes limit no kernel
+        controller can enforce, unless Limits(enforcement="sampled")."""
+        if limits is not None and not isinstance(limits, Limits):
+            raise InvalidTarget(f"limits must be a Limits, not {type(limits).__name__}")
+        return self.limit_support.plan(limits)
+
+    @property
+    def limit_enforcement(self) -> dict[str, str]:
+        """memory_bytes / processes -> the kernel mechanism this host offers, or "sampled only: <why>"."""
+        return self.limit_support.describe()
+
+    def _containment_for(self, run_id: str, pid: int, cgroup, uid: int | None) -> Containment:
         if cgroup is not None:
             assert self.watcher is not None and self.cgroups is not None
-            return CgroupContainment(cgroup, self.watcher, self.cgroups.has_kill)
-        return ProcessGroupContainment(pid, f"{framing.ENV_MARKER}={run_id}", self.spawner.pid, self.spawner.subreaper)
+            identity = RunIdentity(uid, f"{framing.ENV_MARKER}={run_id}".encode(),
+                                   self.spawner.pid if self.spawner.subreaper else None,
+                                   lambda: {r.pid for r in self.runs.values() if r.pid is not None and r.pid != pid})
+            return CgroupContainment(cgroup, self.watcher, self.cgroups.has_kill, identity)
+        return ProcessGroupContainment(pid, f"{framing.ENV_MARKER}={run_id}", self.spawner.pid, self.spawner.subreaper,
+                                       uid=uid)
 
     async def stop_all(self, grace: float | None = None, *, source: str = "api",
                        reason: str = "stop all") -> list:
@@ -291,6 +467,12 @@ class AsyncSupervisor:
             raise RunNotFound(f"no run {run_id!r} in supervisor {self.id}") from None
 
     def run_finished(self, run: AsyncRun) -> None:
+        close_channel = getattr(self.broker, "close_channel", None)
+        if close_channel is not None:
+            close_channel(run.id)
+        if run.report is not None and run.report.survivors:
+            run.uid = None  # quarantined: a uid is reused only once nothing of its run lives
+        self._forget_confinement(run)
         if run.session is not None:
             run.session.run_ended(run)
         self._publish(Event(run.id, "run.ended", {"state": run.state.value}, time.monotonic_ns(),
@@ -334,6 +516,16 @@ class AsyncSupervisor:
         if run is not None:
             run.quota(limit)
 
+    def on_abuse(self, run_id: str, detail: str) -> None:
+        """The broker revoked a run for spending its refusal budget: stop it (source "abuse").
+
+        A run still starting has no containment to signal yet: it is left
+        revoked (nothing it asks for happens) and is not stopped here.
+        """
+        run = self.runs.get(run_id)
+        if run is not None and run.machine.live and run._stop_task is None and run.containment is not None:
+            run._begin(StopRequest("stop", "abuse", detail, run.grace, time.monotonic_ns()))
+
     def inbox_of(self, run_id: str) -> Any:
         run = self.runs.get(run_id)
         return run.inbox if run is not None else None
@@ -375,8 +567,11 @@ class AsyncSupervisor:
     # -- sessions (see supervisor/registry.py) ------------------------------------------------
     def register_agent(self, name: str, target: Any, *, tools: Sequence[str] = (), limits: Limits | None = None,
                        grace: float | None = None, may_stop_sessions: bool = False,
-                       peers: Sequence[str] = ()) -> None:
+                       peers: Sequence[str] = (), cwd: str | None = None, env: dict[str, str] | None = None,
+                       network: str = "none", private_tmp: bool | None = None) -> None:
         """Name an agent that sessions (and sub-agents, via sessions.spawn) can run.
+
+        cwd, env, network, private_tmp: as for start(), for every run of the agent.
 
         may_stop_sessions: a sub-agent of this kind may use `sessions.stop`
         (top-level runs may always stop sessions they spawned).
@@ -384,7 +579,8 @@ class AsyncSupervisor:
         without having spawned them (the agent-to-agent allow-list).
         """
         self.registry.register_agent(name, target, tools=tools, limits=limits, grace=grace,
-                                     may_stop_sessions=may_stop_sessions, peers=peers)
+                                     may_stop_sessions=may_stop_sessions, peers=peers, cwd=cwd, env=env,
+                                     network=network, private_tmp=private_tmp)
 
     @property
     def agents(self) -> dict[str, AgentSpec]:
@@ -426,8 +622,7 @@ class AsyncSupervisor:
                 return
             for run in watched:
                 try:
-                    cpu, memory, procs = run.containment.measure()
+                    run.sample()
                 except Exception:  # the run ended under us
                     continue
-                run.record_sample(cpu, memory, procs)
             await asyncio.sleep(self.sample_interval)

@@ -23,6 +23,7 @@ __all__ = [
     "InvalidTransition",
     "StopIncomplete",
     "ContainmentDegraded",
+    "LimitUnenforceable",
     "RunFailed",
     "SupervisorClosed",
 ]
@@ -50,6 +51,15 @@ class SupervisorClosed(DeadstopError):
 
 class ContainmentDegraded(DeadstopError):
     """A containment layer was required but is not available on this machine."""
+
+
+class LimitUnenforceable(DeadstopError, ValueError):
+    """A memory_bytes or processes limit that no kernel controller on this host can enforce.
+
+    Raised at register_agent and at start, naming the limit and why each
+    mechanism is missing, unless the caller accepted sampling explicitly
+    with ``Limits(..., enforcement="sampled")``.
+    """
 
 
 class RunFailed(DeadstopError):

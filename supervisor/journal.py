@@ -33,6 +33,14 @@ log = logging.getLogger("deadstop.journal")
 #: stop never does (revocations and stop reports commit at once).
 COMMIT_DELAY = 0.005
 
+#: Refusal rows written per (run, code) in each window of REFUSAL_WINDOW_NS;
+#: further refusals in the window are only counted, and written as one
+#: summary row when it closes. A garbage flood then costs a few rows a second
+#: instead of one per frame (40,000 a second were measured), and the summary
+#: still says how large it was.
+REFUSAL_ROWS = 5
+REFUSAL_WINDOW_NS = 1_000_000_000
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS supervisors(
     id TEXT PRIMARY KEY, pid INTEGER, pid_create_time REAL, boot_id TEXT,
@@ -70,10 +78,27 @@ def boot_id() -> str:
         return ""
 
 
+class _Window:
+    """Refusals of one (run, code) since `start`: how many were written, how many only counted."""
+
+    __slots__ = ("start", "written", "more", "last", "timer")
+
+    def __init__(self, start: int):
+        self.start = start
+        self.written = 0
+        self.more = 0
+        self.last: tuple[int, str, str | None] = (start, "?", None)  # t_ns, verb, tool of the last one counted
+        self.timer: asyncio.TimerHandle | None = None
+
+
 class Journal:
     def __init__(self, path: str):
         self.path = path
+        # Owner-only before SQLite opens it (its -wal and -shm files take the
+        # same mode): runs are other uids and must read none of it.
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        os.chmod(path, 0o600)
         self.db = sqlite3.connect(path, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
@@ -83,6 +108,7 @@ class Journal:
         self._commit_pending = False
         self._pending: list[tuple[str, tuple[Any, ...]]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._windows: dict[tuple[str | None, int], _Window] = {}
         self.closed = False
 
     def _migrate(self) -> None:
@@ -171,6 +197,48 @@ class Journal:
         self._exec("INSERT INTO egress(run_id, t_ns, req_id, verb, tool, decision, code, detail)"
                    " VALUES (?,?,?,?,?,?,?,?)", (run_id, t_ns, req_id, verb, tool, decision, code, detail))
 
+    def refused(self, run_id: str | None, t_ns: int, req_id: int | None, verb: str, tool: str | None, code: int,
+                detail: str, *, quiet: bool = False) -> None:
+        """A refusal: a row while its (run, code) window has room, else only counted (see REFUSAL_ROWS).
+
+        `quiet` counts it even when there is room: the broker's budget for
+        traffic it cannot attribute to any run is spent.
+        """
+        key = (run_id, code)
+        window = self._windows.get(key)
+        if window is not None and t_ns - window.start >= REFUSAL_WINDOW_NS:
+            self._close_window(key)
+            window = None
+        if window is None:
+            window = self._open_window(key, t_ns)
+        if window.written < REFUSAL_ROWS and not quiet:
+            window.written += 1
+            self.egress(run_id, t_ns, req_id, verb, tool, "refused", code, detail)
+        else:
+            window.more += 1
+            window.last = (t_ns, verb, tool)
+
+    def flush_refusals(self, run_id: str | None) -> None:
+        """Write the summary rows of `run_id`'s open refusal windows now (the run has ended)."""
+        for key in [k for k in self._windows if k[0] == run_id]:
+            self._close_window(key)
+
+    def _open_window(self, key: tuple[str | None, int], t_ns: int) -> _Window:
+        window = self._windows[key] = _Window(t_ns)
+        if self._loop is not None:  # else it closes at the next refusal after it, or at close()
+            window.timer = self._loop.call_later(REFUSAL_WINDOW_NS / 1e9, self._close_window, key)
+        return window
+
+    def _close_window(self, key: tuple[str | None, int]) -> None:
+        window = self._windows.pop(key, None)
+        if window is None:
+            return
+        if window.timer is not None:
+            window.timer.cancel()
+        if window.more and not self.closed:
+            t_ns, verb, tool = window.last
+            self.egress(key[0], t_ns, None, verb, tool, "refused", key[1], f"x {window.more} more like this")
+
     def run_ended(self, run_id: str, state: str, t_ns: int, exit_code: int | None, exit_signal: int | None,
                   report: dict[str, Any], usage: dict[str, Any] | None = None) -> None:
         self._exec("UPDATE runs SET state=?, ended_ns=?, ended_wall=?, exit_code=?, exit_signal=?, usage=?"
@@ -224,9 +292,15 @@ class Journal:
         self._exec("INSERT INTO egress(run_id, t_ns, req_id, verb, tool, decision, code, detail)"
                    " VALUES (?,?,?,?,?,?,?,?)", (run_id, t_ns, None, what, None, "fenced", None, detail[:500]))
 
+    def files(self) -> list[str]:
+        """The database and its WAL companions (what a run's sandbox masks)."""
+        return [self.path, self.path + "-wal", self.path + "-shm"]
+
     def close(self) -> None:
         if self.closed:
             return
+        for key in list(self._windows):
+            self._close_window(key)
         try:
             self.commit_now()
         finally:

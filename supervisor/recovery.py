@@ -26,7 +26,7 @@ from typing import Any
 import psutil
 
 from ipc import framing
-from supervisor import procs
+from supervisor import leftovers, procs
 from supervisor.cgroups import Cgroup
 from supervisor.journal import Journal, boot_id
 
@@ -128,11 +128,11 @@ async def recover(journal: Journal, own_id: str) -> list[dict[str, Any]]:
 
 
 def _remove_dead_tree(db: Any, sid: str) -> None:
-    """Remove the dead supervisor's cgroup subtree (deadstop-<id>), now empty."""
+    """Remove the dead supervisor's cgroup subtree (deadstop-<id>-<owner>), now empty."""
     for (path,) in db.execute("SELECT cgroup FROM runs WHERE supervisor_id = ? AND cgroup IS NOT NULL LIMIT 1",
                               (sid,)):
         root = os.path.dirname(path)
-        if os.path.basename(root) == f"deadstop-{sid}" and os.path.isdir(root):
+        if leftovers.is_subtree_of(os.path.basename(root), sid) and os.path.isdir(root):
             tree = Cgroup(root)
             try:
                 tree.kill()

@@ -30,14 +30,17 @@ class SessionRegistry:
 
     def register_agent(self, name: str, target: Any, *, tools: Sequence[str] = (), limits: Limits | None = None,
                        grace: float | None = None, may_stop_sessions: bool = False,
-                       peers: Sequence[str] = ()) -> None:
+                       peers: Sequence[str] = (), cwd: str | None = None, env: dict[str, str] | None = None,
+                       network: str = "none", private_tmp: bool | None = None) -> None:
         """See AsyncSupervisor.register_agent. Checks the target and tools now, not at the first message."""
         if not isinstance(name, str) or not name:
             raise ValueError("agent name must be a non-empty string")
         self._sup._prepare_target(target, (), {})
         self._sup._check_tools(tools)
+        self._sup.check_limits(limits)  # LimitUnenforceable now, not at the first message
+        self._sup._check_run_options(cwd, network)
         self.agents[name] = AgentSpec(name, target, tuple(tools), limits, grace, may_stop_sessions,
-                                      frozenset(peers))
+                                      frozenset(peers), cwd, dict(env) if env else None, network, private_tmp)
 
     def agent_spec(self, agent: Any) -> AgentSpec:
         if isinstance(agent, AgentSpec):
@@ -104,8 +107,9 @@ class SessionRegistry:
             kind, desc, blob, argv = self._sup._prepare_target(spec.target, (message,), context)
         else:
             kind, desc, blob, argv = self._sup._prepare_target(spec.target, (), {})
-        run = await self._sup._launch(kind, desc, blob, argv, list(spec.tools), spec.grace, None, None,
-                                 limits=spec.limits, session=session, inbox=inbox)
+        run = await self._sup._launch(kind, desc, blob, argv, list(spec.tools), spec.grace, spec.env, spec.cwd,
+                                      limits=spec.limits, session=session, inbox=inbox, network=spec.network,
+                                      private_tmp=spec.private_tmp)
         session.active_run = run
         session.runs.append(run.id)
         self.store(session)

@@ -20,6 +20,11 @@ class StopReport:
     revoke_source: str = ""  # api | exit | supervisor | spawner | quota | ...
     revoke_reason: str = ""
     limit: str | None = None  # the limit whose crossing stopped the run (revoke_source "quota")
+    #: what enforced each of the run's limits: "broker" (tool_calls, tokens),
+    #: "timer" (wall_clock), "sampled" (cpu_seconds; memory_bytes / processes
+    #: only with Limits(enforcement="sampled")), "cgroup-v2:memory",
+    #: "cgroup-v1:memory", "cgroup-v2:pids", "cgroup-v1:pids"
+    limits_enforcement: dict[str, str] = dataclasses.field(default_factory=dict)
     term_sent_at: int | None = None
     kill_sent_at: int | None = None
     reaped_at: int = 0
@@ -30,6 +35,12 @@ class StopReport:
     handlers_cancelled: int = 0
     exit_code: int | None = None  # leader's exit status, if it exited
     exit_signal: int | None = None  # signal that ended the leader, if any
+    #: processes of the run found outside its containment (left its cgroup or
+    #: group), killed by the sweep; always reported, never hidden in `swept`
+    escaped: int = 0
+    escaped_pids: list[int] = dataclasses.field(default_factory=list)
+    #: the isolation layers the run had: {"mode", "active", "missing", "network", ...}
+    isolation: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

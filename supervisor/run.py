@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 from supervisor.channel import Channel, RevokeRecord
 from supervisor.containment import CgroupContainment, Containment
 from supervisor.errors import InvalidTransition, RunFailed, StopIncomplete
-from supervisor.limits import Limits, Usage, crossed
+from supervisor import procs
+from supervisor.limits import KernelLimits, Limits, Usage, crossed
 from supervisor.report import StopReport
 from supervisor.states import RunState, RunStateMachine
 from supervisor.stop import KILL_BOUND, StopRequest, stop_sequence
@@ -55,6 +56,12 @@ class AsyncRun:
         self.frozen = False  # its processes were frozen by pause()
         self._deadline: asyncio.TimerHandle | None = None
         self.id = run_id
+        self.uid: int | None = None  # its own identity, under isolation
+        self.isolation: dict[str, Any] = {}  # the layers it runs under (also in its report)
+        #: the kernel side of its memory_bytes / processes limits (supervisor/limits.py), if any
+        self.kernel_limits: KernelLimits | None = None
+        #: limit -> what enforces it: broker, timer, sampled, cgroup-v2:memory, cgroup-v1:pids, ...
+        self.limits_enforcement: dict[str, str] = {}
         self.kind = kind  # "python" | "argv"
         self.target = target
         self.tools = tools
@@ -88,6 +95,8 @@ class AsyncRun:
     def attach(self, pid: int, create_time: float, pidfd: int | None, containment: Containment) -> None:
         """The spawner forked the leader: watch it and mark the run running."""
         self.pid, self.create_time, self.pidfd, self.containment = pid, create_time, pidfd, containment
+        if self.kernel_limits is not None:
+            self.kernel_limits.watch(self._sup.loop, getattr(self._sup, "watcher", None), self.check_kernel_limits)
         self._sup.journal.run_started(self.id, pid, create_time)
         if self.machine.state is RunState.STARTING:
             self.machine.to(RunState.RUNNING)
@@ -114,6 +123,11 @@ class AsyncRun:
         self.leader_exited.set()
         if self.containment is not None:
             self.containment.changed()
+        if self._stop_task is None:
+            # The OOM killer counts its kill before it signals the victim: a
+            # leader killed for the memory limit (or one that gave up when a
+            # fork was refused) ended by crossing a limit, not by itself.
+            self.check_kernel_limits()
         if self._stop_task is None:
             self._begin(StopRequest("exit", "exit", "the run's leader process exited", 0.0, time.monotonic_ns()))
 
@@ -149,7 +163,11 @@ class AsyncRun:
             raise
         finally:
             self._done.set()
+        self._final_kernel_counts()
+        await self._sweep_kernel_groups(report)
         report.limit = self.limit_crossed
+        report.limits_enforcement = dict(self.limits_enforcement)
+        report.isolation = self.isolation
         self.usage.tool_calls = self.channel.calls
         self.report = report
         self.machine.to(RunState(report.outcome))
@@ -168,9 +186,57 @@ class AsyncRun:
         except Exception:
             log.exception("run %s: last-resort kill failed", self.id)
 
+    def _final_kernel_counts(self) -> None:
+        """The kernel's peaks, read once more before the groups go (usage is then final)."""
+        if self.kernel_limits is None:
+            return
+        try:
+            memory, processes = self.kernel_limits.peaks()
+        except OSError:
+            return
+        if memory is not None:
+            self.usage.peak_memory_bytes = max(self.usage.peak_memory_bytes, memory)
+        if processes is not None:
+            self.usage.peak_processes = max(self.usage.peak_processes, processes)
+
+    async def _sweep_kernel_groups(self, report: StopReport) -> None:
+        """Kill what is still alive in the run's v1 groups after the stop sequence.
+
+        Every process of the run joined them at bootstrap and cannot leave
+        them without privilege, so one alive there now is a process of the
+        run the containment layer did not reach (it left its cgroup or
+        process group): it is killed and reported as escaped, and as a
+        survivor if it outlives the kill bound.
+        """
+        k = self.kernel_limits
+        if k is None or k.v1 is None:
+            return
+        left = k.v1_live_members()
+        if not left:
+            return
+        found = set(left)
+        loop = self._sup.loop
+        deadline = loop.time() + KILL_BOUND
+        while left and loop.time() < deadline:
+            procs.signal_members(left, signal.SIGKILL, k.v1.members)
+            await procs.wait_pids_gone(left, min(0.1, max(0.0, deadline - loop.time())))
+            left = k.v1_live_members()
+            found.update(left)
+        log.warning("run %s: %d process(es) alive in its v1 groups after the stop sequence: %s",
+                    self.id, len(found), sorted(found))
+        new = sorted(found - set(report.escaped_pids))
+        report.escaped += len(new)
+        report.escaped_pids = sorted(set(report.escaped_pids) | found)
+        if left:
+            report.survivor_pids = sorted(set(report.survivor_pids) | set(left))
+            report.survivors = len(report.survivor_pids)
+
     def _release_handles(self) -> None:
         if self.containment is not None:
             self.containment.cleanup()
+        if self.kernel_limits is not None and not self.kernel_limits.cleanup():
+            log.warning("run %s: its v1 cgroups could not be removed now; the supervisor removes them at close",
+                        self.id)
         if self.pidfd is not None:
             if not self.leader_exited.is_set():
                 self._sup.loop.remove_reader(self.pidfd)
@@ -218,6 +284,33 @@ class AsyncRun:
     def add_tokens(self, amount: float) -> None:
         self.usage.tokens += int(amount)
         self._check_limits()
+
+    def sample(self) -> None:
+        """One sample (supervisor's sampler): CPU, memory and processes, then the
+        kernel's counts where a controller enforces memory_bytes / processes."""
+        assert self.containment is not None
+        cpu, memory, processes = self.containment.measure()
+        k = self.kernel_limits
+        if k is not None:
+            # The kernel's own count replaces the sampled one where it enforces
+            # the limit: it is what the limit applies to (a sum of RSS counts
+            # pages shared with the spawner and misses memfds).
+            k_memory, k_processes = k.peaks()
+            memory = k_memory if k_memory is not None else memory
+            processes = k_processes if k_processes is not None else processes
+        self.record_sample(cpu, memory, processes)
+        self.check_kernel_limits()
+
+    def check_kernel_limits(self) -> None:
+        """Stop the run if the kernel says it ran into a limit (an OOM kill, a refused fork)."""
+        if self.kernel_limits is None or self._stop_task is not None or not self.machine.live:
+            return
+        try:
+            limit = self.kernel_limits.crossed()
+        except OSError:
+            return
+        if limit is not None:
+            self.quota(limit)
 
     def record_sample(self, cpu_seconds: float, memory_bytes: int, processes: int) -> None:
         self.usage.cpu_seconds = max(self.usage.cpu_seconds, cpu_seconds)

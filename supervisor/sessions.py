@@ -53,6 +53,13 @@ class AgentSpec:
     #: Agents whose sessions a run of this agent may send to / stop even if it
     #: did not spawn them (the agent-to-agent allow-list).
     peers: frozenset[str] = frozenset()
+    #: Where its runs work (their own uid must be able to use it), extra
+    #: environment, network ("none" | "host") and a private /tmp (None: the
+    #: supervisor's default).
+    cwd: str | None = None
+    env: dict[str, str] | None = None
+    network: str = "none"
+    private_tmp: bool | None = None
 
 
 def combine(messages: list[Any]) -> Any:

@@ -32,8 +32,15 @@ _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder().decode
 
 
+#: Longest the spawner may take to answer a start or a probe. A start is a
+#: fork plus the sandbox set-up (milliseconds); a spawner silent this long is
+#: stopped or wedged, and is treated as lost: every run is killed through
+#: its cgroup and no new run starts.
+ANSWER_TIMEOUT = 10.0
+
+
 class SpawnerLost(DeadstopError):
-    """The spawner process died; no run can be started or reaped through it."""
+    """The spawner process died or stopped answering; no run can be started or reaped through it."""
 
 
 class Started:
@@ -55,20 +62,25 @@ class SpawnerClient:
         self.alive = True
         self._ready: asyncio.Future = loop.create_future()
         self._starts: dict[str, asyncio.Future] = {}
+        self._probe: asyncio.Future | None = None
+        self.lost_reason = ""
+        self.answer_timeout = ANSWER_TIMEOUT
         self._reaps: dict[int, asyncio.Future] = {}
         self.on_lost: Any = None
         self.pidfd = os.pidfd_open(pid) if hasattr(os, "pidfd_open") else None
         loop.add_reader(self.conn.fileno(), self._readable)
 
     @classmethod
-    async def launch(cls, cgroup: Cgroup | None = None) -> "SpawnerClient":
+    async def launch(cls, cgroup: Cgroup | None = None, env: dict[str, str] | None = None,
+                     isolated: bool = False) -> "SpawnerClient":
+        """Start the spawner; `env` is its whole exec-time environment (default: ours)."""
         loop = asyncio.get_running_loop()
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         fd = child.fileno()
         paths = [p for p in sys.path]
         code = (f"import sys; sys.path[:0] = {paths!r}; "
-                f"from worker.spawner import main; main({fd})")
-        env = dict(os.environ)
+                f"from worker.spawner import main; main({fd}, {isolated!r})")
+        env = dict(os.environ if env is None else env)
         # Fixed-width slot each forked run overwrites with its id (worker.platform.rewrite_exec_env).
         env[framing.ENV_MARKER] = "-" * framing.RUN_ID_CHARS
         try:
@@ -80,7 +92,13 @@ class SpawnerClient:
             cgroup.write("cgroup.procs", str(pid))
         client = cls(loop, pid, parent)
         client.proc = proc
-        msg = await asyncio.wait_for(client._ready, 30)
+        try:
+            msg = await asyncio.wait_for(client._ready, 30)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            client._lost()
+            raise
         client.subreaper = bool(msg.get("subreaper"))
         return client
 
@@ -94,14 +112,42 @@ class SpawnerClient:
         """Tell the spawner what it must clean up should the supervisor die."""
         self._send({"op": "config", **settings})
 
-    async def start(self, msg: dict[str, Any]) -> Started:
+    async def start(self, msg: dict[str, Any], credential_fd: int | None = None) -> Started:
+        """Fork a run; `credential_fd` (a sealed memfd) goes to it over SCM_RIGHTS."""
         fut = self.loop.create_future()
         self._starts[msg["run_id"]] = fut
         try:
-            self._send({"op": "start", **msg})
-            return await fut
+            self._send({"op": "start", **msg, "fds": 1 if credential_fd is not None else 0})
+            if credential_fd is not None:
+                reduction.sendfds(self.sock, [credential_fd])
+            return await self._answer(fut, f"start of run {msg['run_id']}")
         finally:
             self._starts.pop(msg["run_id"], None)
+
+    async def probe(self, plan: dict[str, Any]) -> dict[str, str]:
+        """Have a throw-away child try every sandbox step; layer -> "" or why it failed."""
+        fut = self._probe = self.loop.create_future()
+        self._send({"op": "probe", "plan": plan})
+        return await self._answer(fut, "isolation probe")
+
+    async def _answer(self, fut: asyncio.Future, what: str) -> Any:
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), self.answer_timeout)
+        except asyncio.TimeoutError:
+            self.declare_lost(f"spawner (pid {self.pid}) did not answer the {what} within {self.answer_timeout:g} s")
+            raise SpawnerLost(f"spawner (pid {self.pid}) stopped answering ({what}); "
+                              "its runs are being killed through their cgroups") from None
+
+    def declare_lost(self, why: str) -> None:
+        """Give up on a spawner that no longer answers: SIGKILL it and fail everything pending."""
+        if self.pidfd is not None:
+            try:
+                import signal
+
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            except OSError:
+                pass
+        self._lost(why)
 
     def _reap_future(self, pid: int) -> asyncio.Future:
         fut = self._reaps.get(pid)
@@ -141,6 +187,9 @@ class SpawnerClient:
                 fut.set_result(Started(msg["pid"], msg["create_time"], pidfd))
             elif pidfd is not None:
                 os.close(pidfd)
+        elif op == "probed":
+            if self._probe is not None and not self._probe.done():
+                self._probe.set_result(msg.get("results") or {})
         elif op == "start_failed":
             fut = self._starts.get(msg["run_id"])
             if fut is not None and not fut.done():
@@ -150,13 +199,17 @@ class SpawnerClient:
             if not fut.done():
                 fut.set_result(msg["status"])
 
-    def _lost(self) -> None:
+    def _lost(self, why: str = "") -> None:
         if not self.alive:
             return
         self.alive = False
+        self.lost_reason = why or f"spawner (pid {self.pid}) exited"
         self.loop.remove_reader(self.conn.fileno())
-        err = SpawnerLost(f"spawner (pid {self.pid}) exited")
-        for fut in [self._ready, *self._starts.values(), *self._reaps.values()]:
+        err = SpawnerLost(self.lost_reason)
+        pending = [self._ready, *self._starts.values(), *self._reaps.values()]
+        if self._probe is not None:
+            pending.append(self._probe)
+        for fut in pending:
             if not fut.done():
                 fut.set_exception(err)
         self._reaps.clear()

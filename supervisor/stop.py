@@ -106,12 +106,18 @@ async def stop_sequence(run: "AsyncRun", req: StopRequest) -> StopReport:
         report.ended_by = "swept" if req.mode != "exit" else report.ended_by
         await layer.wait_all_gone(KILL_BOUND)
         left = layer.survivors()
-    report.survivors = len(left)
-    report.survivor_pids = left
+    report.escaped_pids = list(getattr(layer, "escaped", []))
+    report.escaped = len(report.escaped_pids)
 
     run.stop_phase = "reap"
     # 4. Reap the leader; until now its zombie pinned the process group id.
+    #    A leader still alive after the kill bound (its pidfd never fired) is
+    #    a survivor whatever the layer's own view says.
     status = await run.release_leader()
+    if run.pid is not None and not run.leader_exited.is_set() and run.pid not in left:
+        left.append(run.pid)
+    report.survivors = len(left)
+    report.survivor_pids = left
     report.reaped_at = time.monotonic_ns()
     report.exit_code, report.exit_signal = _decode_status(status)
     report.refused_after_revoke = run.channel.refused_after_revoke

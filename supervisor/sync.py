@@ -188,6 +188,11 @@ class Supervisor:
     def journal_path(self) -> str:
         return self._core.journal.path
 
+    @property
+    def isolation(self):
+        """The isolation layers runs get here, and why any is missing (see supervisor/isolation.py)."""
+        return self._core.isolation
+
     def register_tool(self, name: str, fn: Callable[..., Any]) -> None:
         self._core.register_tool(name, fn)
 
@@ -209,9 +214,11 @@ class Supervisor:
 
     def start(self, target: Any, *args: Any, tools: Sequence[str] = (), grace: float | None = None,
               kwargs: dict[str, Any] | None = None, env: dict[str, str] | None = None,
-              cwd: str | None = None, limits: Any = None) -> Run:
+              cwd: str | None = None, limits: Any = None, network: str = "none",
+              private_tmp: bool | None = None) -> Run:
+        """See AsyncSupervisor.start."""
         core = self._call(self._core.start(target, *args, tools=tools, grace=grace, kwargs=kwargs, env=env, cwd=cwd,
-                                           limits=limits))
+                                           limits=limits, network=network, private_tmp=private_tmp))
         return Run(self, core)
 
     def stop_all(self, grace: float | None = None) -> list[StopReport]:

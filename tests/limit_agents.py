@@ -154,3 +154,86 @@ def report_tokens_then_sleep(message: dict, **context) -> None:
 def spawn_child(message: dict, **context) -> str:
     """Spawn a sub-agent session of agent message["agent"] and return its key; the child outlives this run."""
     return egress.call("sessions.spawn", message["agent"], message["message"])["key"]
+
+
+# -- hostile runs against kernel-enforced limits (test_kernel_limits.py) -----------------
+# Each one is bounded in count, size and time by itself, whatever enforces the limit.
+
+def fork_bomb(message: dict, **context) -> None:
+    """Every process forks as fast as it can until message["seconds"] have passed
+    since the bomb started; a child exits message["life"] s after its birth. At
+    most message["cap"] forks in all (a shared counter), then the leader sleeps
+    until stopped (bounded too)."""
+    import mmap
+    import struct
+
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel, zombies never pile up
+    counter = mmap.mmap(-1, 8)  # MAP_SHARED: one count for the whole bomb
+    start = time.monotonic()
+    deadline = start + message["seconds"]
+    born, leader = start, True
+    while True:
+        now = time.monotonic()
+        if now >= deadline or (not leader and now - born >= message["life"]):
+            break
+        (made,) = struct.unpack_from("q", counter)
+        if made >= message["cap"]:
+            time.sleep(0.005)
+            continue
+        try:
+            pid = os.fork()
+        except OSError:  # EAGAIN from the pids limit: try again at once
+            continue
+        if pid == 0:
+            leader, born = False, time.monotonic()
+            continue
+        struct.pack_into("q", counter, 0, made + 1)
+    if not leader:
+        os._exit(0)
+    end = time.monotonic() + 30
+    while time.monotonic() < end:
+        time.sleep(0.05)
+
+
+def children_allocate(message: dict, **context) -> None:
+    """Fork message["children"] children that each allocate and touch
+    message["mb"] MiB, call the `allocated` tool, then hold it for at most
+    message["hold"] s. The leader sleeps (bounded) until stopped."""
+    size = message["mb"] << 20
+    pids = []
+    for _ in range(message["children"]):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                block = bytearray(size)
+                for off in range(0, size, 4096):  # touch every page: charged, not just mapped
+                    block[off] = 1
+                try:
+                    egress.call("allocated")
+                except Exception:
+                    pass
+                time.sleep(message["hold"])
+            finally:
+                os._exit(0)
+        pids.append(pid)
+    end = time.monotonic() + message["hold"]
+    while time.monotonic() < end:
+        time.sleep(0.05)
+
+
+def memfd_hog(message: dict, **context) -> None:
+    """Write message["mb"] MiB into a memfd (shmem: resident in no process's
+    RSS), calling `progress` with the MiB written every 20 MiB; then hold it
+    for at most message["hold"] s."""
+    fd = os.memfd_create("hog")
+    chunk = b"\1" * (1 << 20)
+    for i in range(1, message["mb"] + 1):
+        os.write(fd, chunk)
+        if i % 20 == 0:
+            try:
+                egress.call("progress", i)
+            except Exception:
+                pass
+    end = time.monotonic() + message["hold"]
+    while time.monotonic() < end:
+        time.sleep(0.05)

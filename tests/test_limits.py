@@ -89,6 +89,7 @@ def test_tool_calls_limit(tmp_path) -> None:
 
         run.wait(BOUND)
         _assert_stopped_by(run, "tool_calls")
+        assert run.report.limits_enforcement == {"tool_calls": "broker"}, run.report
         assert gate.calls == 5, f"{gate.calls} calls reached the handler; the limit is 5"
         name, code, index = _refusal(out)
         assert (code, index) == (QUOTA_EXCEEDED, 5), f"the 6th call should be refused with 14, got {name} {code} at {index}"
@@ -140,6 +141,7 @@ def test_wall_clock_limit(tmp_path) -> None:
         run.wait(BOUND)
         elapsed = time.monotonic() - started
         _assert_stopped_by(run, "wall_clock")
+        assert run.report.limits_enforcement == {"wall_clock": "timer"}, run.report
         assert elapsed >= 0.5
         assert s.usage.wall_clock >= 0.5, s.usage
 
@@ -181,24 +183,47 @@ def test_cpu_seconds_limit(layer, tmp_path) -> None:
         run.wait(BOUND)
         _assert_stopped_by(run, "cpu_seconds")
         assert s.usage.cpu_seconds > 0.3, s.usage
+        assert run.report.limits_enforcement == {"cpu_seconds": "sampled"}, run.report
+
+
+def _kernel_or_sampled(sup, limit: str) -> tuple[str, str]:
+    """(mechanism, enforcement to ask for): the kernel where this host has a
+    controller for `limit`, else sampling, accepted explicitly."""
+    mech = sup.core.limit_enforcement[limit]
+    if mech.startswith("cgroup-"):
+        return mech, "kernel"
+    return ("sampled+RLIMIT_AS" if limit == "memory_bytes" else "sampled"), "sampled"
 
 
 def test_memory_limit(layer, tmp_path) -> None:
     limit = 60 << 20
     with Supervisor(state_dir=str(tmp_path), containment=layer) as sup:
-        sup.register_agent("hog", limit_agents.allocate, limits=Limits(memory_bytes=limit))
+        mech, enforcement = _kernel_or_sampled(sup, "memory_bytes")
+        sup.register_agent("hog", limit_agents.allocate, limits=Limits(memory_bytes=limit, enforcement=enforcement))
         s = sup.session("memory", agent="hog")
         run = s.send({"step_mb": 5, "max_mb": 400})
         run.wait(BOUND)
         _assert_stopped_by(run, "memory_bytes")
-        assert s.usage.peak_memory_bytes > limit, s.usage
+        assert run.report.limits_enforcement["memory_bytes"] == mech, run.report
+        if enforcement == "kernel":
+            # The kernel never charges the run past its limit; it got there (5 MiB steps).
+            assert limit - (8 << 20) <= s.usage.peak_memory_bytes <= limit, s.usage
+        else:
+            assert s.usage.peak_memory_bytes > limit, s.usage
 
 
 def test_processes_limit(layer, tmp_path) -> None:
     with Supervisor(state_dir=str(tmp_path), containment=layer) as sup:
-        sup.register_agent("forker", limit_agents.fork_sleepers, limits=Limits(processes=5))
+        mech, enforcement = _kernel_or_sampled(sup, "processes")
+        sup.register_agent("forker", limit_agents.fork_sleepers,
+                           limits=Limits(processes=5, enforcement=enforcement))
         s = sup.session("forks", agent="forker")
         run = s.send({"children": 10})
         run.wait(BOUND)
         _assert_stopped_by(run, "processes")
-        assert s.usage.peak_processes > 5, s.usage
+        assert run.report.limits_enforcement["processes"] == mech, run.report
+        if enforcement == "kernel":
+            # The sixth fork was refused (EAGAIN): the run reached its limit, never more.
+            assert s.usage.peak_processes == 5, s.usage
+        else:
+            assert s.usage.peak_processes > 5, s.usage

@@ -2,14 +2,17 @@
 
 Order matters and is the point of this module: new session first (so the run
 is its own process group), then the cgroup (so every later fork is contained),
-then the parent-death signal, and only then user code. Nothing in here
-returns: the process ends with os._exit so that no state inherited from the
-spawner (atexit hooks, buffered control messages) runs twice.
+then the parent-death signal, then the sandbox (worker/sandbox.py: namespaces,
+mounts, identity, capabilities, seccomp), and only then user code. The
+spawner is told the run is ready only once all of that is done; a failed
+step is reported to it instead (the start fails with the step named).
+Nothing in here returns: the process ends with os._exit so that no state
+inherited from the spawner (atexit hooks, buffered control messages) runs
+twice.
 """
 
 from __future__ import annotations
 
-import fcntl
 import inspect
 import os
 import signal
@@ -18,7 +21,7 @@ import traceback
 from typing import Any, NoReturn
 
 from ipc import framing
-from worker import egress, platform
+from worker import egress, platform, sandbox
 
 EXIT_BOOTSTRAP_FAILED = 121
 EXIT_TARGET_UNLOADABLE = 122
@@ -28,29 +31,36 @@ EXIT_EXEC_FAILED = 127
 class StartSpec:
     """Everything a run needs, as sent by the supervisor through the spawner."""
 
-    __slots__ = ("run_id", "blob", "argv", "env", "cwd", "cgroup_procs", "in_cgroup", "rlimits", "credential",
-                 "generation", "egress", "supervisor_pid")
+    __slots__ = ("run_id", "blob", "argv", "env", "clean_env", "cwd", "cgroup_procs", "join_cgroups", "in_cgroup",
+                 "rlimits", "credential_fd", "generation", "egress", "supervisor_pid", "sandbox")
 
     def __init__(self, msg: dict[str, Any]):
         for name in self.__slots__:
             setattr(self, name, msg.get(name))
 
 
-def _contain(spec: StartSpec, spawner_pid: int, ready_fd: int) -> None:
+def _contain(spec: StartSpec, spawner_pid: int) -> None:
     os.setsid()
     if spec.cgroup_procs and not spec.in_cgroup:
         # Born outside (no clone3 into the cgroup): "0" moves the writing
         # process itself; any fork from here on is inside.
         with open(spec.cgroup_procs, "w") as f:
             f.write("0")
+    for procs in spec.join_cgroups or ():  # v1 controllers that enforce limits
+        with open(procs, "w") as f:
+            f.write("0")
     platform.set_parent_death_signal(signal.SIGKILL)
     if os.getppid() != spawner_pid:  # the spawner died before prctl took effect
         os._exit(EXIT_BOOTSTRAP_FAILED)
-    os.write(ready_fd, b"1")  # the spawner may now tell the supervisor our pid
+
+
+def _ready(ready_fd: int, error: str = "") -> None:
+    """Tell the spawner the run is contained and confined (or why it is not)."""
+    os.write(ready_fd, (b"E" + error.encode(errors="replace")[:4000]) if error else b"1")
     os.close(ready_fd)
 
 
-def _reset_inherited_state() -> None:
+def _reset_inherited_state(keep_fd: int | None) -> None:
     signal.set_wakeup_fd(-1)
     # What a fresh Python process has: default dispositions, except SIGINT
     # (KeyboardInterrupt) and SIGPIPE (ignored); _exec_argv restores SIGPIPE.
@@ -60,7 +70,12 @@ def _reset_inherited_state() -> None:
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
     # Drop the spawner's control socket, selector and wake-up pipe; close_range
     # makes this cheap even with a large fd limit.
-    os.closerange(3, os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 4096)
+    top = os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 4096
+    if keep_fd is None:
+        os.closerange(3, top)
+    else:  # the run's credential descriptor stays
+        os.closerange(3, keep_fd)
+        os.closerange(keep_fd + 1, top)
 
 
 def _apply_rlimits(extra: dict[str, int] | None) -> None:
@@ -87,6 +102,8 @@ def _run_variables(spec: StartSpec) -> dict[str, str]:
     """What the run's environment adds to the spawner's (inherited by its children)."""
     env = dict(spec.env or {})
     env[framing.ENV_MARKER] = spec.run_id
+    if spec.credential_fd is not None:
+        env[framing.ENV_CREDENTIAL_FD] = str(spec.credential_fd)
     env[framing.ENV_RUN_ID] = spec.run_id
     env[framing.ENV_EGRESS] = spec.egress
     env[framing.ENV_GENERATION] = str(spec.generation or 0)
@@ -95,34 +112,15 @@ def _run_variables(spec: StartSpec) -> dict[str, str]:
     return env
 
 
-def _credential_fd(credential: bytes) -> int:
-    """An inheritable descriptor holding the credential: a sealed memfd where
-    the platform has one (re-readable with pread by the run's children), else
-    a pipe (readable once)."""
-    if hasattr(os, "memfd_create"):
-        fd = os.memfd_create("deadstop-credential", os.MFD_ALLOW_SEALING)
-        os.write(fd, credential)
-        os.lseek(fd, 0, os.SEEK_SET)
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS,
-                    fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
-    else:
-        fd, w = os.pipe()
-        os.write(w, credential)
-        os.close(w)
-    os.set_inheritable(fd, True)
-    return fd
-
-
 def _exec_argv(spec: StartSpec, env: dict[str, str]) -> NoReturn:
-    # The credential goes through an inherited descriptor, never the
-    # environment: /proc/<pid>/environ is readable by every process of the user.
-    env[framing.ENV_CREDENTIAL_FD] = str(_credential_fd(spec.credential))
+    # The credential arrives in an inherited descriptor (a sealed memfd made
+    # by the supervisor), never in the environment.
+    if spec.credential_fd is not None:
+        os.set_inheritable(spec.credential_fd, True)
     for sig in (signal.SIGPIPE, signal.SIGXFSZ):  # as subprocess's restore_signals does
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     try:
-        if spec.cwd:
-            os.chdir(spec.cwd)
         os.execvpe(spec.argv[0], spec.argv, env)
     except OSError as exc:
         os.write(2, f"deadstop: cannot exec {spec.argv[0]!r}: {exc}\n".encode())
@@ -130,7 +128,8 @@ def _exec_argv(spec: StartSpec, env: dict[str, str]) -> NoReturn:
 
 
 def _run_python(spec: StartSpec) -> int:
-    egress.configure(spec.egress, spec.run_id, spec.credential, spec.generation or 0, spec.supervisor_pid)
+    credential = egress.read_credential(spec.credential_fd) if spec.credential_fd is not None else b""
+    egress.configure(spec.egress, spec.run_id, credential, spec.generation or 0, spec.supervisor_pid)
     try:
         import cloudpickle
 
@@ -172,22 +171,36 @@ def _report_failure(exc: BaseException, prefix: str = "") -> None:
         pass  # revoked or supervisor gone; the exit code still says "failed"
 
 
-def child_main(msg: dict[str, Any], spawner_pid: int, ready_fd: int) -> NoReturn:
+def _confine(spec: StartSpec, seccomp: Any) -> None:
+    """The sandbox, then the cwd check that only the run's own identity can make."""
+    if spec.sandbox:
+        sandbox.enter(spec.sandbox, seccomp)
+    if spec.cwd:
+        os.chdir(spec.cwd)
+
+
+def child_main(msg: dict[str, Any], spawner_pid: int, ready_fd: int, seccomp: Any = None) -> NoReturn:
     """Entry point of a forked run; called in the child right after fork()."""
     code = EXIT_BOOTSTRAP_FAILED
     try:
         spec = StartSpec(msg)
-        _contain(spec, spawner_pid, ready_fd)
-        _reset_inherited_state()  # handlers to default, then unblock (the spawner blocked all across fork)
+        try:
+            _contain(spec, spawner_pid)
+            _confine(spec, seccomp)
+        except OSError as exc:
+            _ready(ready_fd, f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""))
+            os._exit(EXIT_BOOTSTRAP_FAILED)
+        _ready(ready_fd)  # the spawner may now tell the supervisor our pid
+        _reset_inherited_state(spec.credential_fd)  # handlers to default, unblock (the spawner blocked all)
         _apply_rlimits(spec.rlimits)
         platform.rewrite_exec_env(framing.ENV_MARKER, spec.run_id)
         added = _run_variables(spec)
+        if spec.clean_env:  # nothing of the spawner's (or the host's) environment
+            os.environ.clear()
         if spec.argv:
             _exec_argv(spec, {**os.environ, **added})
         for name, value in added.items():  # a handful of putenv calls, not a rebuild
             os.environ[name] = value
-        if spec.cwd:
-            os.chdir(spec.cwd)
         code = _run_python(spec)
     except BaseException:
         try:

@@ -15,6 +15,12 @@ first use; a run that forks children can call egress from them too.
 While waiting for a reply the client also watches the supervisor through a
 pidfd: if the supervisor dies the call raises `Revoked` at once instead of
 blocking forever (heartbeat loss, G5).
+
+Once the broker says the run's channel is revoked (the revocation notice, a
+reply with id 0 and code REVOKED, or any REVOKED reply), the waiting call
+raises `Revoked` and every later call in this process, and in children it
+forks afterwards, raises `Revoked` without sending anything: revocation is
+permanent, so asking again could only add load to a broker that will refuse.
 """
 
 from __future__ import annotations
@@ -57,13 +63,16 @@ _local = threading.local()
 _owner_pid = os.getpid()
 _context: zmq.Context | None = None
 _supervisor_fd: int | None = None
+#: (message, reason) of the broker's REVOKED answer, once it came; kept across fork.
+_revocation: tuple[str, str | None] | None = None
 
 
 def configure(address: str, run_id: str, credential: bytes, generation: int = 0,
               supervisor_pid: int | None = None) -> None:
     """Point this process at its run's egress channel (done by the bootstrap)."""
-    global _config
+    global _config, _revocation
     _config = _Config(address, run_id, credential, generation, supervisor_pid)
+    _revocation = None  # a new channel
     _reset_after_fork()
 
 
@@ -172,7 +181,22 @@ def _unwrap(reply: schema.Reply) -> Any:
     if reply.ok:
         return reply.result
     err = reply.error
+    if err is not None and err.code == ErrorCode.REVOKED:
+        _note_revoked(err.message, err.reason)
     raise refusal_from_wire({"code": err.code, "message": err.message, "reason": err.reason} if err else {})
+
+
+def _note_revoked(message: str, reason: str | None) -> None:
+    global _revocation
+    if _revocation is None:
+        _revocation = (message, reason)
+
+
+def _check_revoked() -> None:
+    """Raise Revoked, sending nothing, if the broker already said this run's channel is revoked."""
+    if _revocation is not None:
+        message, reason = _revocation
+        raise Revoked(message, code=ErrorCode.REVOKED, reason=reason)
 
 
 def _supervisor_lost() -> Revoked:
@@ -180,7 +204,8 @@ def _supervisor_lost() -> Revoked:
 
 
 def request(body_obj: Any, timeout: float | None = None) -> Any:
-    """Send one request and block for its reply (or for the supervisor's death)."""
+    """Send one request and block for its reply (or for the supervisor's death, or the revocation notice)."""
+    _check_revoked()
     body = _encode_request(body_obj)
     sock, poller, sup_fd = _sync_socket()
     if sup_fd is not None and sup_fd < 0:
@@ -196,7 +221,8 @@ def request(body_obj: Any, timeout: float | None = None) -> Any:
             frames = sock.recv_multipart()
             reply = schema.decode_reply(frames[-1])
             # id 0 is a refusal issued before the broker read our body (bad
-            # credential, size, framing): it answers the request just sent.
+            # credential, size, framing), which answers the request just sent,
+            # or the revocation notice, which answers every request.
             if reply.id == req_id or (reply.id == 0 and not reply.ok):
                 return _unwrap(reply)
             continue  # a late reply to an earlier timed-out request
@@ -235,10 +261,11 @@ def report_failure(type_name: str, message: str, traceback_text: str) -> None:
     request(schema.Failure(id=next(_ids), type=type_name, message=message, traceback=traceback_text))
 
 
-#: Refusals with id 0 that say the channel itself is unusable. This client
-#: never sends a request the broker could refuse with another id-0 code.
+#: Refusals with id 0 that say the channel itself is unusable (REVOKED: the
+#: revocation notice). This client never sends a request the broker could
+#: refuse with another id-0 code.
 _CHANNEL_LEVEL = frozenset({ErrorCode.UNAUTHENTICATED, ErrorCode.BAD_VERSION, ErrorCode.MALFORMED,
-                            ErrorCode.TOO_LARGE})
+                            ErrorCode.TOO_LARGE, ErrorCode.REVOKED})
 
 
 class _AsyncChannel:
@@ -254,7 +281,7 @@ class _AsyncChannel:
         self.loop = loop
         self.sock = _ctx().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.SNDHWM, 100_000)
+        self.sock.setsockopt(zmq.SNDHWM, framing.SOCKET_HWM)
         self.sock.connect(_cfg().address)
         self.fd = self.sock.getsockopt(zmq.FD)
         self.pending: dict[int, "asyncio.Future"] = {}
@@ -287,7 +314,9 @@ class _AsyncChannel:
             if reply.error is None or reply.error.code not in _CHANNEL_LEVEL:
                 return  # cannot be matched to one call; the others keep their own replies
             # Refused before the body was read, for a reason that holds for
-            # every request on this channel (credential, framing).
+            # every request on this channel (credential, framing, revocation).
+            if reply.error.code == ErrorCode.REVOKED:
+                _note_revoked(reply.error.message, reply.error.reason)
             err = refusal_from_wire({"code": reply.error.code, "message": reply.error.message,
                                      "reason": reply.error.reason})
             for fut in self.pending.values():
@@ -306,6 +335,7 @@ class _AsyncChannel:
     async def request(self, body_obj: Any) -> Any:
         if self.lost:
             raise _supervisor_lost()
+        _check_revoked()
         frames = _frames(_encode_request(body_obj))
         fut = self.loop.create_future()
         self.pending[body_obj.id] = fut
@@ -313,7 +343,7 @@ class _AsyncChannel:
             try:
                 framing.send_frames(self.sock, frames)
                 break
-            except zmq.Again:  # 100,000 requests already queued: let the broker catch up
+            except zmq.Again:  # SOCKET_HWM requests already queued: let the broker catch up
                 await asyncio_sleep(0.001)
         if self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             self.loop.call_soon(self._drain)  # a send can swallow the fd's edge

@@ -40,6 +40,12 @@ def set_parent_death_signal(signum: int) -> bool:
     return _prctl(PR_SET_PDEATHSIG, signum)
 
 
+def set_dumpable(dumpable: bool) -> bool:
+    """PR_SET_DUMPABLE: a process that is not dumpable has its /proc files owned
+    by root and cannot be ptraced or read without CAP_SYS_PTRACE."""
+    return _prctl(4, 1 if dumpable else 0)
+
+
 def set_child_subreaper() -> bool:
     """Make orphaned descendants re-parent to this process instead of init."""
     return _prctl(PR_SET_CHILD_SUBREAPER, 1)
@@ -159,3 +165,127 @@ def fork_into_cgroup(cgroup_fd: int) -> tuple[int, int]:
     if pid < 0:
         raise OSError(err, os.strerror(err))
     return pid, pidfd.value
+
+
+# -- sandbox primitives (worker/sandbox.py orders them) ---------------------------
+# Each raises OSError with the kernel's errno: a sandbox step that cannot be
+# taken must fail the run's start, never be skipped silently.
+CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+
+PR_SET_DUMPABLE = 4
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+
+
+def _check(ret: int, what: str) -> None:
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _need_libc() -> "ctypes.CDLL":
+    if _libc is None:
+        raise OSError(errno.ENOSYS, "no libc: this platform has no Linux namespaces")
+    return _libc
+
+
+def prctl(option: int, arg2: int = 0, arg3: int = 0) -> None:
+    """prctl(2) that raises, for the steps whose failure must abort the start."""
+    _check(_need_libc().prctl(option, arg2, arg3, 0, 0), f"prctl({option})")
+
+
+def unshare(flags: int) -> None:
+    _check(_need_libc().unshare(ctypes.c_int(flags)), f"unshare({flags:#x})")
+
+
+def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+    libc = _need_libc()
+    enc = lambda s: None if s is None else os.fsencode(s)  # noqa: E731
+    _check(libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)),
+           f"mount {source or fstype} on {target}")
+
+
+def sethostname(name: str) -> None:
+    raw = name.encode()
+    _check(_need_libc().sethostname(raw, len(raw)), "sethostname")
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+def clear_capabilities() -> None:
+    """Empty the effective, permitted and inheritable sets (capset(2), 64-bit layout)."""
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    _check(_need_libc().capset(ctypes.byref(header), data), "capset")
+
+
+def last_capability() -> int:
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            return int(f.read())
+    except OSError:
+        return 40
+
+
+def drop_bounding_set() -> None:
+    """Remove every capability from the bounding set, so that no exec can regain one."""
+    for cap in range(last_capability() + 1):
+        prctl(PR_CAPBSET_DROP, cap)
+
+
+def capability_sets() -> dict[str, int]:
+    """This process's capability sets as the kernel reports them (/proc/self/status)."""
+    out: dict[str, int] = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("Cap"):
+                name, _, value = line.partition(":")
+                out[name] = int(value.strip(), 16)
+    return out
+
+
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+IFF_UP = 0x1
+
+
+def loopback_up() -> None:
+    """Bring up `lo` in this (new) network namespace: runs keep 127.0.0.1 of their own."""
+    import fcntl
+    import socket
+    import struct
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        req = struct.pack("16sH14x", b"lo", 0)
+        flags = struct.unpack("16sH14x", fcntl.ioctl(s, SIOCGIFFLAGS, req))[1]
+        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
+
+
+def setns(fd: int, nstype: int) -> None:
+    _check(_need_libc().setns(fd, nstype), f"setns({nstype:#x})")

@@ -20,6 +20,11 @@ Rules this process keeps:
 * Orphans adopted through the subreaper flag are reaped at once.
 * When the supervisor goes away (control socket EOF) or on SIGTERM, it kills
   every process below it, then exits: runs never outlive their supervisor.
+* Under isolation it is exec'd with a clean environment and holds no run's
+  credential (each arrives as a memfd over SCM_RIGHTS and is closed here
+  right after the fork): runs are forked from this process and can read
+  their own memory, so whatever it holds, they hold. It is not dumpable,
+  so no process without CAP_SYS_PTRACE can read its memory or descriptors.
 
 Wire: the framing of multiprocess's Connection (a 4-byte big-endian length,
 then the payload) carrying msgpack maps; a `started` reply is followed by the
@@ -44,12 +49,13 @@ import msgspec
 import psutil
 import struct
 
-from worker import bootstrap, platform
+from worker import bootstrap, platform, sandbox
 
 # Pre-warm what nearly every run needs before the first fork. asyncio and
 # zmq.asyncio are left to the runs that use them: every megabyte in the
 # template is a megabyte each run must unmap when it is killed.
 import cloudpickle  # noqa: F401
+import fcntl  # noqa: F401  (the sandbox's loopback set-up)
 import zmq  # noqa: F401
 from worker import egress  # noqa: F401
 
@@ -58,7 +64,7 @@ _decode = msgspec.msgpack.Decoder().decode
 
 
 class Spawner:
-    def __init__(self, ctrl_fd: int):
+    def __init__(self, ctrl_fd: int, isolated: bool = False):
         self.sock = socket.socket(fileno=ctrl_fd)
         self.sock.setblocking(True)
         self.pid = os.getpid()
@@ -70,6 +76,17 @@ class Spawner:
         self.stopping = False
         self.subreaper = platform.set_child_subreaper()
         self.clone_into_cgroup = True  # until the kernel says otherwise
+        platform.set_dumpable(False)
+        # Compiled once here, loaded by each isolated run (worker/seccomp_filter.py).
+        self.seccomp: Any = None
+        self.seccomp_error = ""
+        if isolated:
+            try:
+                from worker import seccomp_filter
+
+                self.seccomp = seccomp_filter.build()
+            except OSError as exc:
+                self.seccomp_error = str(exc)
 
     # -- main loop ---------------------------------------------------------
     def serve(self) -> None:
@@ -109,7 +126,12 @@ class Spawner:
         msg = _decode(raw)
         op = msg.get("op")
         if op == "start":
-            self._start(msg)
+            fds: list[int] = []
+            if msg.get("fds"):
+                _, fds, _, _ = socket.recv_fds(self.sock, 1, msg["fds"])
+            self._start(msg, fds)
+        elif op == "probe":
+            self._probe(msg)
         elif op == "config":
             self.cgroup_root = msg.get("cgroup_root")
             self.home_procs = msg.get("home_procs")
@@ -140,7 +162,16 @@ class Spawner:
         self.sock.sendall(struct.pack("!i", len(body)) + body)
 
     # -- runs ----------------------------------------------------------------
-    def _start(self, msg: dict[str, Any]) -> None:
+    def _start(self, msg: dict[str, Any], fds: list[int]) -> None:
+        if fds:
+            msg["credential_fd"] = fds[0]
+        try:
+            self._start_run(msg)
+        finally:
+            for fd in fds:  # the child has its copy; the spawner keeps none
+                os.close(fd)
+
+    def _start_run(self, msg: dict[str, Any]) -> None:
         if msg.get("cgroup_procs"):
             self.cgroups.append(os.path.dirname(msg["cgroup_procs"]))
         # Block every signal across fork: a SIGTERM aimed at the new run before
@@ -158,16 +189,24 @@ class Spawner:
             return
         if pid == 0:
             os.close(ready_r)
-            bootstrap.child_main(msg, self.pid, ready_w)  # never returns
+            bootstrap.child_main(msg, self.pid, ready_w, self.seccomp)  # never returns
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         os.close(ready_w)
-        # Reply only once the child is its own session and inside its cgroup:
-        # the supervisor must never signal a group or cgroup the run has not
-        # joined yet. EOF (child died first) is as good as the byte.
+        # Reply only once the child is its own session, inside its cgroup and
+        # confined: the supervisor must never signal a group or cgroup the
+        # run has not joined yet, nor count as started a run whose sandbox
+        # failed. EOF (child died first) is as good as the byte.
         try:
-            os.read(ready_r, 1)
+            answer = os.read(ready_r, 4096)
         finally:
             os.close(ready_r)
+        if answer.startswith(b"E"):  # it exits by itself; _reap collects it like any orphan
+            self._send({"op": "start_failed", "run_id": msg["run_id"],
+                        "error": answer[1:].decode(errors="replace"), "pid": pid})
+            if pidfd >= 0:
+                os.close(pidfd)
+            self._reap()
+            return
         self.leaders[pid] = msg["run_id"]
         if not msg.get("pin_group", True):
             self.released.add(pid)  # nothing signals its group by pgid: reap as soon as it exits
@@ -182,6 +221,46 @@ class Spawner:
         if pidfd >= 0:
             socket.send_fds(self.sock, [bytes([1])], [pidfd])  # = multiprocess.reduction.sendfds
             os.close(pidfd)
+
+    def _probe(self, msg: dict[str, Any]) -> None:
+        """Fork a throw-away child that tries every sandbox step; reply with the verdicts."""
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                os.close(r)
+                result = sandbox.probe(msg["plan"], self.seccomp)
+                if self.seccomp_error:
+                    result["seccomp"] = self.seccomp_error
+                os.write(w, _encode(result))
+            except BaseException:
+                code = 1
+            finally:
+                os._exit(code)
+        os.close(w)
+        chunks = []
+        try:
+            sel = selectors.DefaultSelector()
+            sel.register(r, selectors.EVENT_READ)
+            while sel.select(10.0):
+                chunk = os.read(r, 65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            sel.close()
+        finally:
+            os.close(r)
+            try:
+                os.kill(pid, signal.SIGKILL)  # our own child, not yet reaped: its pid is pinned
+            except OSError:
+                pass
+            os.waitpid(pid, 0)
+        try:
+            result = _decode(b"".join(chunks))
+        except msgspec.DecodeError:
+            result = {"probe": "the probe child died"}
+        self._send({"op": "probed", "results": result})
 
     def _fork(self, msg: dict[str, Any]) -> tuple[int, int]:
         """Fork the run, born inside its cgroup where the kernel allows it.
@@ -281,10 +360,10 @@ class Spawner:
             psutil.wait_procs(rest, timeout=0.1)
 
 
-def main(ctrl_fd: int) -> None:
-    Spawner(ctrl_fd).serve()
+def main(ctrl_fd: int, isolated: bool = False) -> None:
+    Spawner(ctrl_fd, isolated).serve()
     sys.exit(0)
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]))
+    main(int(sys.argv[1]), len(sys.argv) > 2 and sys.argv[2] == "isolated")

@@ -1,0 +1,75 @@
+"""The syscall filter every isolated run loads last, just before user code.
+
+Built with libseccomp (through the thin `pyseccomp` ctypes binding) rather
+than a hand-assembled BPF program: libseccomp resolves syscall numbers per
+architecture, adds the architecture check that a hand-written filter tends
+to forget, and orders the comparisons. The filter is compiled once in the
+spawner and loaded by each forked run, so a start pays for `seccomp_load`
+only.
+
+Default allow, with a deny list of what a confined run has no business
+calling: every way to read or write another process's memory, to gain or
+reuse privilege, to change the mount table, to load code into the kernel,
+and to make a new user namespace (which would hand back a full capability
+set inside it). Denied calls fail with EPERM, so a run sees an ordinary
+error instead of dying mysteriously; `clone3` fails with ENOSYS because its
+flags live in memory a filter cannot read, and libc then falls back to
+`clone`, whose flags the filter does check.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Any
+
+#: Syscalls refused outright. Names libseccomp does not know on this
+#: architecture are skipped (they cannot be called there either).
+DENIED = (
+    # other processes' memory and handles
+    "ptrace", "process_vm_readv", "process_vm_writev", "pidfd_getfd", "kcmp",
+    # the mount table and the root
+    "mount", "umount", "umount2", "pivot_root", "chroot", "move_mount", "open_tree", "fsopen", "fsmount",
+    "fsconfig", "fspick", "mount_setattr",
+    # namespaces: entering one, or making a user namespace (see clone/unshare below)
+    "setns",
+    # kernel code and kernel-wide state
+    "bpf", "perf_event_open", "init_module", "finit_module", "delete_module", "kexec_load", "kexec_file_load",
+    "reboot", "swapon", "swapoff", "syslog", "acct", "settimeofday", "clock_settime", "clock_adjtime",
+    "adjtimex", "iopl", "ioperm", "quotactl", "quotactl_fd", "lookup_dcookie", "uselib", "vhangup",
+    "nfsservctl", "sysfs", "_sysctl",
+    # the kernel keyring (shared per user, and a history of privilege bugs)
+    "keyctl", "add_key", "request_key",
+    # handles to files by inode, past every directory permission
+    "open_by_handle_at", "name_to_handle_at",
+    # io_uring submits operations that the filter never sees
+    "io_uring_setup", "io_uring_enter", "io_uring_register",
+    # page-fault handling from user space: a classic kernel-exploit primitive
+    "userfaultfd",
+)
+
+CLONE_NEWUSER = 0x10000000
+
+
+def build() -> Any:
+    """Compile the filter (not loaded yet). Raises OSError if libseccomp is unusable."""
+    try:
+        import pyseccomp as seccomp
+    except (ImportError, RuntimeError) as exc:  # RuntimeError: the library is missing
+        raise OSError(errno.ENOSYS, f"libseccomp is not usable: {exc}") from None
+    f = seccomp.SyscallFilter(defaction=seccomp.ALLOW)
+    deny = seccomp.ERRNO(errno.EPERM)
+    for name in DENIED:
+        try:
+            f.add_rule(deny, name)
+        except (ValueError, OSError, RuntimeError):
+            continue  # not a syscall on this architecture
+    # A new user namespace gives its creator every capability inside it.
+    for name in ("unshare", "clone"):
+        f.add_rule(deny, name, seccomp.Arg(0, seccomp.MASKED_EQ, CLONE_NEWUSER, CLONE_NEWUSER))
+    f.add_rule(seccomp.ERRNO(errno.ENOSYS), "clone3")
+    return f
+
+
+def load(compiled: Any) -> None:
+    """Install the filter on the calling thread (and so on everything it forks)."""
+    compiled.load()
