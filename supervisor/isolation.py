@@ -105,9 +105,9 @@ def profile_from_probe(mode: str, results: dict[str, str]) -> IsolationProfile:
             continue
         why = results.get(name, "not probed")
         if name == "identity" and not root:
-            why = "deadstop is not root: runs share the supervisor's uid" + (f" ({why})" if why else "")
+            why = "deadstop is not root: runs share the supervisor's uid"
         if name == "proc-hidepid" and not root:
-            why = "deadstop is not root: a fresh /proc needs a PID namespace of our own" + (f" ({why})" if why else "")
+            why = "deadstop is not root: a fresh /proc needs a PID namespace of our own"
         if name == "clean-environment":
             why = ""
         layers.append(Layer(name, not why, stops if not why else why))

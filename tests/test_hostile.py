@@ -346,3 +346,25 @@ def test_a_silent_spawner_is_declared_lost_and_every_run_is_killed(ready_sup) ->
                 os.kill(spawner, signal.SIGCONT)
             except ProcessLookupError:
                 pass
+
+
+@pytest.mark.skipif(not __import__("conftest").CGROUP_OK, reason="needs a writable cgroup v2")
+def test_without_isolation_a_cgroup_escaper_is_still_found_killed_and_reported(ready_sup) -> None:
+    """isolation='off' runs as root and can leave its cgroup: the sweep still
+    finds it (among the spawner's adopted orphans, by its marker), kills it,
+    and the report says so instead of claiming a clean stop."""
+    from procscan import marked_processes
+
+    sup, ready, work = ready_sup(isolation="off")
+    with sup:
+        mount = find_cgroup2_mount()
+        run = sup.start(H.cgroup_escaper, [os.path.join(mount[0], "cgroup.procs")], tools=["ready"],
+                        cwd=str(work), grace=0.3)
+        assert ready.wait(30)
+        assert set(_attempts(work).values()) == {"ok"}, "as root the escape itself succeeds"
+        report = run.stop()
+        returned_at = time.monotonic_ns()
+        assert marked_processes(run.id) == {}
+        assert report.survivors == 0 and report.escaped >= 2, report
+        assert report.ended_by == "swept"
+        _assert_silent_after(work, returned_at)

@@ -40,6 +40,9 @@ NAMESPACE_FLAGS = {
 }
 
 
+CAP_SETPCAP = 8
+
+
 class SandboxError(OSError):
     """A sandbox step failed; the run must not start."""
 
@@ -69,6 +72,7 @@ def _user_namespace(plan: dict[str, Any]) -> None:
     if not plan.get("userns"):
         return
     uid, gid = os.geteuid(), os.getegid()
+    p.prctl(p.PR_SET_DUMPABLE, 1)  # the spawner is not: its children's /proc/self files would be root's
     p.unshare(p.CLONE_NEWUSER)
     _write("/proc/self/setgroups", "deny")
     _write("/proc/self/uid_map", f"{uid} {uid} 1")
@@ -162,11 +166,16 @@ def _identity(plan: dict[str, Any]) -> None:
 def _capabilities(plan: dict[str, Any]) -> None:
     if not plan.get("caps"):
         return
-    if plan.get("uid") is None:  # no identity change: the bounding set is still ours to drop
-        p.drop_bounding_set()
+    if plan.get("uid") is None:  # no identity change: what we still hold, we drop here
+        if p.capability_sets().get("CapEff", 0) & (1 << CAP_SETPCAP):
+            p.drop_bounding_set()
         p.prctl(p.PR_CAP_AMBIENT, p.PR_CAP_AMBIENT_CLEAR_ALL)
     p.clear_capabilities()
-    left = {name: value for name, value in p.capability_sets().items() if value}
+    sets = p.capability_sets()
+    # An unprivileged process that never held CAP_SETPCAP cannot shrink its
+    # bounding set; with no permitted capabilities and no-new-privileges it
+    # can never use it either.
+    left = {name: value for name, value in sets.items() if value and name != "CapBnd"}
     if left:
         raise OSError(1, f"capabilities left after dropping them all: {left}")
 
