@@ -2,7 +2,8 @@
 
 Exit codes (one table for every verb):
   0  success
-  1  the verb ran and found a failure (e.g. a run survived in the demo)
+  1  the verb ran and found a failure (a run survived in the demo; a layer
+     is missing under `doctor --strict`)
   2  bad usage
   3  deadstop error (containment unavailable, supervisor failed to start)
 """
@@ -22,6 +23,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from supervisor.demo import run_demo
 
     return run_demo(sys.stdout, containment=args.containment, grace=args.grace)
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from supervisor.doctor import run_doctor
+
+    return run_doctor(sys.stdout, as_json=args.json, strict=args.strict)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -47,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--containment", choices=["auto", "cgroup", "process-group"], default="auto")
     demo.add_argument("--grace", type=float, default=0.5, help="seconds between SIGTERM and SIGKILL")
     demo.set_defaults(func=_cmd_demo)
+    doctor = sub.add_parser("doctor", help="which isolation and containment layers runs get on this host, "
+                                           "and why any is missing")
+    doctor.add_argument("--json", action="store_true", help="print the profile as JSON")
+    doctor.add_argument("--strict", action="store_true", help="exit 1 if any isolation layer is missing")
+    doctor.set_defaults(func=_cmd_doctor)
     bench = sub.add_parser("bench", help="run a benchmark from benchmarks/ (source checkout only); "
                                          "other arguments (--quick, --json PATH, ...) go to the benchmark")
     bench.add_argument("which", nargs="?", choices=sorted(BENCHMARKS), default="kill")

@@ -219,13 +219,28 @@ class CgroupContainment:
         return await procs.wait_pids_gone(self.escaped, timeout) if self.escaped else True
 
     def freeze(self) -> None:
+        """cgroup.freeze, and SIGSTOP for any process of the run that left the cgroup."""
         self.cgroup.freeze(True)
+        self._signal_escapees(signal.SIGSTOP)
 
     def thaw(self) -> None:
         self.cgroup.freeze(False)
+        self._signal_escapees(signal.SIGCONT)
+
+    def _signal_escapees(self, sig: int) -> None:
+        out = self.escapees()
+        if out:
+            self.escaped += [pid for pid in out if pid not in self.escaped]
+            assert self.identity is not None
+            procs.signal_members(out, sig, lambda: {p for p in out if self.identity.owns(p)})
+
+    def _escapees_stopped(self, frozen: bool) -> bool:
+        states = [(procs.read_stat(pid) or ("Z", 0))[0] for pid in self.escaped]
+        return all((st in ("T", "t", "Z", "X")) == frozen or st in ("Z", "X") for st in states)
 
     async def wait_frozen(self, frozen: bool, timeout: float) -> bool:
-        return await self._wait_for(lambda: bool(self.cgroup.events().get("frozen")) == frozen, timeout)
+        return await self._wait_for(lambda: bool(self.cgroup.events().get("frozen")) == frozen
+                                    and self._escapees_stopped(frozen), timeout)
 
     def measure(self) -> tuple[float, int, int]:
         pids = self.cgroup.pids()

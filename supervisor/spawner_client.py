@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import struct
 import sys
 from typing import Any
 
@@ -68,6 +69,10 @@ class SpawnerClient:
         self._reaps: dict[int, asyncio.Future] = {}
         self.on_lost: Any = None
         self.pidfd = os.pidfd_open(pid) if hasattr(os, "pidfd_open") else None
+        # A stopped spawner must not wedge the event loop in a blocking write
+        # of a large start message: the write fails instead, and the spawner
+        # is declared lost like one that stopped answering.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", int(ANSWER_TIMEOUT), 0))
         loop.add_reader(self.conn.fileno(), self._readable)
 
     @classmethod
@@ -105,8 +110,12 @@ class SpawnerClient:
     # -- requests --------------------------------------------------------------
     def _send(self, msg: dict[str, Any]) -> None:
         if not self.alive:
-            raise SpawnerLost(f"spawner (pid {self.pid}) is gone")
-        self.conn.send_bytes(_encode(msg))
+            raise SpawnerLost(self.lost_reason or f"spawner (pid {self.pid}) is gone")
+        try:
+            self.conn.send_bytes(_encode(msg))
+        except OSError as exc:
+            self.declare_lost(f"spawner (pid {self.pid}) stopped reading its control socket ({exc})")
+            raise SpawnerLost(self.lost_reason) from None
 
     def configure(self, **settings: Any) -> None:
         """Tell the spawner what it must clean up should the supervisor die."""

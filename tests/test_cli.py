@@ -21,3 +21,21 @@ def test_bad_usage_exits_2() -> None:
     out = subprocess.run([sys.executable, "-m", "supervisor.cli", "demo", "--bogus"], capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 2 and "unrecognized arguments" in out.stderr
+
+
+def test_doctor_reports_every_isolation_layer() -> None:
+    import json
+    import os
+
+    from supervisor.isolation import LAYERS
+
+    out = subprocess.run([sys.executable, "-m", "supervisor.cli", "doctor", "--json", "--strict"],
+                         capture_output=True, text=True, timeout=120)
+    profile = json.loads(out.stdout)["isolation"]
+    assert set(profile["active"]) | set(profile["missing"]) == set(LAYERS)
+    assert out.returncode == (1 if profile["missing"] else 0), out.stderr
+    if os.geteuid() == 0:
+        assert "identity" in profile["active"]
+    text = subprocess.run([sys.executable, "-m", "supervisor.cli", "doctor"], capture_output=True, text=True,
+                          timeout=120)
+    assert text.returncode == 0 and all(name in text.stdout for name in LAYERS)
