@@ -131,9 +131,17 @@ def egress_pipelined(sup: Any, tool: str, batches: int, batch: int) -> Dist:
     return Dist(run.result(timeout=300))
 
 
+def measure_isolation_off(chan: ReadyChannel, trials: int, settle: float) -> StopSamples:
+    """Start and stop of a cooperative run with isolation="off": what isolation costs is the difference."""
+    from supervisor import Supervisor
+
+    with Supervisor(isolation="off") as sup:
+        return stop_trials(sup, chan, _targets.sleeper, trials, settle)
+
+
 def measure_sync(containment: str, chan: ReadyChannel, trials: int, settle: float, grace: float,
                  egress: dict[str, int] | None) -> tuple[str, dict[str, Any]]:
-    """All figures for one containment layer through the blocking Supervisor.
+    """All figures for one containment layer through the blocking Supervisor (isolation="auto").
 
     Returns the layer the supervisor actually chose and the figures.
     """
@@ -141,6 +149,7 @@ def measure_sync(containment: str, chan: ReadyChannel, trials: int, settle: floa
 
     res: dict[str, Any] = {}
     with Supervisor(containment=containment) as sup:
+        res["isolation"] = str(sup.isolation)
         sup.register_tool("noop", _targets.noop)
         sup.register_tool("anoop", _targets.anoop)
         res["coop"] = stop_trials(sup, chan, _targets.sleeper, trials, settle)

@@ -41,6 +41,10 @@ class ReadyChannel:
         self.dir = tempfile.mkdtemp(prefix="ds-bench-")
         self.path = os.path.join(self.dir, "ready")
         os.mkfifo(self.path, 0o600)
+        # Isolated runs have uids of their own: they may traverse the
+        # directory and write the FIFO, and do nothing else with it.
+        os.chmod(self.dir, 0o711)
+        os.chmod(self.path, 0o622)
         self._r = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
         self._w = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK)
         self._buf = b""

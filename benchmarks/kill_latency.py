@@ -90,6 +90,8 @@ def measure_deadstop(cfg: Config, chan: ReadyChannel) -> dict[str, Any]:
     d: dict[str, Any] = {}
     log("deadstop: containment=auto (stop, tree, SIGTERM-ignorer, start, egress)")
     d["auto"] = _deadstop.measure_sync("auto", chan, cfg.trials, cfg.settle, cfg.grace, egress)
+    log("deadstop: isolation=off (stop and start of a cooperative run)")
+    d["off"] = _deadstop.measure_isolation_off(chan, cfg.trials, cfg.settle)
     log("deadstop: asyncio core, containment=auto")
     d["async"] = _deadstop.measure_async(chan, cfg.trials, cfg.settle)
     if cfg.fallback:
@@ -133,6 +135,18 @@ def start_rows(section: str, start: Dist, f: dict[str, Any]) -> list[Row]:
                     "<= 2.5x floor", 2.5 * f["warm_fork"].p(50)),
         latency_row(section, "start, vs multiprocess spawn", start, f["spawn"], "mp spawn",
                     ">= 10x faster", f["spawn"].p(50) / 10),
+    ]
+
+
+def isolation_rows(section: str, auto: dict[str, Any], off: Any) -> list[Row]:
+    """What isolation (identity, namespaces, mounts, seccomp) costs a start and a stop, same run, same host."""
+    start_off, stop_off = Dist(off.start), Dist(off.stop)
+    note = f"layers: {auto['isolation']}"[:200]
+    return [
+        latency_row(section, "start, isolated", Dist(auto["coop"].start), start_off, "isolation=off",
+                    "<= 1.5x floor", 1.5 * start_off.p(50), note),
+        latency_row(section, "stop, cooperative run, isolated", Dist(auto["coop"].stop), stop_off, "isolation=off",
+                    "<= 1.2x floor", 1.2 * stop_off.p(50), auto["coop"].note()),
     ]
 
 
@@ -205,6 +219,7 @@ def build_rows(f: dict[str, Any], d: dict[str, Any], peers: dict[str, Any] | Non
     section = f"deadstop, {layer} layer (Supervisor)"
     rows += deadstop_rows(section, auto, f, cg_floor if layer == "cgroup" else ("killpg", f["killpg"]), cfg)
     rows += egress_rows(section, auto, f)
+    rows += isolation_rows(f"deadstop, isolation=auto vs isolation=off ({layer} layer)", auto, d["off"])
     alayer, asamples = d["async"]
     rows += async_rows(f"deadstop, {alayer} layer (AsyncSupervisor core)", asamples, f)
     if "pgroup" in d:

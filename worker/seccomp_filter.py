@@ -4,8 +4,10 @@ Built with libseccomp (through the thin `pyseccomp` ctypes binding) rather
 than a hand-assembled BPF program: libseccomp resolves syscall numbers per
 architecture, adds the architecture check that a hand-written filter tends
 to forget, and orders the comparisons. The filter is compiled once in the
-spawner and loaded by each forked run, so a start pays for `seccomp_load`
-only.
+spawner into a BPF program (libseccomp's own export) and installed by each
+forked run with one prctl(PR_SET_SECCOMP): a start pays neither for
+building the filter nor for libseccomp's code generation (0.6 ms a run,
+measured, against a few microseconds).
 
 Default allow, with a deny list of what a confined run has no business
 calling: every way to read or write another process's memory, to gain or
@@ -19,7 +21,9 @@ flags live in memory a filter cannot read, and libc then falls back to
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import os
 from typing import Any
 
 #: Syscalls refused outright. Names libseccomp does not know on this
@@ -50,8 +54,8 @@ DENIED = (
 CLONE_NEWUSER = 0x10000000
 
 
-def build() -> Any:
-    """Compile the filter (not loaded yet). Raises OSError if libseccomp is unusable."""
+def build() -> bytes:
+    """The compiled filter as raw BPF (struct sock_filter[]). Raises OSError if libseccomp is unusable."""
     try:
         import pyseccomp as seccomp
     except (ImportError, RuntimeError) as exc:  # RuntimeError: the library is missing
@@ -67,9 +71,42 @@ def build() -> Any:
     for name in ("unshare", "clone"):
         f.add_rule(deny, name, seccomp.Arg(0, seccomp.MASKED_EQ, CLONE_NEWUSER, CLONE_NEWUSER))
     f.add_rule(seccomp.ERRNO(errno.ENOSYS), "clone3")
-    return f
+    r, w = os.pipe()
+    try:
+        with os.fdopen(w, "wb", closefd=False) as out:
+            f.export_bpf(out)
+        os.close(w)
+        w = -1
+        chunks = []
+        while chunk := os.read(r, 65536):
+            chunks.append(chunk)
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+    program = b"".join(chunks)
+    if not program or len(program) % 8:
+        raise OSError(errno.EINVAL, f"libseccomp exported {len(program)} bytes, not a BPF program")
+    return program
 
 
-def load(compiled: Any) -> None:
-    """Install the filter on the calling thread (and so on everything it forks)."""
-    compiled.load()
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+PR_SET_SECCOMP = 22
+SECCOMP_MODE_FILTER = 2
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def load(program: bytes) -> None:
+    """Install the filter on the calling thread (and so on everything it forks).
+
+    Needs no-new-privileges first (the sandbox sets it) unless the caller
+    has CAP_SYS_ADMIN.
+    """
+    buf = ctypes.create_string_buffer(program, len(program))
+    prog = _SockFprog(len(program) // 8, ctypes.cast(buf, ctypes.c_void_p))
+    if _libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_SECCOMP): {os.strerror(err)}")

@@ -87,6 +87,13 @@ class Spawner:
                 self.seccomp = seccomp_filter.build()
             except OSError as exc:
                 self.seccomp_error = str(exc)
+            # The spawner never execs, so its bounding set grants it nothing;
+            # emptied here once, every run inherits it empty (40 prctl calls
+            # less per start). Its own effective capabilities stay.
+            try:
+                platform.drop_bounding_set()
+            except OSError:
+                pass  # not ours to drop (no CAP_SETPCAP): each run drops what it can
 
     # -- main loop ---------------------------------------------------------
     def serve(self) -> None:
