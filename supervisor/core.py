@@ -233,7 +233,12 @@ class AsyncSupervisor:
         if self.isolation.has("identity"):
             os.chmod(self.runtime_dir, 0o711)  # runs traverse it to their own endpoint, and list nothing
         self._voids = iso.make_voids(self.runtime_dir)
-        self._interpreter_paths = sorted(iso.interpreter_paths(), key=lambda p: p.count("/"))
+        paths = iso.interpreter_paths()
+        if probe_uid is not None:
+            run_uid, run_gid = probe_uid, probe_uid  # any run uid sees the host as every other does
+        else:
+            run_uid, run_gid = os.geteuid(), os.getegid()
+        self._planners = {tmp: iso.base_planner(run_uid, run_gid, tmp, paths) for tmp in (False, True)}
 
     def _cleanup_dirs(self) -> None:
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
@@ -415,8 +420,8 @@ class AsyncSupervisor:
             endpoint_dir = os.path.join(self.runtime_dir, f"r-{run_id}")
             os.mkdir(endpoint_dir, 0o710)
             os.chown(endpoint_dir, 0, uid)
-        plan = iso.sandbox_plan(self.isolation, run_id, uid, workdir, argv, network, private_tmp,
-                                self._interpreter_paths, endpoint_dir, self._voids,
+        plan = iso.sandbox_plan(self.isolation, run_id, uid, workdir, argv, network,
+                                self._planners[bool(private_tmp)], endpoint_dir, self._voids,
                                 masks=self.journal.files() + [self.state_dir])
         summary = {**self.isolation.to_dict(), "network": network, "private_tmp": private_tmp}
         if network == "host":

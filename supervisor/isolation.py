@@ -187,6 +187,14 @@ class MountPlanner:
         for path, mode, writable in covers:
             self._add({"op": "tmpfs", "path": path, "mode": mode, "writable": writable})
 
+    def copy(self) -> "MountPlanner":
+        """A planner to extend for one run; the common part (the interpreter's paths) is computed once."""
+        other = MountPlanner.__new__(MountPlanner)
+        other.uid, other.gid = self.uid, self.gid
+        other.ops = list(self.ops)
+        other._mounted = dict(self._mounted)
+        return other
+
     def _add(self, op: dict[str, Any]) -> None:
         self.ops.append(op)
         self._mounted[op["path"]] = (op["op"], bool(op.get("writable")))
@@ -248,9 +256,22 @@ class Confinement:
     summary: dict[str, Any]  # for the StopReport
 
 
+def base_planner(uid: int, gid: int, private_tmp: bool, interpreter_paths: list[str]) -> MountPlanner:
+    """The mounts every run of a supervisor shares: private /dev/shm (and /tmp), the interpreter's paths.
+
+    Computed once: run uids own no host file, so what one of them can reach
+    every one of them can.
+    """
+    covers = [("/dev/shm", 0o1777, True)] + ([("/tmp", 0o1777, True)] if private_tmp else [])
+    planner = MountPlanner(uid, gid, [c for c in covers if os.path.isdir(c[0])])
+    for path in sorted(set(interpreter_paths), key=lambda q: q.count("/")):
+        planner.expose(path)
+    return planner
+
+
 def sandbox_plan(profile: IsolationProfile, run_id: str, uid: int | None, cwd: str, argv: list[str] | None,
-                 network: str, private_tmp: bool, interpreter_paths: list[str], endpoint_dir: str | None,
-                 voids: tuple[str, str], masks: list[str]) -> dict[str, Any]:
+                 network: str, base: MountPlanner, endpoint_dir: str | None, voids: tuple[str, str],
+                 masks: list[str]) -> dict[str, Any]:
     """One run's sandbox, from the layers the host gives and what the run needs to reach."""
     namespaces = [n for n in NAMESPACES if profile.has(f"namespace:{n}") and not (n == "network" and network == "host")]
     plan: dict[str, Any] = {
@@ -262,11 +283,8 @@ def sandbox_plan(profile: IsolationProfile, run_id: str, uid: int | None, cwd: s
     }
     if "mount" not in namespaces:
         return plan
-    run_uid = uid if uid is not None else os.geteuid()
-    covers = [("/dev/shm", 0o1777, True)] + ([("/tmp", 0o1777, True)] if private_tmp else [])
-    planner = MountPlanner(run_uid, run_uid if uid is not None else os.getegid(),
-                           [c for c in covers if os.path.isdir(c[0])])
-    needed = list(interpreter_paths)
+    planner = base.copy()
+    needed = []
     for arg in argv or ():
         if os.path.isabs(arg) and os.path.exists(arg):
             needed += [arg, os.path.realpath(arg)]

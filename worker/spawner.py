@@ -94,6 +94,7 @@ class Spawner:
                 platform.drop_bounding_set()
             except OSError:
                 pass  # not ours to drop (no CAP_SETPCAP): each run drops what it can
+        self.netns = sandbox.NetnsPool() if isolated and os.geteuid() == 0 else None
 
     # -- main loop ---------------------------------------------------------
     def serve(self) -> None:
@@ -110,7 +111,12 @@ class Spawner:
         gc.freeze()  # keep warm pages shared with forked runs
         self._send({"op": "ready", "pid": self.pid, "subreaper": self.subreaper})
         while not self.stopping:
-            for key, _ in sel.select():
+            idle_work = self.netns is not None and self.netns.wants_more
+            events = sel.select(0 if idle_work else None)
+            if not events and idle_work:
+                self.netns.fill_one()  # only when nothing is waiting for us
+                continue
+            for key, _ in events:
                 if key.data == "wake":
                     try:
                         while os.read(wake_r, 512):
@@ -179,6 +185,16 @@ class Spawner:
                 os.close(fd)
 
     def _start_run(self, msg: dict[str, Any]) -> None:
+        plan = msg.get("sandbox")
+        if plan and "network" in plan.get("namespaces", ()) and self.netns is not None:
+            plan["netns_fd"] = self.netns.take()
+        try:
+            self._fork_run(msg)
+        finally:
+            if plan and plan.get("netns_fd") is not None:
+                os.close(plan["netns_fd"])  # the run has its own copy
+
+    def _fork_run(self, msg: dict[str, Any]) -> None:
         if msg.get("cgroup_procs"):
             self.cgroups.append(os.path.dirname(msg["cgroup_procs"]))
         # Block every signal across fork: a SIGTERM aimed at the new run before
