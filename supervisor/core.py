@@ -14,6 +14,7 @@ import logging
 import os
 import secrets
 import shutil
+import sys
 import tempfile
 import time
 from typing import Any, AsyncIterator, Callable, Sequence
@@ -239,6 +240,8 @@ class AsyncSupervisor:
         else:
             run_uid, run_gid = os.geteuid(), os.getegid()
         self._planners = {tmp: iso.base_planner(run_uid, run_gid, tmp, paths) for tmp in (False, True)}
+        essential = {sys.prefix, sys.base_prefix, os.path.dirname(os.path.realpath(sys.executable))}
+        self._unreadable_interpreter = iso.unreadable(sorted(essential), run_uid, run_gid) if probe_uid else []
 
     def _cleanup_dirs(self) -> None:
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
@@ -415,6 +418,12 @@ class AsyncSupervisor:
             why = iso.check_workspace(workdir, uid, uid)
             if why:
                 raise InvalidTarget(why)
+            blocked = self._unreadable_interpreter + iso.unreadable(
+                [a for a in argv or () if os.path.isabs(a)], uid, uid)
+            if blocked:
+                raise InvalidTarget(f"the run's own uid could not read {', '.join(blocked)} even inside its "
+                                    "namespace (the mode itself refuses others); make it world-readable, "
+                                    "or pass isolation='off' for trusted code")
         endpoint_dir = None
         if uid is not None:
             endpoint_dir = os.path.join(self.runtime_dir, f"r-{run_id}")

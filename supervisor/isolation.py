@@ -269,6 +269,17 @@ def base_planner(uid: int, gid: int, private_tmp: bool, interpreter_paths: list[
     return planner
 
 
+def unreadable(paths: Iterable[str], uid: int, gid: int) -> list[str]:
+    """Those of `paths` a run's uid could not read even once they are bound into its namespace
+    (a bind keeps the mode: a 0700 virtual environment stays 0700)."""
+    out = []
+    for path in paths:
+        need = os.R_OK | os.X_OK if os.path.isdir(path) else os.R_OK
+        if os.path.exists(path) and not can_use(path, uid, gid, need):
+            out.append(path)
+    return out
+
+
 def sandbox_plan(profile: IsolationProfile, run_id: str, uid: int | None, cwd: str, argv: list[str] | None,
                  network: str, base: MountPlanner, endpoint_dir: str | None, voids: tuple[str, str],
                  masks: list[str]) -> dict[str, Any]:

@@ -380,3 +380,23 @@ def test_without_isolation_a_cgroup_escaper_is_still_found_killed_and_reported(r
         assert report.survivors == 0 and report.escaped >= 2, report
         assert report.ended_by == "swept"
         _assert_silent_after(work, returned_at)
+
+
+def test_an_agent_script_under_a_closed_parent_is_bound_in_and_a_closed_one_is_refused(ready_sup) -> None:
+    sup, _ready, work = ready_sup()
+    parent = work.parent / "closed-parent"
+    parent.mkdir(mode=0o700)
+    scripts = parent / "scripts"
+    scripts.mkdir(mode=0o755)
+    script = scripts / "agent.sh"
+    script.write_text("#!/bin/sh\necho ran-from-script > out.txt\n")
+    script.chmod(0o755)
+    private = parent / "private.sh"
+    private.write_text("#!/bin/sh\necho no\n")
+    private.chmod(0o700)
+    with sup:
+        sup.start(["/bin/sh", str(script)], cwd=str(work)).wait(timeout=30)
+        with pytest.raises(Exception) as info:
+            sup.start(["/bin/sh", str(private)], cwd=str(work))
+    assert (work / "out.txt").read_text().strip() == "ran-from-script"
+    assert type(info.value).__name__ == "InvalidTarget" and str(private) in str(info.value)
