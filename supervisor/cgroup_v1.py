@@ -195,7 +195,8 @@ def kill_group(path: str, bound: float = KILL_BOUND) -> int:
 
     v1 has no cgroup.kill: processes that fork while being killed are caught
     by the next pass (a SIGKILLed task cannot return from fork to user
-    space, so this converges). Returns how many processes were signalled.
+    space, so this converges). `bound` 0: one pass, no waiting. Returns how
+    many processes were signalled.
     """
     deadline = time.monotonic() + bound
     sent = 0
@@ -205,24 +206,29 @@ def kill_group(path: str, bound: float = KILL_BOUND) -> int:
         if not left:
             return sent
         sent += procs.signal_members(left, signal.SIGKILL, lambda: set(group_pids(path)))
-        if time.monotonic() >= deadline:
+        if bound <= 0 or time.monotonic() >= deadline:
             return sent
         time.sleep(delay)
         delay = min(delay * 2, 0.02)
 
 
-def remove_group(path: str) -> bool:
-    """Kill what is left, then rmdir (children first). False if it could not be removed."""
+def remove_group(path: str, kill_bound: float = KILL_BOUND) -> bool:
+    """Kill what is left, then rmdir (children first). False if it could not be removed.
+
+    `kill_bound` 0 never waits (for the event loop): one SIGKILL pass, one
+    rmdir; what is still busy is removed later (at close).
+    """
     try:
         entries = [e.path for e in os.scandir(path) if e.is_dir(follow_symlinks=False)]
     except FileNotFoundError:
         return True
     except OSError:
         return False
-    ok = all([remove_group(p) for p in entries])
+    ok = all([remove_group(p, kill_bound) for p in entries])
     if _live(group_pids(path)):
-        kill_group(path)
-    for attempt in range(20):
+        kill_group(path, kill_bound)
+    attempts = 20 if kill_bound > 0 else 1
+    for attempt in range(attempts):
         try:
             os.rmdir(path)
             return ok
@@ -230,7 +236,7 @@ def remove_group(path: str) -> bool:
             return ok
         except OSError as exc:
             # EBUSY while a member just killed is still exiting: a short wait, bounded.
-            if exc.errno != errno.EBUSY or attempt == 19:
+            if exc.errno != errno.EBUSY or attempt == attempts - 1:
                 return False
             time.sleep(0.005)
     return False
@@ -337,10 +343,10 @@ class V1RunGroups:
     def kill(self, bound: float = KILL_BOUND) -> int:
         return sum(kill_group(d, bound) for d in self.dirs.values())
 
-    def remove(self) -> bool:
-        """Kill whatever is left, close the OOM watch, rmdir every group."""
+    def remove(self, kill_bound: float = KILL_BOUND) -> bool:
+        """Kill whatever is left, close the OOM watch, rmdir every group (see remove_group)."""
         self.close_oom_watch()
-        return all([remove_group(d) for d in self.dirs.values()])
+        return all([remove_group(d, kill_bound) for d in self.dirs.values()])
 
 
 class V1Tree:

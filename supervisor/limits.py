@@ -62,7 +62,9 @@ class Limits:
     tokens: int | None = None  # tokens reported by tool handlers through ctx.report_usage
     cpu_seconds: float | None = None  # CPU time of all the run's processes
     memory_bytes: int | None = None  # memory charged to the run, as the kernel counts it
-    processes: int | None = None  # live tasks (processes and threads) of the run at once
+    #: live tasks of the run at once, threads included, as the kernel counts
+    #: them (a Python run that uses egress has 3: its thread and ZeroMQ's two)
+    processes: int | None = None
     #: "kernel": memory_bytes / processes must be enforced by a kernel
     #: controller, or the limit is refused. "sampled": the kernel is still
     #: used where it can be; elsewhere sampling is accepted.
@@ -336,10 +338,12 @@ class KernelLimits:
 
     def cleanup(self) -> bool:
         """Stop watching; kill what is left in the v1 groups and remove them (the v2
-        cgroup is the containment's to remove). False if a group could not be removed."""
+        cgroup is the containment's to remove). Never waits (it runs on the event
+        loop): a group still busy is removed at close. False if one could not be
+        removed now."""
         self._unwatch()
         if self.v1 is not None:
-            return self.v1.remove()
+            return self.v1.remove(kill_bound=0)
         return True
 
 

@@ -185,6 +185,11 @@ class Supervisor:
         return self._core.containment
 
     @property
+    def limit_enforcement(self) -> dict[str, str]:
+        """memory_bytes / processes -> the kernel mechanism this host offers, or "sampled only: <why>"."""
+        return self._core.limit_enforcement
+
+    @property
     def journal_path(self) -> str:
         return self._core.journal.path
 

@@ -237,3 +237,70 @@ def memfd_hog(message: dict, **context) -> None:
     end = time.monotonic() + message["hold"]
     while time.monotonic() < end:
         time.sleep(0.05)
+
+
+def leave_v1_groups(message: dict, **context) -> None:
+    """Try to move itself into each cgroup.procs in message["targets"] (out of
+    its limited groups); report {path: "moved" | error} with the `report`
+    tool, then sleep (bounded) until stopped."""
+    results = {}
+    for path in message["targets"]:
+        try:
+            with open(path, "w") as f:
+                f.write("0")
+            results[path] = "moved"
+        except OSError as exc:
+            results[path] = exc.strerror or str(exc)
+    egress.call("report", results)
+    end = time.monotonic() + 30
+    while time.monotonic() < end:
+        time.sleep(0.05)
+
+
+def escape_then_linger(message: dict, **context) -> None:
+    """A child that leaves everything but its v1 groups: setsid (out of the
+    process group), into message["v2_procs"] if given (out of its v2 cgroup;
+    needs root: isolation="off"), its run marker overwritten in memory (out
+    of the marker sweep), SIGTERM ignored. It reports its pid with the
+    `escaped` tool and lingers at most message["linger"] s."""
+    from ipc import framing
+
+    pid = os.fork()
+    if pid == 0:
+        try:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            os.setsid()
+            if message.get("v2_procs"):
+                with open(message["v2_procs"], "w") as f:
+                    f.write("0")
+            _erase_marker(framing.ENV_MARKER.encode() + b"=")
+            try:
+                egress.call("escaped", os.getpid())
+            except Exception:
+                pass  # revoked before the reply came back: linger all the same
+            end = time.monotonic() + message["linger"]
+            while time.monotonic() < end:
+                time.sleep(0.02)
+        finally:
+            os._exit(0)
+    end = time.monotonic() + message["linger"]
+    while time.monotonic() < end:
+        time.sleep(0.05)
+
+
+def _erase_marker(prefix: bytes) -> None:
+    """Overwrite the marker's value in this process's exec-time environment
+    block (what /proc/<pid>/environ shows) through /proc/self/mem."""
+    with open("/proc/self/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()  # fields[0] is field 3 (state)
+    env_start, env_end = int(fields[50 - 3]), int(fields[51 - 3])
+    with open("/proc/self/mem", "r+b", buffering=0) as mem:
+        mem.seek(env_start)
+        block = b"\0" + mem.read(env_end - env_start)
+        at = block.find(b"\0" + prefix)
+        if at < 0:
+            return
+        value = at + 1 + len(prefix)  # where the value starts in `block`
+        end = block.index(b"\0", value)
+        mem.seek(env_start + value - 1)  # - 1: the NUL put in front of the block
+        mem.write(b"-" * (end - value))

@@ -23,7 +23,7 @@ import time
 import pytest
 
 import limit_agents
-from procscan import marked_processes
+from procscan import MARKER, marked_processes
 from supervisor import Limits, LimitUnenforceable, Supervisor
 from supervisor import cgroup_v1
 from waiting import Countdown
@@ -122,18 +122,46 @@ class CgroupWatch(threading.Thread):
         self.join(BOUND)
 
 
+def _live_by_marker() -> dict[str, int]:
+    """run id -> live (non-zombie) processes carrying its marker, read from /proc.
+
+    No filter on the test session's variable: a run under isolation starts
+    from a clean environment. Only counts are taken here; the leak check
+    (conftest) is what kills strays."""
+    counts: dict[str, int] = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        if stat[stat.rindex(b")") + 2:].split()[0] in (b"Z", b"X"):
+            continue
+        for entry in env:
+            if entry.startswith(MARKER):
+                run_id = entry[len(MARKER):].decode(errors="replace")
+                counts[run_id] = counts.get(run_id, 0) + 1
+                break
+    return counts
+
+
 class ProcessCount(threading.Thread):
-    """Counts live marked processes of this test session from /proc, as often as it can."""
+    """Counts each run's live processes from /proc, as often as it can; keeps the peak per run."""
 
     def __init__(self):
         super().__init__(daemon=True)
-        self.peak = 0
+        self.peaks: dict[str, int] = {}
         self.scans = 0
         self.done = threading.Event()
 
     def run(self) -> None:
         while not self.done.is_set():
-            self.peak = max(self.peak, len(marked_processes()))
+            for run_id, n in _live_by_marker().items():
+                self.peaks[run_id] = max(self.peaks.get(run_id, 0), n)
             self.scans += 1
 
     def stop(self) -> None:
@@ -142,7 +170,7 @@ class ProcessCount(threading.Thread):
 
 
 def _kernel_mechanism(sup: Supervisor, limit: str) -> str:
-    mech = sup.core.limit_enforcement[limit]
+    mech = sup.limit_enforcement[limit]
     if not mech.startswith("cgroup-"):
         pytest.skip(f"no kernel controller for {limit} on this host: {mech}")
     return mech
@@ -157,7 +185,8 @@ def _assert_quota_stop(run, limit: str, mechanism: str) -> None:
     assert limit in report.revoke_reason, report
     assert report.survivors == 0, report
     assert report.limits_enforcement[limit] == mechanism, report
-    assert marked_processes(run.id) == {}, "a process of the run outlived its quota stop"
+    assert marked_processes(run.id) == {} and not _live_by_marker().get(run.id), \
+        "a process of the run outlived its quota stop"
 
 
 def _group_files(run_id: str, mechanism: str, names: list[str]) -> dict[str, str]:
@@ -189,11 +218,12 @@ def test_fork_bomb_never_exceeds_processes(layer, tmp_path) -> None:
             counter.stop()
         _assert_quota_stop(run, "processes", mech)
         assert counter.scans > 0 and watch.reads > 0
-        assert counter.peak <= limit, f"{counter.peak} processes of the run alive at once; the limit is {limit}"
+        seen = counter.peaks.get(run.id, 0)
+        assert seen <= limit, f"{seen} processes of the run alive at once; the limit is {limit}"
         assert watch.peak.get("pids.current", 0) <= limit, watch.peak
         assert watch.peak.get(peak_file, 0) <= limit, watch.peak
         assert run.report and s.usage.peak_processes <= limit, s.usage
-        assert counter.peak >= 2, "the bomb never forked: the test proves nothing"
+        assert seen >= 2, "the bomb never forked: the test proves nothing"
         assert not _find_dirs(f"run-{run.id}"), "the run's cgroups outlived it"
 
 
@@ -260,8 +290,8 @@ def no_v1(tmp_path, monkeypatch):
 
 def test_unenforceable_limit_is_refused(tmp_path, no_v1) -> None:
     with Supervisor(state_dir=str(tmp_path), containment="process-group") as sup:
-        assert sup.core.limit_enforcement["memory_bytes"].startswith("sampled only")
-        assert sup.core.limit_enforcement["processes"].startswith("sampled only")
+        assert sup.limit_enforcement["memory_bytes"].startswith("sampled only")
+        assert sup.limit_enforcement["processes"].startswith("sampled only")
         with pytest.raises(LimitUnenforceable, match=r"memory_bytes.*enforcement=\"sampled\""):
             sup.register_agent("hog", limit_agents.allocate, limits=Limits(memory_bytes=60 * MiB))
         assert "hog" not in sup.core.agents
@@ -344,7 +374,8 @@ def test_dead_supervisors_v1_groups_are_removed(tmp_path) -> None:
                 f.write(str(victim.pid))
         owner.send_signal(signal.SIGKILL)
         owner.wait(BOUND)
-        removed = asyncio.run(leftovers.sweep())
+        # The v1 part of the sweep every supervisor runs at open (leftovers.sweep()).
+        removed = asyncio.run(leftovers.sweep_cgroup_roots(cgroup_v1.leftover_roots(), v2=False))
         paths = {r["path"] for r in removed}
         for d in made:
             assert d in paths, (d, removed)
@@ -358,3 +389,74 @@ def test_dead_supervisors_v1_groups_are_removed(tmp_path) -> None:
         for d in made:
             if os.path.exists(d):
                 cgroup_v1.remove_group(d)
+
+
+def test_run_cannot_leave_its_v1_groups(tmp_path) -> None:
+    """A run with its own identity joined its groups as root, then dropped
+    privileges: writing itself into any other group's cgroup.procs fails, and
+    it is still in its groups (read from outside, /proc/<pid>/cgroup)."""
+    got: list[dict] = []
+    ready = threading.Event()
+
+    def report(results: dict) -> None:
+        got.append(results)
+        ready.set()
+
+    with Supervisor(state_dir=str(tmp_path)) as sup:
+        mech = _kernel_mechanism(sup, "processes")
+        if not mech.startswith("cgroup-v1"):
+            pytest.skip("the v2 controllers enforce here")
+        if not sup.core.isolation.has("identity"):
+            pytest.skip("runs share the supervisor's identity here (isolation without per-run uids)")
+        mounts = _mounts()
+        targets = []
+        for c in ("memory", "pids"):
+            targets.append(os.path.join(mounts[c], "cgroup.procs"))  # the hierarchy's root
+            for d in cgroup_v1.leftover_roots():
+                if d.startswith(mounts[c] + "/") or d == mounts[c]:
+                    targets.append(os.path.join(d, "cgroup.procs"))  # the supervisor's own group
+        sup.register_tool("report", report)
+        sup.register_agent("leaver", limit_agents.leave_v1_groups, tools=["report"],
+                           limits=Limits(processes=10, memory_bytes=100 * MiB))
+        run = sup.session("leaver", agent="leaver").send({"targets": sorted(set(targets))})
+        assert ready.wait(BOUND), "the run never reported"
+        assert "moved" not in got[0].values(), got[0]
+        with open(f"/proc/{run.pid}/cgroup") as f:
+            lines = {c: line.rstrip("\n").rpartition(":")[2] for line in f
+                     for c in line.split(":")[1].split(",") if c in ("memory", "pids")}
+        for c in ("memory", "pids"):
+            assert lines[c].endswith(f"/run-{run.id}"), (c, lines)
+        run.stop()
+        assert run.report.survivors == 0
+
+
+def test_escaper_is_still_killed_through_its_v1_groups(layer, tmp_path) -> None:
+    """A root run (isolation="off") whose child leaves its process group, its v2
+    cgroup and its marker behind is still in its v1 groups: the stop kills it
+    there and reports it as escaped, never as a clean stop with a survivor."""
+    escaped: list[int] = []
+    ready = threading.Event()
+
+    def on_escaped(pid: int) -> None:
+        escaped.append(pid)
+        ready.set()
+
+    with Supervisor(state_dir=str(tmp_path), containment=layer, isolation="off") as sup:
+        mech = _kernel_mechanism(sup, "processes")
+        if not mech.startswith("cgroup-v1"):
+            pytest.skip("the v2 controllers enforce here; no v1 groups")
+        v2 = _mounts().get("v2")
+        sup.register_tool("escaped", on_escaped)
+        sup.register_agent("escaper", limit_agents.escape_then_linger, tools=["escaped"], grace=0.3,
+                           limits=Limits(processes=10))
+        message = {"linger": 20, "v2_procs": os.path.join(v2, "cgroup.procs") if layer == "cgroup" else None}
+        run = sup.session("escaper", agent="escaper").send(message)
+        assert ready.wait(BOUND), "the child never escaped"
+        child = escaped[0]
+        report = run.stop()
+        assert report.survivors == 0, report
+        assert child in report.escaped_pids, report
+        assert report.escaped >= 1, report
+        with pytest.raises(ProcessLookupError):
+            os.kill(child, 0)
+        assert not _find_dirs(f"run-{run.id}"), "the run's cgroups outlived it"

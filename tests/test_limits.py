@@ -7,6 +7,7 @@ none of the run's processes survives (an independent /proc scan).
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -71,14 +72,23 @@ def _assert_stopped_by(run, limit: str) -> None:
     assert marked_processes(run.id) == {}, "a process of the run outlived its quota stop"
 
 
+def _workspace(tmp_path):
+    """A directory the run's own identity can write (its cwd): evidence files go there."""
+    work = tmp_path / "work"
+    work.mkdir()
+    os.chmod(work, 0o777)
+    return work
+
+
 def test_tool_calls_limit(tmp_path) -> None:
     gate = Gate(hold_at=3)
+    work = _workspace(tmp_path)
     with Supervisor(state_dir=str(tmp_path)) as sup:
         sup.register_tool("work", gate.handler)
         sup.register_agent("caller", limit_agents.call_until_refused, tools=["work"], grace=BOUND,
-                           limits=Limits(tool_calls=5))
+                           limits=Limits(tool_calls=5), cwd=str(work))
         s = sup.session("calls", agent="caller")
-        out = tmp_path / "refusal"
+        out = work / "refusal"
         run = s.send({"tool": "work", "n": 100, "out": str(out)})
 
         assert gate.held.wait(BOUND), "the run never made its third call"
@@ -102,12 +112,13 @@ def test_tool_calls_limit(tmp_path) -> None:
 
 def test_tokens_limit(tmp_path) -> None:
     gate = Gate(hold_at=2, tokens={"prompt_tokens": 40, "completion_tokens": 20})
+    work = _workspace(tmp_path)
     with Supervisor(state_dir=str(tmp_path)) as sup:
         sup.register_tool("llm", gate.handler)
         sup.register_agent("talker", limit_agents.call_until_refused, tools=["llm"], grace=BOUND,
-                           limits=Limits(tokens=100))
+                           limits=Limits(tokens=100), cwd=str(work))
         s = sup.session("tokens", agent="talker")
-        out = tmp_path / "refusal"
+        out = work / "refusal"
         run = s.send({"tool": "llm", "n": 100, "out": str(out)})
 
         assert gate.held.wait(BOUND), "the run never made its second call"
@@ -189,7 +200,7 @@ def test_cpu_seconds_limit(layer, tmp_path) -> None:
 def _kernel_or_sampled(sup, limit: str) -> tuple[str, str]:
     """(mechanism, enforcement to ask for): the kernel where this host has a
     controller for `limit`, else sampling, accepted explicitly."""
-    mech = sup.core.limit_enforcement[limit]
+    mech = sup.limit_enforcement[limit]
     if mech.startswith("cgroup-"):
         return mech, "kernel"
     return ("sampled+RLIMIT_AS" if limit == "memory_bytes" else "sampled"), "sampled"
