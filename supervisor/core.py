@@ -153,6 +153,11 @@ class AsyncSupervisor:
         self.spawner.answer_timeout = self._spawner_timeout
         try:
             await self._probe_isolation()
+            # What the spawner (and its watchdog) must kill should we die.
+            self.spawner.configure(
+                cgroup_root=self.cgroups.root.path if self.cgroups else None,
+                home_procs=self.cgroups.home_procs if self.cgroups else None,
+                uid_block=[self.identities.first, self.identities.size] if self.identities else None)
         except BaseException:
             await self.spawner.shutdown()
             self.broker.close()
@@ -163,7 +168,6 @@ class AsyncSupervisor:
             self._cleanup_dirs()
             raise
         if self.cgroups is not None:
-            self.spawner.configure(cgroup_root=self.cgroups.root.path, home_procs=self.cgroups.home_procs)
             self.containment = CGROUP
         else:
             self.containment = PGROUP_SUBREAPER if self.spawner.subreaper else PGROUP

@@ -22,12 +22,21 @@ import stat
 import sys
 from typing import Any, Iterable
 
+from ipc import framing
+
 ISOLATION_CHOICES = ("auto", "strict", "off")
 NETWORK_CHOICES = ("none", "host")
 
-#: Host variables a run keeps; everything else in the host's environment
-#: (tokens, passwords, cloud keys) never reaches it.
+#: Host variables a run keeps, with deadstop's own (DEADSTOP_*, but never a
+#: run's channel variables, which each run gets fresh); everything else in
+#: the host's environment (tokens, passwords, cloud keys) never reaches it.
 KEPT_ENVIRONMENT = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TERM", "TZ")
+_RUN_VARIABLES = {framing.ENV_EGRESS, framing.ENV_RUN_ID, framing.ENV_GENERATION, framing.ENV_CREDENTIAL_FD,
+                  framing.ENV_MARKER, "DEADSTOP_SUPERVISOR_PID"}
+
+
+def _kept(name: str) -> bool:
+    return name in KEPT_ENVIRONMENT or (name.startswith("DEADSTOP_") and name not in _RUN_VARIABLES)
 
 NAMESPACES = ("mount", "network", "ipc", "uts", "cgroup")
 
@@ -117,7 +126,7 @@ def profile_from_probe(mode: str, results: dict[str, str]) -> IsolationProfile:
 # -- one run's plan ----------------------------------------------------------------------------
 def run_environment(extra: dict[str, str] | None, home: str) -> dict[str, str]:
     """The environment a run starts from: a few host variables, HOME, then what the caller passed."""
-    env = {k: os.environ[k] for k in KEPT_ENVIRONMENT if k in os.environ}
+    env = {k: v for k, v in os.environ.items() if _kept(k)}
     env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
     env["HOME"] = home
     env.update(extra or {})
@@ -127,7 +136,7 @@ def run_environment(extra: dict[str, str] | None, home: str) -> dict[str, str]:
 def spawner_environment() -> dict[str, str]:
     """The spawner's exec-time environment under isolation: runs are forked
     from it and can read their own memory, so it must hold no host secret."""
-    return {k: os.environ[k] for k in KEPT_ENVIRONMENT if k in os.environ}
+    return {k: v for k, v in os.environ.items() if _kept(k)}
 
 
 def interpreter_paths() -> list[str]:

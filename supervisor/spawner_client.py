@@ -74,6 +74,10 @@ class SpawnerClient:
         # is declared lost like one that stopped answering.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", int(ANSWER_TIMEOUT), 0))
         loop.add_reader(self.conn.fileno(), self._readable)
+        # The spawner's death is seen on its pidfd, not as EOF on the socket:
+        # its watchdog holds the spawner's end open (worker/watchdog.py).
+        if self.pidfd is not None:
+            loop.add_reader(self.pidfd, self._lost)
 
     @classmethod
     async def launch(cls, cgroup: Cgroup | None = None, env: dict[str, str] | None = None,
@@ -214,6 +218,8 @@ class SpawnerClient:
         self.alive = False
         self.lost_reason = why or f"spawner (pid {self.pid}) exited"
         self.loop.remove_reader(self.conn.fileno())
+        if self.pidfd is not None:
+            self.loop.remove_reader(self.pidfd)
         err = SpawnerLost(self.lost_reason)
         pending = [self._ready, *self._starts.values(), *self._reaps.values()]
         if self._probe is not None:
@@ -232,6 +238,11 @@ class SpawnerClient:
                 self._send({"op": "shutdown"})
             except (OSError, SpawnerLost):
                 pass
+            # From here its exit is expected, not a loss: stop watching for one.
+            self.alive = False
+            self.loop.remove_reader(self.conn.fileno())
+            if self.pidfd is not None:
+                self.loop.remove_reader(self.pidfd)
         if self.pidfd is not None:
             from supervisor.procs import wait_pidfd
 
@@ -246,8 +257,5 @@ class SpawnerClient:
             os.close(self.pidfd)
             self.pidfd = None
         self.proc.wait()
-        if self.alive:
-            self.alive = False
-            self.loop.remove_reader(self.conn.fileno())
         self.conn.close()
         self.sock.close()

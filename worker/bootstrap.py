@@ -171,10 +171,15 @@ def _report_failure(exc: BaseException, prefix: str = "") -> None:
         pass  # revoked or supervisor gone; the exit code still says "failed"
 
 
-def _confine(spec: StartSpec, seccomp: Any) -> None:
+def _confine(spec: StartSpec, spawner_pid: int, seccomp: Any) -> None:
     """The sandbox, then the cwd check that only the run's own identity can make."""
     if spec.sandbox:
         sandbox.enter(spec.sandbox, seccomp)
+        # The kernel clears the parent-death signal when the uid changes: set
+        # it again, and check again that the spawner did not die meanwhile.
+        platform.set_parent_death_signal(signal.SIGKILL)
+        if os.getppid() != spawner_pid:
+            os._exit(EXIT_BOOTSTRAP_FAILED)
     if spec.cwd:
         os.chdir(spec.cwd)
 
@@ -186,7 +191,7 @@ def child_main(msg: dict[str, Any], spawner_pid: int, ready_fd: int, seccomp: An
         spec = StartSpec(msg)
         try:
             _contain(spec, spawner_pid)
-            _confine(spec, seccomp)
+            _confine(spec, spawner_pid, seccomp)
         except OSError as exc:
             _ready(ready_fd, f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""))
             os._exit(EXIT_BOOTSTRAP_FAILED)

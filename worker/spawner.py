@@ -49,7 +49,7 @@ import msgspec
 import psutil
 import struct
 
-from worker import bootstrap, platform, sandbox
+from worker import bootstrap, platform, sandbox, watchdog
 
 # Pre-warm what nearly every run needs before the first fork. asyncio and
 # zmq.asyncio are left to the runs that use them: every megabyte in the
@@ -74,6 +74,7 @@ class Spawner:
         self.cgroup_root: str | None = None  # the supervisor's subtree, removed on the way out
         self.home_procs: str | None = None  # where to move ourselves so the subtree can go
         self.stopping = False
+        self.watchdog: int | None = None  # worker/watchdog.py: kills every run if we cannot
         self.subreaper = platform.set_child_subreaper()
         self.clone_into_cgroup = True  # until the kernel says otherwise
         platform.set_dumpable(False)
@@ -148,6 +149,8 @@ class Spawner:
         elif op == "config":
             self.cgroup_root = msg.get("cgroup_root")
             self.home_procs = msg.get("home_procs")
+            if self.watchdog is None:
+                self.watchdog = watchdog.start(self.sock.fileno(), msg, self.pid)
         elif op == "release":
             self.released.add(msg["pid"])
             self._reap()
