@@ -26,8 +26,9 @@ def main(out_dir: str) -> None:
         result["why"] = sup.core.containment_degraded_reason
         sup.register_tool("ready", ready)
         sup.register_tool("tick", lambda: None)
-        runs = [sup.start(behaviours.tree, out_dir, 5, tools=["ready", "tick"]),
-                sup.start(behaviours.setsid_escaper, out_dir, tools=["ready", "tick"])]
+        # out_dir is the runs' cwd (mode 0777): the escaper writes its pid file there.
+        runs = [sup.start(behaviours.tree, out_dir, 5, tools=["ready", "tick"], cwd=out_dir),
+                sup.start(behaviours.setsid_escaper, out_dir, tools=["ready", "tick"], cwd=out_dir)]
         result["ready"] = ready.wait(60)
         result["run_ids"] = [r.id for r in runs]
         result["reports"] = [r.to_dict() for r in sup.stop_all(grace=0.3)]

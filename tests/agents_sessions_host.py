@@ -24,8 +24,9 @@ def main(layer: str, state_dir: str, out_dir: str) -> None:
     ready = Countdown(2)
     sup.register_tool("ready", ready)
     sup.register_tool("tick", lambda: None)
-    sup.register_agent("tree", limit_agents.tree_session, tools=["ready", "tick"])
-    sup.register_agent("escaper", limit_agents.escaper_session, tools=["ready", "tick"])
+    # out_dir is the runs' cwd (mode 0777): the escaper writes its pid file there.
+    sup.register_agent("tree", limit_agents.tree_session, tools=["ready", "tick"], cwd=out_dir)
+    sup.register_agent("escaper", limit_agents.escaper_session, tools=["ready", "tick"], cwd=out_dir)
     tree = sup.session(TREE, agent="tree")
     escaper = sup.session(ESCAPER, agent="escaper")
     runs = {TREE: tree.send(out_dir), ESCAPER: escaper.send(out_dir)}

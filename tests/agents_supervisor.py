@@ -19,9 +19,10 @@ def main(layer: str, out_dir: str) -> None:
     sup.register_tool("ready", ready)
     sup.register_tool("tick", lambda: None)
     sup.register_tool("send", lambda: None)
-    runs = [sup.start(behaviours.tree, out_dir, 5, tools=["ready", "tick"]),
-            sup.start(behaviours.setsid_escaper, out_dir, tools=["ready", "tick"]),
-            sup.start(behaviours.ignore_term, out_dir, tools=["ready", "tick"])]
+    # out_dir is the runs' cwd (mode 0777): the escaper writes its pid file there.
+    runs = [sup.start(behaviours.tree, out_dir, 5, tools=["ready", "tick"], cwd=out_dir),
+            sup.start(behaviours.setsid_escaper, out_dir, tools=["ready", "tick"], cwd=out_dir),
+            sup.start(behaviours.ignore_term, out_dir, tools=["ready", "tick"], cwd=out_dir)]
     ready.wait(60)
     print(json.dumps({"runs": [r.id for r in runs], "spawner": sup.core.spawner.pid,
                       "containment": sup.containment}), flush=True)

@@ -39,6 +39,17 @@ def layer(request) -> str:
     return request.param
 
 
+@pytest.fixture
+def workspace(tmp_path):
+    """The run's cwd: a directory its own identity can write (mode 0777), where
+    runs put their evidence files. Kept apart from tmp_path itself, which tests
+    use as the state directory, so the journal is never inside a run's reach."""
+    work = tmp_path / "work"
+    work.mkdir()
+    os.chmod(work, 0o777)
+    return work
+
+
 @pytest.fixture(autouse=True)
 def no_leaked_processes():
     me = psutil.Process()
@@ -54,6 +65,7 @@ def no_leaked_processes():
             _kill(p.pid)
         for pid in marked:
             _kill(pid)
+        psutil.wait_procs(alive, timeout=LEAK_WAIT)  # reap our own children among them
         pytest.fail(f"test leaked processes: {desc}")
 
 

@@ -38,13 +38,15 @@ def _is_zombie(pid: str) -> bool:
 
 
 def marked_processes(run_id: str | None = None) -> dict[int, str]:
-    """pid -> run id of every live process carrying a run marker (optionally one run's)."""
+    """pid -> run id of every live process carrying a run marker: one run's
+    (run ids are random: whatever environment the run was given), or every
+    run of this test session's."""
     found: dict[int, str] = {}
     for pid in os.listdir("/proc"):
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
         env = _environ(pid)
-        if _SESSION_ENTRY not in env:
+        if run_id is None and _SESSION_ENTRY not in env:
             continue
         for entry in env:
             if entry.startswith(MARKER):

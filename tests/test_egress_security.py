@@ -61,22 +61,50 @@ def test_forged_malformed_and_oversized_requests_are_refused(tmp_path) -> None:
         assert expected <= refused, f"refusals missing from the journal: {expected - refused}"
 
 
+def _uid_of(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("Uid:"))
+
+
 def test_runtime_directory_is_owner_only() -> None:
+    """Nobody but the supervisor lists or creates anything in its runtime
+    directory. With per-run identities a run may traverse it, and reaches only
+    its own endpoint: the shared socket is the owner's alone."""
+    ready = threading.Event()
     with Supervisor() as sup:
+        sup.register_tool("ready", ready.set)
         runtime = sup.core.runtime_dir
         mode = stat.S_IMODE(os.stat(runtime).st_mode)
-        assert mode == 0o700
-        assert os.path.exists(os.path.join(runtime, "egress"))
+        identities = sup.isolation.has("identity")
+        assert mode == (0o711 if identities else 0o700)
+        shared = os.stat(os.path.join(runtime, "egress"))
+        assert stat.S_ISSOCK(shared.st_mode) and stat.S_IMODE(shared.st_mode) & 0o077 == 0
+        if identities:
+            run = sup.start(behaviours.victim, tools=["ready"])
+            assert ready.wait(30)
+            uid = _uid_of(run.pid)
+            own = [os.path.join(runtime, n) for n in os.listdir(runtime) if n.startswith("r-")]
+            assert len(own) == 1, own
+            st = os.stat(own[0])
+            assert (st.st_uid, st.st_gid) == (0, uid), "the endpoint directory belongs to root and the run's gid"
+            assert stat.S_IMODE(st.st_mode) & 0o077 == 0o010, f"only the run's gid may traverse it: {oct(st.st_mode)}"
+            run.stop()
+            assert not os.path.exists(own[0]), "stop() removes the run's endpoint"
     assert not os.path.exists(runtime), "the socket directory must be removed at close"
 
 
-def test_argv_run_never_sees_its_credential_in_the_environment(tmp_path) -> None:
-    out = tmp_path / "env.txt"
+def test_argv_run_never_sees_its_credential_in_the_environment(workspace, monkeypatch) -> None:
+    monkeypatch.setenv("GATEWAY_SMTP_PASSWORD", "canary-d41d8cd9")  # a host secret
+    out = workspace / "env.txt"
     with Supervisor() as sup:
-        run = sup.start(["/bin/sh", "-c", f"env > {out}; cat <&$DEADSTOP_CREDENTIAL_FD > {out}.cred"])
+        # The fd is read through /proc: dash's `<&N` takes one digit only, and the fd may be 10 or more.
+        run = sup.start(["/bin/sh", "-c", f"env > {out}; cat /proc/self/fd/$DEADSTOP_CREDENTIAL_FD > {out}.cred"],
+                        cwd=str(workspace))
         run.wait(timeout=30)
     env = out.read_text()
-    cred = (tmp_path / "env.txt.cred").read_text().strip()
+    cred = (workspace / "env.txt.cred").read_text().strip()
     assert len(cred) == 64
     assert cred not in env
     assert f"DEADSTOP_RUN_ID={run.id}" in env and f"DEADSTOP_RUN_MARKER={run.id}" in env
+    # The run starts from a clean environment: nothing of the host's reaches it.
+    assert "canary-d41d8cd9" not in env and "GATEWAY_SMTP_PASSWORD" not in env

@@ -25,11 +25,11 @@ pytestmark = pytest.mark.skipif(
     reason="needs root, unshare(1) and a cgroup2 mount to make cgroups read-only")
 
 
-def test_supervisor_without_cgroup_access_falls_back_and_still_contains(tmp_path) -> None:
+def test_supervisor_without_cgroup_access_falls_back_and_still_contains(workspace) -> None:
     here = os.path.dirname(os.path.abspath(__file__))
     script = os.path.join(here, "agents_no_cgroup.py")
     env = {**os.environ, "PYTHONPATH": here + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    shell = f'mount -o remount,bind,ro "{MOUNT[0]}" && exec "{sys.executable}" "{script}" "{tmp_path}"'
+    shell = f'mount -o remount,bind,ro "{MOUNT[0]}" && exec "{sys.executable}" "{script}" "{workspace}"'
     out = subprocess.run(["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", shell],
                          env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

@@ -28,10 +28,9 @@ def _journal(path: str) -> sqlite3.Connection:
     return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
 
 
-def test_restart_recovers_runs_left_by_a_sigkilled_supervisor(layer, tmp_path) -> None:
+def test_restart_recovers_runs_left_by_a_sigkilled_supervisor(layer, tmp_path, workspace) -> None:
     state = tmp_path / "state"
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
+    scratch = workspace  # the runs' cwd: the escaper writes its pid file there
     host = subprocess.Popen(
         [sys.executable, os.path.join(HERE, "agents_sessions_host.py"), layer, str(state), str(scratch)],
         stdout=subprocess.PIPE, text=True, cwd=HERE, start_new_session=True,

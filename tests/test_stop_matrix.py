@@ -88,12 +88,12 @@ def journal_dispatches_after_revoke(path: str, run_id: str) -> int:
 
 @pytest.mark.parametrize("verb", ["stop", "kill"])
 @pytest.mark.parametrize("behaviour", list(behaviours.BEHAVIOURS))
-def test_stop_matrix(behaviour: str, verb: str, layer: str, tmp_path) -> None:
+def test_stop_matrix(behaviour: str, verb: str, layer: str, tmp_path, workspace) -> None:
     rec = Recorder()
-    out = str(tmp_path)
-    with Supervisor(containment=layer, state_dir=out) as sup:
+    out = str(workspace)  # the run's cwd: its evidence files are written there
+    with Supervisor(containment=layer, state_dir=str(tmp_path)) as sup:
         rec.register(sup)
-        run = sup.start(behaviours.BEHAVIOURS[behaviour], out, tools=Recorder.TOOLS, grace=GRACE)
+        run = sup.start(behaviours.BEHAVIOURS[behaviour], out, tools=Recorder.TOOLS, grace=GRACE, cwd=out)
         assert rec.ready.wait(30), f"{behaviour} never became ready"
         assert marked_processes(run.id), "the run's processes must be visible to the independent scan"
 
