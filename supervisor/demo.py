@@ -58,6 +58,7 @@ def run_demo(out: TextIO, containment: str = "auto", grace: float = 0.5) -> int:
 
     with Supervisor(containment=containment, grace=grace) as sup:
         out.write(f"deadstop demo: supervisor {sup.id}, containment layer: {sup.containment}\n")
+        out.write(f"isolation of each run: {sup.isolation}\n")
         if sup.core.containment_degraded_reason:
             out.write(f"  (weaker containment: {sup.core.containment_degraded_reason})\n")
         sup.register_tool("ready", on_ready)
