@@ -33,7 +33,7 @@ import psutil
 
 from supervisor import procs
 from supervisor.cgroups import Cgroup, InotifyWatcher
-from supervisor.identities import process_uid
+from worker.platform import process_uid
 from supervisor.timer import sleep_until
 
 CGROUP = "cgroup"

@@ -25,6 +25,7 @@ import tempfile
 
 from supervisor import procs
 from supervisor.errors import DeadstopError
+from worker.platform import process_uid
 
 DEFAULT_UID_RANGE = (2_100_000_000, 65_536)
 BLOCK = 4096
@@ -85,18 +86,6 @@ class IdentityPool:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
-
-
-def process_uid(pid: int) -> int | None:
-    """Real uid of a process from /proc/<pid>/status (exact even when it is not dumpable)."""
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"Uid:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
 
 
 def processes_of(uids: range) -> list[int]:

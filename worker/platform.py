@@ -83,6 +83,19 @@ def direct_children(pid: int) -> list[int]:
     return found
 
 
+def process_uid(pid: int) -> int | None:
+    """Real uid of a process from /proc/<pid>/status (exact even when it is not dumpable,
+    and a marker a run with its own uid cannot change)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Uid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def rewrite_exec_env(name: str, value: str) -> bool:
     """Overwrite, in place, the value of `name` in this process's exec-time environment.
 

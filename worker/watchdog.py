@@ -93,21 +93,10 @@ def _kill_all(config: dict[str, Any], spawner_pid: int) -> None:
             pass
 
 
-def _uid(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"Uid:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        return None
-    return None
-
-
 def _kill_uids(uids: range) -> None:
     for entry in os.listdir("/proc"):
-        if entry.isdigit() and _uid(int(entry)) in uids:
-            _kill_checked(int(entry), lambda pid: _uid(pid) in uids)
+        if entry.isdigit() and platform.process_uid(int(entry)) in uids:
+            _kill_checked(int(entry), lambda pid: platform.process_uid(pid) in uids)
 
 
 def _kill_below(root: int) -> None:
