@@ -115,7 +115,8 @@ def test_raw_client_calling_outside_its_allow_list_is_refused(tmp_path, tool, co
 ADVERSARY_CASES = {
     # A flipped credential byte and an empty credential, for the run's own id and an allowed tool.
     # Refused before authentication: id 0 (the body is never parsed) and the
-    # journal row is not filed under the claimed run (see the test below).
+    # journal row is not filed under the claimed run, only under the sender
+    # its uid names, if it has one of its own (see the test below).
     "wrong-credential": (
         [(0, False, 4, None), (0, False, 4, None)],
         [],
@@ -146,14 +147,18 @@ def test_hostile_frames_are_refused_with_their_code_and_journaled(tmp_path, case
         info = run.wait(timeout=WAIT)
         seen = run.result(timeout=WAIT)
         journal = sup.journal_path
+        # A run with an identity of its own is the kernel-attested sender of what it forged.
+        sender = run.id if sup.core.runs[run.id].uid is not None else None
 
     assert [summary(r) for r in seen] == replies
     if case == "wrong-credential":
         db = sqlite3.connect(journal)
         forged = db.execute("SELECT run_id, req_id, code, detail FROM egress WHERE decision = 'refused'").fetchall()
         db.close()
-        assert [(r[0], r[1], r[2]) for r in forged] == [(None, 0, 4), (None, 0, 4)]
+        assert [(r[0], r[1], r[2]) for r in forged] == [(sender, 0, 4), (sender, 0, 4)]
         assert all(run.id in r[3] for r in forged), "the refusal must name the run it claimed to be"
+        if sender is not None:
+            rows = [(0, "?", None, "refused", 4)] * 2 + rows
     assert echo.calls == calls
     assert (info.state, info.exit_code) == (RunState.EXITED, 0)
     assert egress_rows(journal, run.id) == rows
