@@ -400,3 +400,27 @@ def test_an_agent_script_under_a_closed_parent_is_bound_in_and_a_closed_one_is_r
             sup.start(["/bin/sh", str(private)], cwd=str(work))
     assert (work / "out.txt").read_text().strip() == "ran-from-script"
     assert type(info.value).__name__ == "InvalidTarget" and str(private) in str(info.value)
+
+
+@pytest.mark.skipif(not __import__("conftest").CGROUP_OK, reason="needs a writable cgroup v2")
+def test_pause_also_stops_a_process_that_left_the_cgroup(ready_sup) -> None:
+    """isolation='off' lets a root run leave its cgroup; pause() must still
+    stop it (found among the spawner's orphans) before it returns True."""
+    sup, ready, work = ready_sup(isolation="off")
+    with sup:
+        mount = find_cgroup2_mount()
+        run = sup.start(H.cgroup_escaper, [os.path.join(mount[0], "cgroup.procs")], tools=["ready"],
+                        cwd=str(work), grace=0.3)
+        assert ready.wait(30)
+        _wait_writers(work, {"leader", "child"})
+        # Both the leader and its child are outside the run's cgroup now:
+        # cgroup.freeze alone would freeze nothing.
+        assert run.pause() is True
+        paused_at = time.monotonic_ns()
+        time.sleep(0.3)  # a running escaper writes every 5 ms
+        log = (work / "alive.log").read_text().splitlines()
+        late = [line for line in log if int(line.split()[1]) > paused_at]
+        assert late == [], f"{len(late)} lines written while paused"
+        assert run.resume() is True
+        report = run.stop()
+        assert report.survivors == 0 and report.escaped >= 1
