@@ -485,9 +485,8 @@ class AsyncSupervisor:
             raise RunNotFound(f"no run {run_id!r} in supervisor {self.id}") from None
 
     def run_finished(self, run: AsyncRun) -> None:
-        close_channel = getattr(self.broker, "close_channel", None)
-        if close_channel is not None:
-            close_channel(run.id)
+        self.broker.close_channel(run.id)
+        self.spawner.run_ended(run.id)
         if run.report is not None and run.report.survivors:
             run.uid = None  # quarantined: a uid is reused only once nothing of its run lives
         self._forget_confinement(run)

@@ -137,6 +137,14 @@ class SpawnerClient:
         finally:
             self._starts.pop(msg["run_id"], None)
 
+    def run_ended(self, run_id: str) -> None:
+        """The run's stop is complete: from now on the spawner kills any orphan of it it adopts."""
+        if self.alive:
+            try:
+                self._send({"op": "ended", "run_id": run_id})
+            except SpawnerLost:
+                pass
+
     async def probe(self, plan: dict[str, Any]) -> dict[str, str]:
         """Have a throw-away child try every sandbox step; layer -> "" or why it failed."""
         fut = self._probe = self.loop.create_future()

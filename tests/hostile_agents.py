@@ -85,6 +85,23 @@ def _write_pid(procs_file: str) -> str:
 
 
 # -- escapes ----------------------------------------------------------------------------------
+def erase_marker() -> None:
+    """Overwrite the run marker where /proc/<pid>/environ reads it: the exec-time
+    environment block (env_start..env_end of /proc/self/stat), through /proc/self/mem."""
+    with open("/proc/self/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    start, end = int(fields[47]), int(fields[48])  # fields 50 and 51 of stat(5)
+    with open("/proc/self/mem", "r+b", 0) as mem:
+        mem.seek(start)
+        block = mem.read(end - start)
+        key = b"DEADSTOP_RUN_MARKER="
+        i = block.find(key)
+        if i >= 0:
+            j = block.index(b"\0", i)
+            mem.seek(start + i + len(key))
+            mem.write(b"0" * (j - i - len(key)))
+
+
 def cgroup_escaper(procs_files: list[str]) -> None:
     """Write its own pid, then a child's, into other cgroups' cgroup.procs, then live on."""
     attempts = {"leader:" + p: _write_pid(p) for p in procs_files}
@@ -102,17 +119,17 @@ def cgroup_escaper(procs_files: list[str]) -> None:
 
 def group_escaper() -> None:
     """setsid + marker rewrite (no exec), and an own-subreaper double fork, then live on."""
-    from worker import platform
-
     attempts = {}
 
     def rewritten() -> None:
         os.setsid()
-        platform.rewrite_exec_env("DEADSTOP_RUN_MARKER", "0" * 12)  # pretend to be nobody's
+        erase_marker()  # pretend to be nobody's
         _alive_forever("rewritten")
 
     def subreaped() -> None:
         os.setsid()
+        from worker import platform
+
         platform.set_child_subreaper()
         if os.fork() == 0:
             if os.fork() == 0:
@@ -269,3 +286,24 @@ def stolen_credential_caller(victim_id: str, victim_credential: str) -> dict:
     ctx.term()
     out["own"] = egress.call("whoami")
     return out
+
+
+def unattributable_orphan(procs_file: str | None) -> None:
+    """A child that leaves the cgroup (if it can), its group and its marker, then
+    double-forks so its grandchild is adopted by the spawner with nothing naming
+    the run; the leader lives on."""
+
+    def child() -> None:
+        os.setsid()
+        if procs_file:
+            _write_pid(procs_file)
+        erase_marker()
+        if os.fork() == 0:
+            with open("stray.pid", "w") as f:
+                f.write(str(os.getpid()))
+            _alive_forever("stray")
+        os._exit(0)  # the grandchild is an orphan now
+
+    _fork(child)
+    _ready()
+    _alive_forever("leader")

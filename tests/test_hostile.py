@@ -424,3 +424,25 @@ def test_pause_also_stops_a_process_that_left_the_cgroup(ready_sup) -> None:
         assert run.resume() is True
         report = run.stop()
         assert report.survivors == 0 and report.escaped >= 1
+
+
+def test_the_spawner_kills_an_orphan_that_belongs_to_no_live_run(ready_sup, layer) -> None:
+    """isolation='off': a root run's grandchild that left its cgroup, group and
+    marker cannot be attributed; once the spawner adopts it, it kills it,
+    while the run itself lives on."""
+    from procscan import wait_gone
+
+    sup, ready, work = ready_sup(isolation="off", containment=layer)
+    with sup:
+        mount = find_cgroup2_mount()
+        target = os.path.join(mount[0], "cgroup.procs") if layer == "cgroup" and mount else None
+        run = sup.start(H.unattributable_orphan, target, tools=["ready"], cwd=str(work), grace=0.3)
+        assert ready.wait(30)
+        deadline = time.monotonic() + 20
+        while not (work / "stray.pid").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stray = int((work / "stray.pid").read_text())
+        assert wait_gone([stray], timeout=20) == [], "the unattributable orphan is still alive"
+        assert run.state.value == "running", "the run itself is untouched"
+        report = run.stop()
+        assert report.survivors == 0

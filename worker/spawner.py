@@ -17,7 +17,9 @@ Rules this process keeps:
   (pid_max may be as low as 32768). Runs contained by a cgroup are signalled
   through it, so their leaders are reaped at once and the status is sent
   unasked.
-* Orphans adopted through the subreaper flag are reaped at once.
+* Orphans adopted through the subreaper flag are reaped at once, and an
+  orphan that belongs to no live run (its uid or marker names none: it made
+  itself unattributable, or outlived its run) is killed when it is adopted.
 * When the supervisor goes away (control socket EOF) or on SIGTERM, it kills
   every process below it, then exits: runs never outlive their supervisor.
 * Under isolation it is exec'd with a clean environment and holds no run's
@@ -49,6 +51,7 @@ import msgspec
 import psutil
 import struct
 
+from ipc import framing
 from worker import bootstrap, platform, sandbox, watchdog
 
 # Pre-warm what nearly every run needs before the first fork. asyncio and
@@ -58,6 +61,10 @@ import cloudpickle  # noqa: F401
 import fcntl  # noqa: F401  (the sandbox's loopback set-up)
 import zmq  # noqa: F401
 from worker import egress  # noqa: F401
+
+MARKER_PREFIX = f"{framing.ENV_MARKER}=".encode()
+#: Adoption raises no signal: orphans are looked at this often, and at every SIGCHLD.
+STRAY_SCAN_INTERVAL = 1.0
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder().decode
@@ -75,6 +82,8 @@ class Spawner:
         self.home_procs: str | None = None  # where to move ourselves so the subtree can go
         self.stopping = False
         self.watchdog: int | None = None  # worker/watchdog.py: kills every run if we cannot
+        self.run_of_uid: dict[int, str] = {}  # identities of the runs started here
+        self.live_runs: set[str] = set()  # started here, not yet ended by the supervisor
         self.subreaper = platform.set_child_subreaper()
         self.clone_into_cgroup = True  # until the kernel says otherwise
         platform.set_dumpable(False)
@@ -113,9 +122,12 @@ class Spawner:
         self._send({"op": "ready", "pid": self.pid, "subreaper": self.subreaper})
         while not self.stopping:
             idle_work = self.netns is not None and self.netns.wants_more
-            events = sel.select(0 if idle_work else None)
-            if not events and idle_work:
-                self.netns.fill_one()  # only when nothing is waiting for us
+            events = sel.select(0 if idle_work else STRAY_SCAN_INTERVAL)
+            if not events:
+                if idle_work:
+                    self.netns.fill_one()  # only when nothing is waiting for us
+                else:
+                    self._kill_strays()
                 continue
             for key, _ in events:
                 if key.data == "wake":
@@ -151,6 +163,9 @@ class Spawner:
             self.home_procs = msg.get("home_procs")
             if self.watchdog is None:
                 self.watchdog = watchdog.start(self.sock.fileno(), msg, self.pid)
+        elif op == "ended":  # the supervisor is done with the run: what is left of it is a stray
+            self.live_runs.discard(msg["run_id"])
+            self._kill_strays()
         elif op == "release":
             self.released.add(msg["pid"])
             self._reap()
@@ -189,6 +204,8 @@ class Spawner:
 
     def _start_run(self, msg: dict[str, Any]) -> None:
         plan = msg.get("sandbox")
+        if plan and plan.get("uid") is not None:
+            self.run_of_uid[plan["uid"]] = msg["run_id"]
         if plan and "network" in plan.get("namespaces", ()) and self.netns is not None:
             plan["netns_fd"] = self.netns.take()
         try:
@@ -234,6 +251,7 @@ class Spawner:
             self._reap()
             return
         self.leaders[pid] = msg["run_id"]
+        self.live_runs.add(msg["run_id"])
         if not msg.get("pin_group", True):
             self.released.add(pid)  # nothing signals its group by pgid: reap as soon as it exits
         if pidfd < 0 and hasattr(os, "pidfd_open"):
@@ -328,6 +346,43 @@ class Spawner:
                 run_id = self.leaders.pop(pid, "")
                 self.released.discard(pid)
                 self._send({"op": "reaped", "run_id": run_id, "pid": pid, "status": status})
+        self._kill_strays()
+
+    def _kill_strays(self) -> None:
+        """SIGKILL adopted orphans that belong to no live run (live: until the supervisor says it ended)."""
+        live = self.live_runs
+        for pid in platform.direct_children(self.pid):
+            if pid in self.leaders or pid == self.watchdog:
+                continue
+            try:
+                fd = os.pidfd_open(pid)
+            except OSError:
+                continue
+            try:
+                if not self._is_live_run(pid, live) and pid in platform.direct_children(self.pid):
+                    signal.pidfd_send_signal(fd, signal.SIGKILL)  # our child still: the pidfd names it
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+
+    def _is_live_run(self, pid: int, live: set[str]) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                if f.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X"):
+                    return True  # already exited: only to be reaped
+        except OSError:
+            return True
+        uid = platform.process_uid(pid)
+        if uid in self.run_of_uid:
+            return self.run_of_uid[uid] in live
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                entries = f.read().split(b"\0")
+        except OSError:
+            return False
+        prefix = MARKER_PREFIX
+        return any(e.startswith(prefix) and e[len(prefix):].decode(errors="replace") in live for e in entries)
 
     # -- shutdown --------------------------------------------------------------
     def kill_everything(self) -> None:
