@@ -221,11 +221,15 @@ class Broker:
         self.journal.flush_refusals(run_id)
 
     def revoke(self, chan: Channel, source: str, reason: str, *, commit: bool = True) -> RevokeRecord:
-        """Revoke, journal, cancel in-flight handlers, and close the run's endpoint; idempotent.
+        """Revoke, journal, cancel in-flight handlers; idempotent.
 
-        The journal row is committed before returning unless the caller
-        revokes several runs at once and commits them together (before any
-        signal: G1 still holds).
+        From here the run's credential is gone and every request of it is
+        refused. The journal row is committed before returning unless the
+        caller revokes several runs at once and commits them together (before
+        any signal: G1 still holds). The endpoint itself is closed by
+        `disconnect`, which the stop sequence calls right after its first
+        signal: nothing can pass the revoke in between, and the notice and
+        the unbind (0.15 ms, measured) then delay no signal.
         """
         rec, first = chan.revoke(source, reason)
         if not first:
@@ -239,9 +243,13 @@ class Broker:
         for ident, req, _arrived in chan.take_held():  # held while paused: refused now, never dispatched
             self._refuse(ident, chan, req.id, _verb(req), _name(req), ErrorCode.REVOKED,
                          f"run {chan.run_id} is revoked ({chan.revoked_reason()})", now, charge=False)
+        return rec
+
+    def disconnect(self, chan: Channel) -> None:
+        """Physical revocation of a revoked run: tell its connections, then close its endpoint."""
+        assert chan.revocation is not None, "disconnect follows revoke"
         self._notify_revoked(chan)
         self._unbind(chan)
-        return rec
 
     def _notify_revoked(self, chan: Channel) -> None:
         """Tell each connection the run authenticated on that its channel is revoked.
@@ -406,6 +414,7 @@ class Broker:
         detail = (f"run {chan.run_id} drew more than {REFUSAL_BURST} refusals at over {REFUSAL_RATE:g}/s"
                   f" (the last: {code.name})")
         self.revoke(chan, "abuse", detail)
+        self.disconnect(chan)  # a flooder's connections go at once, before its stop is even scheduled
         self.sink.on_abuse(chan.run_id, detail)
 
     def _attributed(self, first: zmq.Frame) -> Channel | None:

@@ -390,6 +390,7 @@ class AsyncSupervisor:
         except BaseException as exc:
             why = "start cancelled" if isinstance(exc, asyncio.CancelledError) else f"start failed: {exc}"
             self.broker.revoke(channel, "supervisor", why)
+            self.broker.close_channel(run_id)
             run.machine.to(RunState.FAILED)
             self.journal.run_ended(run_id, RunState.FAILED.value, time.monotonic_ns(), None, None, {"error": why})
             if cgroup is not None:
@@ -445,7 +446,12 @@ class AsyncSupervisor:
     def _forget_confinement(self, run: AsyncRun) -> None:
         """Give back what the run's confinement held: its endpoint directory, then its uid."""
         endpoint_dir = os.path.join(self.runtime_dir, f"r-{run.id}")
-        shutil.rmtree(endpoint_dir, ignore_errors=True)
+        try:
+            os.rmdir(endpoint_dir)  # empty: the broker removed the socket when it closed the endpoint
+        except FileNotFoundError:
+            pass
+        except OSError:
+            shutil.rmtree(endpoint_dir, ignore_errors=True)
         if run.uid is not None and self.identities is not None:
             self.identities.release(run.uid)
 

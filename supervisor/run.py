@@ -143,6 +143,10 @@ class AsyncRun:
         """Close the run's egress now (idempotent); the first call's record wins."""
         return self._sup.broker.revoke(self.channel, source, reason, commit=commit)
 
+    def disconnect(self) -> None:
+        """Close the revoked run's endpoint and the connections accepted through it."""
+        self._sup.broker.disconnect(self.channel)
+
     def _begin(self, req: StopRequest) -> asyncio.Task:
         if self._stop_task is None:
             self._clock_stop()

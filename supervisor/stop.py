@@ -70,9 +70,11 @@ async def stop_sequence(run: "AsyncRun", req: StopRequest) -> StopReport:
     if run.state is not RunState.STOPPING:
         run.machine.to(RunState.STOPPING)
 
-    # 2. Signal the layer.
+    # 2. Signal the layer; right after the first signal, close the run's
+    #    endpoint and its connections (physical revocation: see Broker.disconnect).
     if req.mode == "exit":
         report.ended_by = "exited"
+        run.disconnect()
         if layer.members():  # the leader left children behind: they go too
             report.kill_sent_at = time.monotonic_ns()
             layer.kill()
@@ -80,11 +82,13 @@ async def stop_sequence(run: "AsyncRun", req: StopRequest) -> StopReport:
     elif req.mode == "kill" or run.escalated.is_set():
         report.kill_sent_at = time.monotonic_ns()
         layer.kill()
+        run.disconnect()
         report.ended_by = "sigkill"
         await layer.wait_empty(KILL_BOUND)
     else:
         report.term_sent_at = time.monotonic_ns()
         layer.signal(signal.SIGTERM)
+        run.disconnect()
         if run.frozen:
             layer.thaw()  # a paused run must be able to act on SIGTERM
         run.stop_phase = "grace"

@@ -17,7 +17,8 @@ pidfd: if the supervisor dies the call raises `Revoked` at once instead of
 blocking forever (heartbeat loss, G5).
 
 Once the broker says the run's channel is revoked (the revocation notice, a
-reply with id 0 and code REVOKED, or any REVOKED reply), the waiting call
+reply with id 0 and code REVOKED, any REVOKED reply, or a CANCELLED reply
+that quotes the revocation), the waiting call
 raises `Revoked` and every later call in this process, and in children it
 forks afterwards, raises `Revoked` without sending anything: revocation is
 permanent, so asking again could only add load to a broker that will refuse.
@@ -181,9 +182,14 @@ def _unwrap(reply: schema.Reply) -> Any:
     if reply.ok:
         return reply.result
     err = reply.error
-    if err is not None and err.code == ErrorCode.REVOKED:
+    if err is not None and _says_revoked(err):
         _note_revoked(err.message, err.reason)
     raise refusal_from_wire({"code": err.code, "message": err.message, "reason": err.reason} if err else {})
+
+
+def _says_revoked(err: schema.ErrorBody) -> bool:
+    """REVOKED, or a call cancelled by the revocation (CANCELLED quoting its record)."""
+    return err.code == ErrorCode.REVOKED or (err.code == ErrorCode.CANCELLED and err.reason is not None)
 
 
 def _note_revoked(message: str, reason: str | None) -> None:

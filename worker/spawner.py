@@ -45,6 +45,7 @@ import selectors
 import signal
 import socket
 import sys
+import time
 from typing import Any
 
 import msgspec
@@ -65,6 +66,9 @@ from worker import egress  # noqa: F401
 MARKER_PREFIX = f"{framing.ENV_MARKER}=".encode()
 #: Adoption raises no signal: orphans are looked at this often, and at every SIGCHLD.
 STRAY_SCAN_INTERVAL = 1.0
+#: A stray is killed only once it has been one this long: a run being
+#: stopped has its orphans swept (and reported) by its own stop first.
+STRAY_GRACE = 1.0
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder().decode
@@ -84,6 +88,7 @@ class Spawner:
         self.watchdog: int | None = None  # worker/watchdog.py: kills every run if we cannot
         self.run_of_uid: dict[int, str] = {}  # identities of the runs started here
         self.live_runs: set[str] = set()  # started here, not yet ended by the supervisor
+        self.strays: dict[int, float] = {}  # pid -> when first seen as an orphan of no live run
         self.subreaper = platform.set_child_subreaper()
         self.clone_into_cgroup = True  # until the kernel says otherwise
         platform.set_dumpable(False)
@@ -349,22 +354,28 @@ class Spawner:
         self._kill_strays()
 
     def _kill_strays(self) -> None:
-        """SIGKILL adopted orphans that belong to no live run (live: until the supervisor says it ended)."""
-        live = self.live_runs
+        """SIGKILL adopted orphans that have belonged to no live run for STRAY_GRACE
+        (live: until the supervisor says the run ended)."""
+        now = time.monotonic()
+        seen: dict[int, float] = {}
         for pid in platform.direct_children(self.pid):
-            if pid in self.leaders or pid == self.watchdog:
+            if pid in self.leaders or pid == self.watchdog or self._is_live_run(pid, self.live_runs):
+                continue
+            first = seen[pid] = self.strays.get(pid, now)
+            if now - first < STRAY_GRACE:
                 continue
             try:
                 fd = os.pidfd_open(pid)
             except OSError:
                 continue
             try:
-                if not self._is_live_run(pid, live) and pid in platform.direct_children(self.pid):
-                    signal.pidfd_send_signal(fd, signal.SIGKILL)  # our child still: the pidfd names it
+                if pid in platform.direct_children(self.pid):  # our child still: the pidfd names it
+                    signal.pidfd_send_signal(fd, signal.SIGKILL)
             except OSError:
                 pass
             finally:
                 os.close(fd)
+        self.strays = seen
 
     def _is_live_run(self, pid: int, live: set[str]) -> bool:
         try:
