@@ -332,8 +332,7 @@ class AsyncSupervisor:
         self._check_tools(tools)
         if grace is not None and grace < 0:
             raise ValueError("grace must be >= 0")
-        if network not in iso.NETWORK_CHOICES:
-            raise ValueError(f"network must be one of {iso.NETWORK_CHOICES}, not {network!r}")
+        self._check_run_options(cwd, network)
         plan = self.check_limits(limits)  # LimitUnenforceable before anything exists
         run_id = secrets.token_hex(framing.RUN_ID_CHARS // 2)
         try:

@@ -219,6 +219,19 @@ def _need_libc() -> "ctypes.CDLL":
     return _libc
 
 
+def prewarm_sandbox() -> None:
+    """Resolve, once in the spawner, every libc function the sandbox calls.
+
+    ctypes looks a function up (dlsym) on first use and caches it on the
+    library object; done here, before the forks, each run inherits the
+    cache instead of paying the look-ups in its start (~0.3 ms, measured).
+    """
+    if _libc is None:
+        return
+    for name in ("prctl", "unshare", "mount", "sethostname", "capset", "setns"):
+        getattr(_libc, name)
+
+
 def prctl(option: int, arg2: int = 0, arg3: int = 0) -> None:
     """prctl(2) that raises, for the steps whose failure must abort the start."""
     _check(_need_libc().prctl(option, arg2, arg3, 0, 0), f"prctl({option})")
@@ -251,11 +264,15 @@ class _CapData(ctypes.Structure):
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 
+#: Built once in the spawner: in a freshly forked run every allocation is a
+#: copy-on-write page fault, so the sandbox allocates as little as it can.
+_CAP_HEADER = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+_CAP_NONE = (_CapData * 2)()
+
+
 def clear_capabilities() -> None:
     """Empty the effective, permitted and inheritable sets (capset(2), 64-bit layout)."""
-    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
-    data = (_CapData * 2)()
-    _check(_need_libc().capset(ctypes.byref(header), data), "capset")
+    _check(_need_libc().capset(ctypes.byref(_CAP_HEADER), _CAP_NONE), "capset")
 
 
 def last_capability() -> int:
@@ -274,12 +291,16 @@ def drop_bounding_set() -> None:
 
 def capability_sets() -> dict[str, int]:
     """This process's capability sets as the kernel reports them (/proc/self/status)."""
+    fd = os.open("/proc/self/status", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = os.read(fd, 8192)
+    finally:
+        os.close(fd)
     out: dict[str, int] = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("Cap"):
-                name, _, value = line.partition(":")
-                out[name] = int(value.strip(), 16)
+    for line in data.split(b"\n"):
+        if line.startswith(b"Cap"):
+            name, _, value = line.partition(b":")
+            out[name.decode()] = int(value, 16)
     return out
 
 

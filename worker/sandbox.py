@@ -158,7 +158,7 @@ def _identity(plan: dict[str, Any]) -> None:
     os.setgroups([])
     os.setresgid(gid, gid, gid)
     p.prctl(p.PR_CAP_AMBIENT, p.PR_CAP_AMBIENT_CLEAR_ALL)
-    if plan.get("caps") and p.capability_sets().get("CapBnd"):
+    if plan.get("caps") and not plan.get("bounding_empty"):
         p.drop_bounding_set()  # needs CAP_SETPCAP: before the uid change takes it away
     os.setresuid(uid, uid, uid)
     # The uid change made us non-dumpable, which would leave the run's own
@@ -172,8 +172,7 @@ def _capabilities(plan: dict[str, Any]) -> None:
     if not plan.get("caps"):
         return
     if plan.get("uid") is None:  # no identity change: what we still hold, we drop here
-        sets = p.capability_sets()
-        if sets.get("CapBnd") and sets.get("CapEff", 0) & (1 << CAP_SETPCAP):
+        if not plan.get("bounding_empty") and p.capability_sets().get("CapEff", 0) & (1 << CAP_SETPCAP):
             p.drop_bounding_set()
         p.prctl(p.PR_CAP_AMBIENT, p.PR_CAP_AMBIENT_CLEAR_ALL)
     p.clear_capabilities()

@@ -97,6 +97,7 @@ class _SockFprog(ctypes.Structure):
 PR_SET_SECCOMP = 22
 SECCOMP_MODE_FILTER = 2
 _libc = ctypes.CDLL(None, use_errno=True)
+_prctl = _libc.prctl  # looked up here, in the spawner, not in each run
 
 
 def load(program: bytes) -> None:
@@ -107,6 +108,6 @@ def load(program: bytes) -> None:
     """
     buf = ctypes.create_string_buffer(program, len(program))
     prog = _SockFprog(len(program) // 8, ctypes.cast(buf, ctypes.c_void_p))
-    if _libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0) != 0:
+    if _prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"prctl(PR_SET_SECCOMP): {os.strerror(err)}")

@@ -91,11 +91,13 @@ class Spawner:
         self.strays: dict[int, float] = {}  # pid -> when first seen as an orphan of no live run
         self.subreaper = platform.set_child_subreaper()
         self.clone_into_cgroup = True  # until the kernel says otherwise
+        self.bounding_empty = False  # emptied once here: runs inherit it so
         platform.set_dumpable(False)
         # Compiled once here, loaded by each isolated run (worker/seccomp_filter.py).
         self.seccomp: Any = None
         self.seccomp_error = ""
         if isolated:
+            platform.prewarm_sandbox()
             try:
                 from worker import seccomp_filter
 
@@ -107,6 +109,7 @@ class Spawner:
             # less per start). Its own effective capabilities stay.
             try:
                 platform.drop_bounding_set()
+                self.bounding_empty = True
             except OSError:
                 pass  # not ours to drop (no CAP_SETPCAP): each run drops what it can
         self.netns = sandbox.NetnsPool() if isolated and os.geteuid() == 0 else None
@@ -209,6 +212,8 @@ class Spawner:
 
     def _start_run(self, msg: dict[str, Any]) -> None:
         plan = msg.get("sandbox")
+        if plan:
+            plan["bounding_empty"] = self.bounding_empty
         if plan and plan.get("uid") is not None:
             self.run_of_uid[plan["uid"]] = msg["run_id"]
         if plan and "network" in plan.get("namespaces", ()) and self.netns is not None:
