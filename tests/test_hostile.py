@@ -359,6 +359,16 @@ def test_a_silent_spawner_is_declared_lost_and_every_run_is_killed(ready_sup) ->
                 pass
 
 
+def _root_run_leaving_its_cgroup(sup: Supervisor, ready: threading.Event, work):
+    """A run (isolation='off': root) whose leader and child moved to the cgroup root, both writing."""
+    mount = find_cgroup2_mount()
+    run = sup.start(H.cgroup_escaper, [os.path.join(mount[0], "cgroup.procs")], tools=["ready"], cwd=str(work),
+                    grace=0.3)
+    assert ready.wait(30)
+    _wait_writers(work, {"leader", "child"})
+    return run
+
+
 @pytest.mark.skipif(not __import__("conftest").CGROUP_OK, reason="needs a writable cgroup v2")
 def test_without_isolation_a_cgroup_escaper_is_still_found_killed_and_reported(ready_sup) -> None:
     """isolation='off' runs as root and can leave its cgroup: the sweep still
@@ -368,12 +378,8 @@ def test_without_isolation_a_cgroup_escaper_is_still_found_killed_and_reported(r
 
     sup, ready, work = ready_sup(isolation="off")
     with sup:
-        mount = find_cgroup2_mount()
-        run = sup.start(H.cgroup_escaper, [os.path.join(mount[0], "cgroup.procs")], tools=["ready"],
-                        cwd=str(work), grace=0.3)
-        assert ready.wait(30)
+        run = _root_run_leaving_its_cgroup(sup, ready, work)
         assert set(_attempts(work).values()) == {"ok"}, "as root the escape itself succeeds"
-        _wait_writers(work, {"leader", "child"})
         report = run.stop()
         returned_at = time.monotonic_ns()
         assert marked_processes(run.id) == {}
@@ -408,11 +414,7 @@ def test_pause_also_stops_a_process_that_left_the_cgroup(ready_sup) -> None:
     stop it (found among the spawner's orphans) before it returns True."""
     sup, ready, work = ready_sup(isolation="off")
     with sup:
-        mount = find_cgroup2_mount()
-        run = sup.start(H.cgroup_escaper, [os.path.join(mount[0], "cgroup.procs")], tools=["ready"],
-                        cwd=str(work), grace=0.3)
-        assert ready.wait(30)
-        _wait_writers(work, {"leader", "child"})
+        run = _root_run_leaving_its_cgroup(sup, ready, work)
         # Both the leader and its child are outside the run's cgroup now:
         # cgroup.freeze alone would freeze nothing.
         assert run.pause() is True
