@@ -448,3 +448,19 @@ def test_the_spawner_kills_an_orphan_that_belongs_to_no_live_run(ready_sup, laye
         assert run.state.value == "running", "the run itself is untouched"
         report = run.stop()
         assert report.survivors == 0
+
+
+def test_strict_isolation_opens_as_root_and_gives_a_private_tmp(ready_sup) -> None:
+    marker = f"deadstop-private-tmp-{os.getpid()}-{time.monotonic_ns()}"
+    sup, _ready, work = ready_sup(isolation="strict")
+    with sup:
+        assert sup.isolation.mode == "strict" and sup.isolation.missing == {}
+        run = sup.start(["/bin/sh", "-c", f"echo x > /tmp/{marker} && ls /tmp > tmp-listing.txt"], cwd=str(work))
+        info = run.wait(timeout=30)
+    assert info.exit_code == 0
+    assert not os.path.exists(f"/tmp/{marker}"), "the run wrote into the host's /tmp"
+    listing = set((work / "tmp-listing.txt").read_text().split())
+    # Its own /tmp holds what it wrote and, if the cwd lies under /tmp, the path back to it.
+    way_to_cwd = {str(work).split("/")[2]} if str(work).startswith("/tmp/") else set()
+    assert listing == {marker} | way_to_cwd, listing
+    assert info.report.isolation["private_tmp"] is True
