@@ -61,7 +61,7 @@ def _record(samples: StopSamples, t_start: int, ready_t: int, t0: int, report: A
 
 def _stop(run: Any) -> Any:
     """run.stop(), keeping the report when the library says something survived."""
-    from supervisor import StopIncomplete
+    from deadstop.supervisor import StopIncomplete
 
     try:
         return run.stop()
@@ -70,7 +70,7 @@ def _stop(run: Any) -> Any:
 
 
 async def _astop(run: Any) -> Any:
-    from supervisor import StopIncomplete
+    from deadstop.supervisor import StopIncomplete
 
     try:
         return await run.stop()
@@ -133,7 +133,7 @@ def egress_pipelined(sup: Any, tool: str, batches: int, batch: int) -> Dist:
 
 def measure_isolation_off(chan: ReadyChannel, trials: int, settle: float) -> StopSamples:
     """Start and stop of a cooperative run with isolation="off": what isolation costs is the difference."""
-    from supervisor import Supervisor
+    from deadstop.supervisor import Supervisor
 
     with Supervisor(isolation="off") as sup:
         return stop_trials(sup, chan, _targets.sleeper, trials, settle)
@@ -145,7 +145,7 @@ def measure_sync(containment: str, chan: ReadyChannel, trials: int, settle: floa
 
     Returns the layer the supervisor actually chose and the figures.
     """
-    from supervisor import Supervisor
+    from deadstop.supervisor import Supervisor
 
     res: dict[str, Any] = {}
     with Supervisor(containment=containment) as sup:
@@ -165,7 +165,7 @@ def measure_sync(containment: str, chan: ReadyChannel, trials: int, settle: floa
 
 def measure_async(chan: ReadyChannel, trials: int, settle: float) -> tuple[str, StopSamples]:
     """Cooperative stop through AsyncSupervisor: no hop from a caller thread onto the loop."""
-    from supervisor import AsyncSupervisor
+    from deadstop.supervisor import AsyncSupervisor
 
     async def go() -> tuple[str, StopSamples]:
         async with AsyncSupervisor(containment="auto") as sup:

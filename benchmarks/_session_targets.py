@@ -68,7 +68,7 @@ def flood_agent(message: dict[str, Any], **context: Any) -> None:
     if message["mode"] == "probe":
         announce(path, "P", t)
         return None
-    from worker import egress
+    from deadstop.worker import egress
 
     tool = message["tool"]
 
@@ -97,7 +97,7 @@ def level_agent(message: dict[str, Any], **context: Any) -> NoReturn:
     (children, grandchildren), below = message["levels"][0], message["levels"][1:]
     fork_members(path, children, grandchildren)
     if below:
-        from worker import egress
+        from deadstop.worker import egress
 
         egress.call("sessions.spawn", message["agent"], {**message, "levels": below}, f"level{len(below)}")
     announce(path, "L", t)

@@ -237,7 +237,7 @@ def tree_stop_trials(sup: Any, chan: ReadyChannel, trials: int, settle: float, p
 def measure(containment: str, chan: ReadyChannel, trials: int, settle: float, pause_settle: float, threads: int,
             takeover: bool) -> tuple[str, dict[str, Any]]:
     """Every session figure for one containment layer; returns the layer chosen and the figures."""
-    from supervisor import Supervisor
+    from deadstop.supervisor import Supervisor
 
     res: dict[str, Any] = {}
     with Supervisor(containment=containment) as sup:
@@ -254,7 +254,7 @@ def measure_async_pause(chan: ReadyChannel, trials: int, settle: float) -> tuple
     """pause_trials through AsyncSupervisor, awaited on the supervisor's own loop: no caller-thread hop."""
     import asyncio
 
-    from supervisor import AsyncSupervisor
+    from deadstop.supervisor import AsyncSupervisor
 
     async def go() -> tuple[str, PauseSamples]:
         out = PauseSamples()

@@ -98,7 +98,7 @@ def first_line(path: str) -> None:
 
 def egress_round_trips(tool: str, n: int, warmup: int) -> list[int]:
     """`n` sequential egress.call(tool) from inside a run, timed by the run itself."""
-    from worker import egress
+    from deadstop.worker import egress
 
     for _ in range(warmup):
         egress.call(tool)
@@ -114,7 +114,7 @@ async def egress_pipelined(tool: str, batches: int, batch: int) -> list[int]:
     """Batches of `batch` concurrent egress.acall(tool); returns each batch's duration."""
     import asyncio
 
-    from worker import egress
+    from deadstop.worker import egress
 
     async def one_batch() -> int:
         t = time.monotonic_ns()

@@ -65,7 +65,7 @@ def log(msg: str) -> None:
 
 def measure_floors(cfg: Config, chan: ReadyChannel) -> dict[str, Any]:
     """Every floor. The forking ones come first, while this process has no threads."""
-    import supervisor  # noqa: F401  warm this process like the spawner is, so fork costs compare
+    import deadstop.supervisor  # noqa: F401  warm this process like the spawner is, so fork costs compare
 
     from benchmarks import _floors
 

@@ -3,7 +3,7 @@
 Imported by both the supervisor and the worker; imports neither.
 """
 
-from ipc.errors import (
+from .errors import (
     DeadstopError,
     EgressRefused,
     ErrorCode,

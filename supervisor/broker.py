@@ -35,11 +35,11 @@ from typing import Any, Protocol
 import msgspec
 import zmq
 
-from ipc import framing, schema
-from ipc.errors import ErrorCode
-from supervisor.channel import Channel, GenerationCell, RevokeRecord, TokenBucket
-from supervisor.journal import Journal
-from supervisor.tools import PolicyDenied, Tool, ToolCancelled, ToolContext, ToolRegistry
+from ..ipc import framing, schema
+from ..ipc.errors import ErrorCode
+from .channel import Channel, GenerationCell, RevokeRecord, TokenBucket
+from .journal import Journal
+from .tools import PolicyDenied, Tool, ToolCancelled, ToolContext, ToolRegistry
 
 log = logging.getLogger("deadstop.broker")
 

@@ -49,7 +49,7 @@ import os
 import signal
 import time
 
-from supervisor import procs
+from . import procs
 
 MOUNTINFO = "/proc/self/mountinfo"
 PROC_CGROUP = "/proc/self/cgroup"
@@ -363,7 +363,7 @@ class V1Tree:
         Subtrees of dead supervisors beside ours were removed before
         (supervisor/leftovers.py, through leftover_roots()).
         """
-        from supervisor.leftovers import cgroup_name  # leftovers imports this module lazily
+        from .leftovers import cgroup_name  # leftovers imports this module lazily
 
         dirs, why = own_dirs()
         roots: dict[str, str] = {}

@@ -176,7 +176,7 @@ class CgroupTree:
     @classmethod
     def create(cls, supervisor_id: str) -> tuple["CgroupTree | None", str]:
         """Make deadstop-<id>-<owner> under our cgroup, or say why it cannot be done."""
-        from supervisor.leftovers import cgroup_name  # leftovers imports this module
+        from .leftovers import cgroup_name  # leftovers imports this module
 
         base, why = own_cgroup_dir()
         if base is None:

@@ -20,13 +20,13 @@ BENCHMARKS = {"kill": "kill_latency.py", "sessions": "session_latency.py"}
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from supervisor.demo import run_demo
+    from .demo import run_demo
 
     return run_demo(sys.stdout, containment=args.containment, grace=args.grace)
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
-    from supervisor.doctor import run_doctor
+    from .doctor import run_doctor
 
     return run_doctor(sys.stdout, as_json=args.json, strict=args.strict)
 
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     if rest and args.verb != "bench":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.rest = rest
-    from supervisor.errors import DeadstopError
+    from .errors import DeadstopError
 
     try:
         return args.func(args)

@@ -31,10 +31,10 @@ from typing import Callable, Protocol
 
 import psutil
 
-from supervisor import procs
-from supervisor.cgroups import Cgroup, InotifyWatcher
-from worker.platform import process_uid
-from supervisor.timer import sleep_until
+from . import procs
+from .cgroups import Cgroup, InotifyWatcher
+from ..worker.platform import process_uid
+from .timer import sleep_until
 
 CGROUP = "cgroup"
 PGROUP_SUBREAPER = "process-group+subreaper"
@@ -107,7 +107,7 @@ class RunIdentity:
         """Processes of the run among the spawner's adopted orphans' subtrees, minus `inside`."""
         if self.spawner_pid is None:
             return []
-        from worker.platform import direct_children
+        from ..worker.platform import direct_children
 
         skip = self.other_leaders()
         found = []

@@ -22,28 +22,28 @@ from typing import Any, AsyncIterator, Callable, Sequence
 import cloudpickle
 import psutil
 
-from ipc import framing
-from supervisor.broker import Broker
-from supervisor.cgroups import CgroupTree, InotifyWatcher
-from supervisor.containment import (CGROUP, PGROUP, PGROUP_SUBREAPER, CgroupContainment, Containment,
+from ..ipc import framing
+from .broker import Broker
+from .cgroups import CgroupTree, InotifyWatcher
+from .containment import (CGROUP, PGROUP, PGROUP_SUBREAPER, CgroupContainment, Containment,
                                     ProcessGroupContainment, RunIdentity)
-from supervisor.errors import (ContainmentDegraded, DeadstopError, InvalidTarget, RunNotFound, SupervisorClosed)
-from supervisor import isolation as iso
-from supervisor.identities import DEFAULT_UID_RANGE, IdentityPool
-from supervisor.journal import Journal
-from supervisor.recovery import recover
-from supervisor import leftovers
-from supervisor.cgroup_v1 import V1Tree
-from supervisor.errors import LimitUnenforceable
-from supervisor.limits import TOKEN_KEYS, KernelLimits, Limits, LimitSupport, rlimits_for
-from supervisor import session_tools
-from supervisor.registry import SessionRegistry
-from supervisor.sessions import AgentSpec, AsyncSession
-from supervisor.run import AsyncRun
-from supervisor.spawner_client import SpawnerClient
-from supervisor.states import LIVE, RunState
-from supervisor.stop import StopRequest
-from supervisor.tools import ToolRegistry
+from .errors import (ContainmentDegraded, DeadstopError, InvalidTarget, RunNotFound, SupervisorClosed)
+from . import isolation as iso
+from .identities import DEFAULT_UID_RANGE, IdentityPool
+from .journal import Journal
+from .recovery import recover
+from . import leftovers
+from .cgroup_v1 import V1Tree
+from .errors import LimitUnenforceable
+from .limits import TOKEN_KEYS, KernelLimits, Limits, LimitSupport, rlimits_for
+from . import session_tools
+from .registry import SessionRegistry
+from .sessions import AgentSpec, AsyncSession
+from .run import AsyncRun
+from .spawner_client import SpawnerClient
+from .states import LIVE, RunState
+from .stop import StopRequest
+from .tools import ToolRegistry
 
 log = logging.getLogger("deadstop")
 

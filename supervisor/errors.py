@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ipc.errors import DeadstopError, EgressRefused, ErrorCode
+from ..ipc.errors import DeadstopError, EgressRefused, ErrorCode
 
 if TYPE_CHECKING:
-    from supervisor.report import StopReport
+    from .report import StopReport
 
 __all__ = [
     "DeadstopError",

@@ -23,9 +23,9 @@ import os
 import signal
 import tempfile
 
-from supervisor import procs
-from supervisor.errors import DeadstopError
-from worker.platform import process_uid
+from . import procs
+from .errors import DeadstopError
+from ..worker.platform import process_uid
 
 DEFAULT_UID_RANGE = (2_100_000_000, 65_536)
 BLOCK = 4096

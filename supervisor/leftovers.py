@@ -75,9 +75,9 @@ import tempfile
 import time
 from typing import Any, Iterable
 
-from supervisor import procs
-from supervisor.cgroups import Cgroup, InotifyWatcher, own_cgroup_dir
-from supervisor.journal import boot_id
+from . import procs
+from .cgroups import Cgroup, InotifyWatcher, own_cgroup_dir
+from .journal import boot_id
 
 log = logging.getLogger("deadstop.leftovers")
 
@@ -224,7 +224,7 @@ def make_runtime_dir(supervisor_id: str) -> str:
     Falls back to an unswept temporary directory (ipc.framing's) where no
     candidate base is usable, and says so in the log.
     """
-    from ipc import framing
+    from ..ipc import framing
 
     problems = []
     for base in runtime_bases():
@@ -503,7 +503,7 @@ def v1_roots() -> list[str]:
     `cgroup_name` (deadstop-<id>-<pid>-<ticks>-<pidns>): a subtree named
     without its owner is never removed, since its owner cannot be judged."""
     try:
-        from supervisor import cgroup_v1  # type: ignore[attr-defined]
+        from . import cgroup_v1  # type: ignore[attr-defined]
     except ImportError:
         return []
     roots = getattr(cgroup_v1, "leftover_roots", None)

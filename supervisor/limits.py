@@ -42,8 +42,8 @@ import dataclasses
 import os
 from typing import Any, Callable
 
-from supervisor.cgroup_v1 import read_int, read_keyed
-from supervisor.errors import LimitUnenforceable
+from .cgroup_v1 import read_int, read_keyed
+from .errors import LimitUnenforceable
 
 
 KERNEL = "kernel"

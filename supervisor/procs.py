@@ -161,7 +161,7 @@ def has_marker(pid: int, marker: bytes) -> bool:
 
 def descendants(root: int) -> list[int]:
     """All live descendants of `root`, walking only its own subtree."""
-    from worker.platform import direct_children
+    from ..worker.platform import direct_children
 
     out: list[int] = []
     stack = direct_children(root)

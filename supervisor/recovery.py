@@ -25,10 +25,10 @@ from typing import Any
 
 import psutil
 
-from ipc import framing
-from supervisor import leftovers, procs
-from supervisor.cgroups import Cgroup
-from supervisor.journal import Journal, boot_id
+from ..ipc import framing
+from . import leftovers, procs
+from .cgroups import Cgroup
+from .journal import Journal, boot_id
 
 log = logging.getLogger("deadstop.recovery")
 

@@ -12,13 +12,13 @@ import json
 import time
 from typing import TYPE_CHECKING, Any, Sequence
 
-from supervisor.errors import InvalidTarget, SessionNotFound
-from supervisor.limits import Limits, Usage
-from supervisor.sessions import AgentSpec, AsyncSession
+from .errors import InvalidTarget, SessionNotFound
+from .limits import Limits, Usage
+from .sessions import AgentSpec, AsyncSession
 
 if TYPE_CHECKING:
-    from supervisor.core import AsyncSupervisor
-    from supervisor.run import AsyncRun
+    from .core import AsyncSupervisor
+    from .run import AsyncRun
 
 
 class SessionRegistry:

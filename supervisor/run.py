@@ -17,17 +17,17 @@ import signal
 import time
 from typing import TYPE_CHECKING, Any
 
-from supervisor.channel import Channel, RevokeRecord
-from supervisor.containment import CgroupContainment, Containment
-from supervisor.errors import InvalidTransition, RunFailed, StopIncomplete
-from supervisor import procs
-from supervisor.limits import KernelLimits, Limits, Usage, crossed
-from supervisor.report import StopReport
-from supervisor.states import RunState, RunStateMachine
-from supervisor.stop import KILL_BOUND, StopRequest, stop_sequence
+from .channel import Channel, RevokeRecord
+from .containment import CgroupContainment, Containment
+from .errors import InvalidTransition, RunFailed, StopIncomplete
+from . import procs
+from .limits import KernelLimits, Limits, Usage, crossed
+from .report import StopReport
+from .states import RunState, RunStateMachine
+from .stop import KILL_BOUND, StopRequest, stop_sequence
 
 if TYPE_CHECKING:
-    from supervisor.core import AsyncSupervisor
+    from .core import AsyncSupervisor
 
 log = logging.getLogger("deadstop.run")
 

@@ -21,15 +21,15 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from supervisor.channel import GenerationCell
-from supervisor.errors import DeadstopError
-from supervisor.limits import Limits, Usage
-from supervisor.report import StopReport
-from supervisor.states import LIVE, RunState
+from .channel import GenerationCell
+from .errors import DeadstopError
+from .limits import Limits, Usage
+from .report import StopReport
+from .states import LIVE, RunState
 
 if TYPE_CHECKING:
-    from supervisor.core import AsyncSupervisor
-    from supervisor.run import AsyncRun
+    from .core import AsyncSupervisor
+    from .run import AsyncRun
 
 log = logging.getLogger("deadstop.sessions")
 

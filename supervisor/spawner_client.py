@@ -24,10 +24,10 @@ import subprocess
 from multiprocess import reduction
 from multiprocess.connection import Connection
 
-from ipc import framing
+from ..ipc import framing
 
-from supervisor.cgroups import Cgroup
-from supervisor.errors import DeadstopError
+from .cgroups import Cgroup
+from .errors import DeadstopError
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder().decode
@@ -88,7 +88,7 @@ class SpawnerClient:
         fd = child.fileno()
         paths = [p for p in sys.path]
         code = (f"import sys; sys.path[:0] = {paths!r}; "
-                f"from worker.spawner import main; main({fd}, {isolated!r})")
+                f"from deadstop.worker.spawner import main; main({fd}, {isolated!r})")
         env = dict(os.environ if env is None else env)
         # Fixed-width slot each forked run overwrites with its id (worker.platform.rewrite_exec_env).
         env[framing.ENV_MARKER] = "-" * framing.RUN_ID_CHARS
@@ -252,7 +252,7 @@ class SpawnerClient:
             if self.pidfd is not None:
                 self.loop.remove_reader(self.pidfd)
         if self.pidfd is not None:
-            from supervisor.procs import wait_pidfd
+            from .procs import wait_pidfd
 
             if not await wait_pidfd(self.pidfd, timeout):
                 try:

@@ -20,12 +20,12 @@ import signal
 import time
 from typing import TYPE_CHECKING
 
-from supervisor.report import StopReport
-from supervisor.states import RunState
-from supervisor.timer import sleep_until
+from .report import StopReport
+from .states import RunState
+from .timer import sleep_until
 
 if TYPE_CHECKING:
-    from supervisor.run import AsyncRun
+    from .run import AsyncRun
 
 #: After SIGKILL the kernel still has to tear processes down (large address
 #: spaces, D-state I/O). Past this bound the stop reports survivors.

@@ -13,13 +13,13 @@ import threading
 import time
 from typing import Any, Callable, Iterator, Sequence
 
-from supervisor.core import AsyncSupervisor, Event
-from supervisor.limits import Usage
-from supervisor.sessions import AsyncSession
-from supervisor.states import LIVE
-from supervisor.report import StopReport
-from supervisor.run import AsyncRun, ExitInfo
-from supervisor.states import RunState
+from .core import AsyncSupervisor, Event
+from .limits import Usage
+from .sessions import AsyncSession
+from .states import LIVE
+from .report import StopReport
+from .run import AsyncRun, ExitInfo
+from .states import RunState
 
 
 class Run:

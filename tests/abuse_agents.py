@@ -16,8 +16,8 @@ import time
 import zmq
 
 from behaviours import _ready, raw_exchange
-from ipc.errors import EgressRefused
-from worker import egress
+from deadstop.ipc.errors import EgressRefused
+from deadstop.worker import egress
 
 
 def garbage_flood(out_dir: str, frames: int, seconds: float) -> None:

@@ -22,7 +22,7 @@ import sys
 
 import behaviours
 from waiting import Countdown
-from supervisor import Supervisor
+from deadstop.supervisor import Supervisor
 
 
 def main(layer: str, cgroup: str, out_dir: str, mode: str) -> None:

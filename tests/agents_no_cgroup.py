@@ -9,7 +9,7 @@ import sys
 
 import behaviours
 from waiting import Countdown
-from supervisor import ContainmentDegraded, Supervisor
+from deadstop.supervisor import ContainmentDegraded, Supervisor
 
 
 def main(out_dir: str) -> None:

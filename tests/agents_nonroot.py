@@ -16,8 +16,8 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]
 
-from supervisor import isolation as iso  # noqa: E402
-from worker import platform, sandbox  # noqa: E402
+from deadstop.supervisor import isolation as iso  # noqa: E402
+from deadstop.worker import platform, sandbox  # noqa: E402
 
 UID = 65534
 
@@ -44,8 +44,8 @@ def main(work: str) -> None:
     become_unprivileged(work)
     os.chdir(work)
     os.environ.pop("XDG_RUNTIME_DIR", None)
-    from supervisor import Supervisor
-    from supervisor.errors import ContainmentDegraded
+    from deadstop.supervisor import Supervisor
+    from deadstop.supervisor.errors import ContainmentDegraded
 
     out: dict = {"euid": os.geteuid()}
     with Supervisor(state_dir=os.path.join(work, "state")) as sup:

@@ -13,7 +13,7 @@ import sys
 import threading
 
 import limit_agents
-from supervisor import Supervisor
+from deadstop.supervisor import Supervisor
 from waiting import Countdown
 
 TREE, ESCAPER = "tree-session", "escaper-session"

@@ -12,7 +12,7 @@ import sys
 
 import hostile_agents
 from waiting import Countdown
-from supervisor import Supervisor
+from deadstop.supervisor import Supervisor
 
 
 def main(layer: str, work: str) -> None:

@@ -9,7 +9,7 @@ import threading
 
 import behaviours
 from waiting import Countdown
-from supervisor import Supervisor
+from deadstop.supervisor import Supervisor
 
 
 def main(layer: str, out_dir: str) -> None:

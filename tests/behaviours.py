@@ -13,7 +13,7 @@ import signal
 import threading
 import time
 
-from worker import egress
+from deadstop.worker import egress
 
 
 def _ticker(period: float = 0.001) -> None:

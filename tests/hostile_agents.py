@@ -17,7 +17,7 @@ import os
 import socket
 import time
 
-from worker import egress
+from deadstop.worker import egress
 
 LIFETIME = 60.0
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -128,7 +128,7 @@ def group_escaper() -> None:
 
     def subreaped() -> None:
         os.setsid()
-        from worker import platform
+        from deadstop.worker import platform
 
         platform.set_child_subreaper()
         if os.fork() == 0:

@@ -11,7 +11,7 @@ import os
 import signal
 import time
 
-from worker import egress
+from deadstop.worker import egress
 
 
 def _ready() -> None:
@@ -263,7 +263,7 @@ def escape_then_linger(message: dict, **context) -> None:
     needs root: isolation="off"), its run marker overwritten in memory (out
     of the marker sweep), SIGTERM ignored. It reports its pid with the
     `escaped` tool and lingers at most message["linger"] s."""
-    from ipc import framing
+    from deadstop.ipc import framing
 
     pid = os.fork()
     if pid == 0:

@@ -12,7 +12,7 @@ import threading
 import time
 
 from behaviours import fork_pairs
-from worker import egress
+from deadstop.worker import egress
 
 
 def _ready(**data) -> None:

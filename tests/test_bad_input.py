@@ -9,7 +9,7 @@ import pytest
 
 import behaviours
 from procscan import marked_processes
-from supervisor import InvalidTarget, RunFailed, Supervisor
+from deadstop.supervisor import InvalidTarget, RunFailed, Supervisor
 
 
 @pytest.fixture

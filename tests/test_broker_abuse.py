@@ -29,12 +29,12 @@ import zmq
 
 import abuse_agents as A
 import behaviours
-from ipc import framing
-from ipc.errors import ErrorCode
-from supervisor import Supervisor
-from supervisor.broker import MAX_HELD, MAX_HELD_BYTES, REFUSAL_BURST
-from supervisor.journal import REFUSAL_ROWS
-from supervisor.sync import _value
+from deadstop.ipc import framing
+from deadstop.ipc.errors import ErrorCode
+from deadstop.supervisor import Supervisor
+from deadstop.supervisor.broker import MAX_HELD, MAX_HELD_BYTES, REFUSAL_BURST
+from deadstop.supervisor.journal import REFUSAL_ROWS
+from deadstop.supervisor.sync import _value
 
 WAIT = 30.0
 #: Test identities, inside no range a host or deadstop's default would use.

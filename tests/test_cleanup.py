@@ -13,7 +13,7 @@ import pytest
 
 import limit_agents
 from procscan import marked_processes
-from supervisor import InvalidTarget, Supervisor
+from deadstop.supervisor import InvalidTarget, Supervisor
 from waiting import Countdown
 
 BOUND = 30.0

@@ -10,8 +10,8 @@ import stat
 import threading
 
 import behaviours
-from ipc.errors import ErrorCode
-from supervisor import Supervisor
+from deadstop.ipc.errors import ErrorCode
+from deadstop.supervisor import Supervisor
 
 
 def test_forged_malformed_and_oversized_requests_are_refused(tmp_path) -> None:

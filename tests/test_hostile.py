@@ -27,8 +27,8 @@ import time
 import pytest
 
 import hostile_agents as H
-from supervisor import Supervisor
-from supervisor.cgroups import find_cgroup2_mount
+from deadstop.supervisor import Supervisor
+from deadstop.supervisor.cgroups import find_cgroup2_mount
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="per-run identities need root")
 

@@ -24,8 +24,8 @@ import pytest
 
 import limit_agents
 from procscan import MARKER, marked_processes, wait_gone
-from supervisor import Limits, LimitUnenforceable, Supervisor
-from supervisor import cgroup_v1
+from deadstop.supervisor import Limits, LimitUnenforceable, Supervisor
+from deadstop.supervisor import cgroup_v1
 from waiting import Countdown
 
 BOUND = 30.0
@@ -353,7 +353,7 @@ def test_dead_supervisors_v1_groups_are_removed(tmp_path) -> None:
     import signal
     import subprocess
 
-    from supervisor import leftovers
+    from deadstop.supervisor import leftovers
 
     roots = cgroup_v1.leftover_roots()
     if not roots:

@@ -15,7 +15,7 @@ import time
 
 import limit_agents
 from procscan import marked_processes
-from supervisor import Limits, Supervisor
+from deadstop.supervisor import Limits, Supervisor
 from waiting import Countdown
 
 QUOTA_EXCEEDED = 14

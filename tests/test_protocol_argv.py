@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import RunState, Supervisor
+from deadstop.supervisor import RunState, Supervisor
 
 REPO = Path(__file__).resolve().parents[1]
 RAW_CLIENT = str(REPO / "examples" / "raw_client.py")

@@ -19,7 +19,7 @@ import sys
 
 import limit_agents
 from procscan import marked_processes, wait_gone
-from supervisor import Supervisor
+from deadstop.supervisor import Supervisor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

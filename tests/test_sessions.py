@@ -19,7 +19,7 @@ import pytest
 
 import session_agents
 from procscan import marked_processes
-from supervisor import AsyncSupervisor, InvalidTarget, Supervisor
+from deadstop.supervisor import AsyncSupervisor, InvalidTarget, Supervisor
 from waiting import Countdown
 
 

@@ -20,7 +20,7 @@ import pytest
 
 import behaviours
 from procscan import marked_processes
-from supervisor import Supervisor
+from deadstop.supervisor import Supervisor
 
 GRACE = 0.5
 

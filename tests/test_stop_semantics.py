@@ -13,7 +13,7 @@ import pytest
 import behaviours
 from waiting import Countdown
 from procscan import marked_processes
-from supervisor import AsyncSupervisor, Supervisor, ToolCancelled
+from deadstop.supervisor import AsyncSupervisor, Supervisor, ToolCancelled
 
 
 async def _started(sup: AsyncSupervisor, target, *args, tools=("ready", "tick")) -> tuple:

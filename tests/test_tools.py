@@ -9,7 +9,7 @@ import asyncio
 import pytest
 
 import behaviours
-from supervisor import Supervisor
+from deadstop.supervisor import Supervisor
 
 
 async def immediate(x: int) -> int:
@@ -37,7 +37,7 @@ def blocking(x: int) -> int:
 
 
 def raises_a_refusal(x: int) -> int:
-    from ipc.errors import EgressRefused, Revoked
+    from deadstop.ipc.errors import EgressRefused, Revoked
 
     raise (Revoked("not really") if x == 1 else EgressRefused("odd", code=99))
 

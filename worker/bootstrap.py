@@ -20,8 +20,8 @@ import sys
 import traceback
 from typing import Any, NoReturn
 
-from ipc import framing
-from worker import egress, platform, sandbox
+from ..ipc import framing
+from . import egress, platform, sandbox
 
 EXIT_BOOTSTRAP_FAILED = 121
 EXIT_TARGET_UNLOADABLE = 122

@@ -8,7 +8,7 @@ import signal
 import threading
 import time
 
-from worker import egress
+from . import egress
 
 
 def _keep_sending(tool: str, **kwargs) -> None:

@@ -2,7 +2,7 @@
 
 Inside a Python run::
 
-    from worker import egress
+    from . import egress
     egress.call("send_email", to="a@b.c", body="hi")   # result, or raises
     egress.emit("progress", {"pct": 40})
     await egress.acall("search", q="...")              # many may be in flight
@@ -37,8 +37,8 @@ import zmq
 if TYPE_CHECKING:
     import asyncio
 
-from ipc import framing, schema
-from ipc.errors import DeadstopError, EgressRefused, ErrorCode, Revoked, refusal_from_wire
+from ..ipc import framing, schema
+from ..ipc.errors import DeadstopError, EgressRefused, ErrorCode, Revoked, refusal_from_wire
 
 ENV_SUPERVISOR_PID = "DEADSTOP_SUPERVISOR_PID"
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from worker import platform as p
+from . import platform as p
 
 NAMESPACE_FLAGS = {
     "mount": p.CLONE_NEWNS,
@@ -58,7 +58,7 @@ def enter(plan: dict[str, Any], seccomp: Any | None) -> None:
             raise SandboxError(exc.errno, f"sandbox step {name!r} failed: {exc.strerror or exc}") from None
     if seccomp is not None and plan.get("seccomp"):
         try:
-            from worker import seccomp_filter
+            from . import seccomp_filter
 
             seccomp_filter.load(seccomp)
         except Exception as exc:  # libseccomp raises OSError or RuntimeError
@@ -242,7 +242,7 @@ def probe(plan: dict[str, Any], seccomp: Any | None) -> dict[str, str]:
     if seccomp is None:
         out["seccomp"] = "libseccomp (pyseccomp) is not usable in the spawner"
     else:
-        from worker import seccomp_filter
+        from . import seccomp_filter
 
         attempt(["seccomp"], seccomp_filter.load, seccomp)
     return out

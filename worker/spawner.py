@@ -52,8 +52,8 @@ import msgspec
 import psutil
 import struct
 
-from ipc import framing
-from worker import bootstrap, platform, sandbox, watchdog
+from ..ipc import framing
+from . import bootstrap, platform, sandbox, watchdog
 
 # Pre-warm what nearly every run needs before the first fork. asyncio and
 # zmq.asyncio are left to the runs that use them: every megabyte in the
@@ -61,7 +61,7 @@ from worker import bootstrap, platform, sandbox, watchdog
 import cloudpickle  # noqa: F401
 import fcntl  # noqa: F401  (the sandbox's loopback set-up)
 import zmq  # noqa: F401
-from worker import egress  # noqa: F401
+from . import egress  # noqa: F401
 
 MARKER_PREFIX = f"{framing.ENV_MARKER}=".encode()
 #: Adoption raises no signal: orphans are looked at this often, and at every SIGCHLD.
@@ -99,7 +99,7 @@ class Spawner:
         if isolated:
             platform.prewarm_sandbox()
             try:
-                from worker import seccomp_filter
+                from . import seccomp_filter
 
                 self.seccomp = seccomp_filter.build()
             except OSError as exc:

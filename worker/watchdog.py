@@ -27,7 +27,7 @@ import select
 import signal
 from typing import Any
 
-from worker import platform
+from . import platform
 
 POLLRDHUP = getattr(select, "POLLRDHUP", 0x2000)
 

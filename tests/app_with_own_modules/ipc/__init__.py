@@ -1,0 +1,3 @@
+"""An application's own package named `ipc`."""
+
+ROLE = "the application's ipc"
