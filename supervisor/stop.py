@@ -4,7 +4,7 @@ It is the only code that ends a run, whatever asked for the end: stop(),
 kill(), the leader exiting by itself (its leftovers are still swept), the
 supervisor closing, or the spawner dying. Each caller only picks the mode.
 
-Guarantees kept here (DESIGN.md):
+Guarantees kept here (docs/guarantees.md):
 G1 the channel is revoked and the revocation committed to the journal before
    the first signal;
 G2 in-flight handlers are cancelled by the same revoke;
