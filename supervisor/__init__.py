@@ -1,20 +1,60 @@
-"""deadstop's trusted side: runs, containment, stop sequence, egress broker, journal."""
+"""deadstop's trusted side: runs, containment, stop sequence, egress broker, journal.
 
-from .core import AsyncSupervisor, Event
-from .errors import (ContainmentDegraded, DeadstopError, EgressRefused, InvalidTarget,
-                               LimitUnenforceable, RunFailed, RunNotFound, SessionNotFound, StopIncomplete,
-                               SupervisorClosed)
-from .report import StopReport
-from .run import AsyncRun, ExitInfo
-from .states import RunState
-from .limits import Limits, Usage
-from .sessions import AsyncSession, SessionStopped
-from .sync import Run, Session, Supervisor
-from .tools import PolicyDenied, ToolCancelled, ToolContext
+The public names load on first use (PEP 562), so that `deadstop --help` and
+other light callers do not pay for ZeroMQ, psutil and the engine:
+``from deadstop.supervisor import Supervisor`` works as usual.
+"""
 
-__all__ = [
-    "AsyncRun", "AsyncSession", "AsyncSupervisor", "Limits", "PolicyDenied", "Session", "SessionNotFound",
-    "SessionStopped", "Usage", "ContainmentDegraded", "DeadstopError", "EgressRefused", "Event",
-    "ExitInfo", "InvalidTarget", "LimitUnenforceable", "Run", "RunFailed", "RunNotFound", "RunState", "StopIncomplete",
-    "StopReport", "Supervisor", "SupervisorClosed", "ToolCancelled", "ToolContext",
-]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ._version import __version__
+
+#: public name -> the submodule that defines it
+_EXPORTS = {
+    "AsyncSupervisor": "core", "Event": "core",
+    "ContainmentDegraded": "errors", "DeadstopError": "errors", "EgressRefused": "errors",
+    "InvalidTarget": "errors", "InvalidTransition": "errors", "LimitUnenforceable": "errors",
+    "RunFailed": "errors", "RunNotFound": "errors", "SessionNotFound": "errors", "StopIncomplete": "errors",
+    "SupervisorClosed": "errors",
+    "StopReport": "report",
+    "AsyncRun": "run", "ExitInfo": "run",
+    "RunState": "states",
+    "Limits": "limits", "Usage": "limits",
+    "AsyncSession": "sessions", "SessionStopped": "sessions",
+    "Run": "sync", "Session": "sync", "Supervisor": "sync",
+    "PolicyDenied": "tools", "ToolCancelled": "tools", "ToolContext": "tools",
+    "IsolationProfile": "isolation",
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # next time without this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:  # what static checkers and IDEs see
+    from .core import AsyncSupervisor, Event
+    from .errors import (ContainmentDegraded, DeadstopError, EgressRefused, InvalidTarget, InvalidTransition,
+                         LimitUnenforceable, RunFailed, RunNotFound, SessionNotFound, StopIncomplete,
+                         SupervisorClosed)
+    from .isolation import IsolationProfile
+    from .limits import Limits, Usage
+    from .report import StopReport
+    from .run import AsyncRun, ExitInfo
+    from .sessions import AsyncSession, SessionStopped
+    from .states import RunState
+    from .sync import Run, Session, Supervisor
+    from .tools import PolicyDenied, ToolCancelled, ToolContext

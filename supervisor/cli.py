@@ -47,12 +47,25 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, not {value:g}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from ._version import __version__
+
     parser = argparse.ArgumentParser(prog="deadstop", description="Process-isolated agent runs whose stop really stops.")
+    parser.add_argument("--version", action="version", version=f"deadstop {__version__}")
     sub = parser.add_subparsers(dest="verb", required=True)
     demo = sub.add_parser("demo", help="start misbehaving runs, stop them, print their stop reports")
     demo.add_argument("--containment", choices=["auto", "cgroup", "process-group"], default="auto")
-    demo.add_argument("--grace", type=float, default=0.5, help="seconds between SIGTERM and SIGKILL")
+    demo.add_argument("--grace", type=_non_negative, default=0.5, help="seconds between SIGTERM and SIGKILL")
     demo.set_defaults(func=_cmd_demo)
     doctor = sub.add_parser("doctor", help="which isolation and containment layers runs get on this host, "
                                            "and why any is missing")
@@ -79,6 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     except DeadstopError as exc:
         print(f"deadstop {args.verb}: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except BrokenPipeError:
+        # `deadstop demo | head`: the reader is gone, which is not an error of ours.
+        # Point stdout at /dev/null so the interpreter's final flush is quiet too.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -39,3 +39,21 @@ def test_doctor_reports_every_isolation_layer() -> None:
     text = subprocess.run([sys.executable, "-m", "deadstop.supervisor.cli", "doctor"], capture_output=True, text=True,
                           timeout=120)
     assert text.returncode == 0 and all(name in text.stdout for name in LAYERS)
+
+
+def test_version_usage_errors_and_a_closed_stdout() -> None:
+    from importlib import metadata
+
+    cli = [sys.executable, "-m", "deadstop.supervisor.cli"]
+    version = subprocess.run([*cli, "--version"], capture_output=True, text=True, timeout=60)
+    assert version.returncode == 0 and version.stdout.strip() == f"deadstop {metadata.version('deadstop')}"
+    bad = subprocess.run([*cli, "demo", "--grace", "-1"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].endswith("must be >= 0, not -1")
+    assert "Traceback" not in bad.stderr
+    # The reader goes away after the first line: the demo still ends cleanly, with nothing on stderr.
+    demo = subprocess.Popen([*cli, "demo", "--grace", "0.2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert demo.stdout.readline().startswith(b"deadstop demo:")
+    demo.stdout.close()
+    _, err = demo.communicate(timeout=120)
+    assert demo.returncode == 0, err.decode()
+    assert b"Traceback" not in err and b"BrokenPipe" not in err, err.decode()
