@@ -17,7 +17,7 @@ _EXPORTS = {
     "AsyncSupervisor": "core", "Event": "core",
     "ContainmentDegraded": "errors", "DeadstopError": "errors", "EgressRefused": "errors",
     "InvalidTarget": "errors", "InvalidTransition": "errors", "LimitUnenforceable": "errors",
-    "RunFailed": "errors", "RunNotFound": "errors", "SessionNotFound": "errors", "StopIncomplete": "errors",
+    "RunFailed": "errors", "RunNotFound": "errors", "RunTimeout": "errors", "SessionNotFound": "errors", "StopIncomplete": "errors",
     "SupervisorClosed": "errors",
     "StopReport": "report",
     "AsyncRun": "run", "ExitInfo": "run",
@@ -48,7 +48,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # what static checkers and IDEs see
     from .core import AsyncSupervisor, Event
     from .errors import (ContainmentDegraded, DeadstopError, EgressRefused, InvalidTarget, InvalidTransition,
-                         LimitUnenforceable, RunFailed, RunNotFound, SessionNotFound, StopIncomplete,
+                         LimitUnenforceable, RunFailed, RunNotFound, RunTimeout, SessionNotFound, StopIncomplete,
                          SupervisorClosed)
     from .isolation import IsolationProfile
     from .limits import Limits, Usage

@@ -309,8 +309,8 @@ class AsyncSupervisor:
         """
         self._check_open()
         kind, desc, blob, argv = self._prepare_target(target, args, kwargs or {})
-        return await self._launch(kind, desc, blob, argv, list(tools), grace, env, cwd, limits=limits,
-                                  network=network, private_tmp=private_tmp)
+        return await self._launch(kind, desc, blob, argv, list(tools), grace, env, cwd,
+                                  limits=Limits.coerce(limits), network=network, private_tmp=private_tmp)
 
     def _check_run_options(self, cwd: str | None, network: str) -> None:
         """Refuse what no run could use, at registration instead of at the first message."""

@@ -42,7 +42,17 @@ class InvalidTarget(DeadstopError, ValueError):
 
 
 class InvalidTransition(DeadstopError):
-    """A run state change that the state machine does not allow (a bug if seen)."""
+    """A verb the run's state does not allow (pause a run that is not running,
+    resume one that is not paused); the message names the run and its state."""
+
+
+class RunTimeout(DeadstopError, TimeoutError):
+    """wait() or result() gave up before the run ended; the run goes on (stop it if you meant to)."""
+
+    def __init__(self, message: str, *, run_id: str, state: str):
+        super().__init__(message)
+        self.run_id = run_id
+        self.state = state
 
 
 class SupervisorClosed(DeadstopError):

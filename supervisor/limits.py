@@ -81,6 +81,18 @@ class Limits:
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
+    @classmethod
+    def coerce(cls, value: "Limits | dict[str, Any] | None") -> "Limits | None":
+        """Limits from a Limits, a dict of its fields (as a config file gives them), or None."""
+        if value is None or isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - {f.name for f in dataclasses.fields(cls)})
+            if unknown:
+                raise ValueError(f"unknown limit(s) {unknown}; known: {[*LIMIT_NAMES, 'enforcement']}")
+            return cls(**value)
+        raise TypeError(f"limits must be a Limits, a dict or None, not {type(value).__name__}")
+
 
 LIMIT_NAMES = ("wall_clock", "tool_calls", "tokens", "cpu_seconds", "memory_bytes", "processes")
 

@@ -37,6 +37,7 @@ class SessionRegistry:
             raise ValueError("agent name must be a non-empty string")
         self._sup._prepare_target(target, (), {})
         self._sup._check_tools(tools)
+        limits = Limits.coerce(limits)
         self._sup.check_limits(limits)  # LimitUnenforceable now, not at the first message
         self._sup._check_run_options(cwd, network)
         self.agents[name] = AgentSpec(name, target, tuple(tools), limits, grace, may_stop_sessions,

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from .channel import Channel, RevokeRecord
 from .containment import CgroupContainment, Containment
-from .errors import InvalidTransition, RunFailed, StopIncomplete
+from .errors import InvalidTransition, RunFailed, RunTimeout, StopIncomplete
 from . import procs
 from .limits import KernelLimits, Limits, Usage, crossed
 from .report import StopReport
@@ -422,8 +422,12 @@ class AsyncRun:
         return report
 
     async def wait(self, timeout: float | None = None) -> ExitInfo:
-        """Wait for the run to end (by itself or by a stop); TimeoutError after `timeout`."""
-        await asyncio.wait_for(asyncio.shield(self._done.wait()), timeout)
+        """Wait for the run to end (by itself or by a stop); RunTimeout (a TimeoutError) after `timeout`."""
+        try:
+            await asyncio.wait_for(asyncio.shield(self._done.wait()), timeout)
+        except asyncio.TimeoutError:
+            raise RunTimeout(f"run {self.id} is still {self.state.value} after {timeout:g} s; it goes on",
+                             run_id=self.id, state=self.state.value) from None
         report = await asyncio.shield(self._stop_task)  # type: ignore[arg-type]
         return ExitInfo(self.id, self.state, report.exit_code, report.exit_signal, report)
 

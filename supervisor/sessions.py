@@ -272,8 +272,14 @@ class AsyncSession:
         return reports
 
     async def pause(self) -> bool:
-        """Hold egress and freeze this session's active run and all its descendants' runs."""
+        """Hold egress and freeze this session's active run and all its descendants' runs.
+
+        True once all of them are frozen; False if there was nothing to pause
+        (an idle session) or a run could not be frozen in time.
+        """
         runs = self._live_runs()
+        if not runs:
+            return False
         for run in runs:  # egress first, for the whole tree, before any freeze
             if run.state is RunState.RUNNING:
                 self._sup.broker.hold(run.channel)

@@ -14,6 +14,7 @@ import time
 from typing import Any, Callable, Iterator, Sequence
 
 from .core import AsyncSupervisor, Event
+from .errors import SupervisorClosed
 from .limits import Usage
 from .sessions import AsyncSession
 from .states import LIVE
@@ -168,8 +169,12 @@ class Supervisor:
 
     def _call(self, coro: Any, timeout: float | None = None) -> Any:
         if threading.current_thread() is self._thread:
+            coro.close()
             raise RuntimeError("blocking Supervisor method called from a tool handler on the loop thread; "
                                "use AsyncSupervisor or an async handler")
+        if self._loop.is_closed():
+            coro.close()  # never scheduled: no "never awaited" warning
+            raise SupervisorClosed(f"supervisor {self._core.id} is closed")
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
     @property

@@ -1,0 +1,68 @@
+"""The API keeps its word: clear, public errors instead of surprises."""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import pytest
+
+import behaviours
+from deadstop.supervisor import (InvalidTarget, InvalidTransition, RunTimeout, Supervisor, SupervisorClosed)
+
+
+def test_a_closed_supervisor_says_so_from_every_verb(workspace) -> None:
+    sup = Supervisor()
+    run = sup.start(behaviours.returns, 1)
+    assert run.result(timeout=30) == 1
+    sup.close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "coroutine was never awaited"
+        with pytest.raises(SupervisorClosed):
+            sup.start(behaviours.returns, 2)
+        with pytest.raises(SupervisorClosed):
+            run.stop()
+        with pytest.raises(SupervisorClosed):
+            sup.stop_all()
+
+
+def test_limits_as_a_dict_and_a_clear_error_for_an_unknown_one(workspace) -> None:
+    with Supervisor() as sup:
+        sup.register_tool("echo", lambda x: x)
+        run = sup.start(behaviours.calls_and_reports, "echo", "x", tools=["echo"], limits={"tool_calls": 3})
+        run.wait(timeout=30)
+        with pytest.raises(ValueError, match="tool_cals"):
+            sup.start(behaviours.returns, 1, limits={"tool_cals": 3})
+
+
+def test_a_missing_cwd_is_refused_at_start(tmp_path) -> None:
+    with Supervisor() as sup:
+        with pytest.raises(InvalidTarget, match="no-such-dir"):
+            sup.start(["/bin/true"], cwd=str(tmp_path / "no-such-dir"))
+
+
+def test_pause_of_a_run_that_is_not_running_is_a_public_error(workspace) -> None:
+    with Supervisor() as sup:
+        run = sup.start(behaviours.returns, 1)
+        run.wait(timeout=30)
+        with pytest.raises(InvalidTransition) as info:
+            run.pause()
+        assert run.id in str(info.value)
+
+
+def test_a_result_timeout_names_the_run_and_its_state(workspace) -> None:
+    with Supervisor() as sup:
+        run = sup.start(behaviours.victim)
+        started = time.monotonic()
+        with pytest.raises(RunTimeout) as info:
+            run.result(timeout=0.3)
+        assert time.monotonic() - started < 10
+        assert isinstance(info.value, TimeoutError)
+        assert info.value.run_id == run.id and info.value.state == "running" and run.id in str(info.value)
+        run.stop()
+
+
+def test_pausing_an_idle_session_says_it_did_nothing() -> None:
+    with Supervisor() as sup:
+        sup.register_agent("idle", behaviours.returns)
+        assert sup.session("nobody-home", agent="idle").pause() is False
