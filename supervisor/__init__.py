@@ -27,6 +27,7 @@ _EXPORTS = {
     "Run": "sync", "Session": "sync", "Supervisor": "sync",
     "PolicyDenied": "tools", "ToolCancelled": "tools", "ToolContext": "tools",
     "IsolationProfile": "isolation",
+    "StateDirInUse": "statelock",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
@@ -56,5 +57,6 @@ if TYPE_CHECKING:  # what static checkers and IDEs see
     from .run import AsyncRun, ExitInfo
     from .sessions import AsyncSession, SessionStopped
     from .states import RunState
+    from .statelock import StateDirInUse
     from .sync import Run, Session, Supervisor
     from .tools import PolicyDenied, ToolCancelled, ToolContext

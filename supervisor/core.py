@@ -31,6 +31,7 @@ from .errors import (ContainmentDegraded, DeadstopError, InvalidTarget, RunNotFo
 from . import isolation as iso
 from .identities import DEFAULT_UID_RANGE, IdentityPool
 from .journal import Journal
+from .statelock import StateLock
 from .recovery import recover
 from . import leftovers
 from .cgroup_v1 import V1Tree
@@ -117,12 +118,17 @@ class AsyncSupervisor:
         self.loop = asyncio.get_running_loop()
         self.state_dir = self._state_dir_arg or tempfile.mkdtemp(prefix="deadstop-state-")
         os.makedirs(self.state_dir, exist_ok=True)
-        self.journal = Journal(os.path.join(self.state_dir, "journal.db"))
-        self.journal.bind(self.loop)
-        self.recovered = await recover(self.journal, self.id)
-        # After the journal's recovery (which records what it kills), before our own dirs exist.
-        self.leftovers_removed = await leftovers.sweep()
-        self.runtime_dir = leftovers.make_runtime_dir(self.id)
+        self._state_lock = StateLock(self.state_dir, self.id)  # StateDirInUse before anything is touched
+        try:
+            self.journal = Journal(os.path.join(self.state_dir, "journal.db"))
+            self.journal.bind(self.loop)
+            self.recovered = await recover(self.journal, self.id)
+            # After the journal's recovery (which records what it kills), before our own dirs exist.
+            self.leftovers_removed = await leftovers.sweep()
+            self.runtime_dir = leftovers.make_runtime_dir(self.id)
+        except BaseException:
+            self._state_lock.release()
+            raise
         self.registry.load()
         self.cgroups: CgroupTree | None = None
         self.watcher: InotifyWatcher | None = None
@@ -248,6 +254,7 @@ class AsyncSupervisor:
         self._unreadable_interpreter = iso.unreadable(sorted(essential), run_uid, run_gid) if probe_uid else []
 
     def _cleanup_dirs(self) -> None:
+        self._state_lock.release()
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
         if self._state_dir_arg is None:
             shutil.rmtree(self.state_dir, ignore_errors=True)
@@ -435,7 +442,7 @@ class AsyncSupervisor:
             os.chown(endpoint_dir, 0, uid)
         plan = iso.sandbox_plan(self.isolation, run_id, uid, workdir, argv, network,
                                 self._planners[bool(private_tmp)], endpoint_dir, self._voids,
-                                masks=self.journal.files() + [self.state_dir])
+                                masks=self.journal.files() + [self._state_lock.path, self.state_dir])
         summary = {**self.isolation.to_dict(), "network": network, "private_tmp": private_tmp}
         if network == "host":
             summary["missing"] = {**summary["missing"], "namespace:network": "network='host': the run is unconfined"}

@@ -66,3 +66,16 @@ def test_pausing_an_idle_session_says_it_did_nothing() -> None:
     with Supervisor() as sup:
         sup.register_agent("idle", behaviours.returns)
         assert sup.session("nobody-home", agent="idle").pause() is False
+
+
+def test_a_second_supervisor_on_a_live_state_directory_refuses(tmp_path) -> None:
+    import os
+
+    from deadstop.supervisor import StateDirInUse
+
+    with Supervisor(state_dir=str(tmp_path)) as first:
+        with pytest.raises(StateDirInUse) as info:
+            Supervisor(state_dir=str(tmp_path))
+        assert f"pid {os.getpid()}" in str(info.value) and first.id in str(info.value)
+    with Supervisor(state_dir=str(tmp_path)) as again:  # released at close
+        assert again.id != first.id
