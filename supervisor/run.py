@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("deadstop.run")
 
+#: live_usage() measures again when its last look is older than this.
+FRESH_USAGE = 0.1
+
 
 @dataclasses.dataclass(frozen=True)
 class ExitInfo:
@@ -56,6 +59,7 @@ class AsyncRun:
         self.frozen = False  # its processes were frozen by pause()
         self._deadline: asyncio.TimerHandle | None = None
         self.id = run_id
+        self._measured_at = 0.0  # monotonic seconds of the last look at CPU and memory
         self.uid: int | None = None  # its own identity, under isolation
         self.isolation: dict[str, Any] = {}  # the layers it runs under (also in its report)
         #: the kernel side of its memory_bytes / processes limits (supervisor/limits.py), if any
@@ -172,6 +176,8 @@ class AsyncRun:
         report.limit = self.limit_crossed
         report.limits_enforcement = dict(self.limits_enforcement)
         report.isolation = self.isolation
+        if self.containment is not None:
+            self._measure()  # the CPU its processes used, to the end (the cgroup still counts it)
         self.usage.tool_calls = self.channel.calls
         self.report = report
         self.machine.to(RunState(report.outcome))
@@ -278,7 +284,12 @@ class AsyncRun:
             self._deadline = None
 
     def live_usage(self) -> Usage:
-        """Usage now: counters are exact, CPU and memory are from the last sample."""
+        """Usage now: counters are exact; CPU, memory and processes are measured
+        on the spot when the last look is older than FRESH_USAGE, whether or not
+        a limit asked for sampling."""
+        if self.containment is not None and self.machine.live and \
+                time.monotonic() - self._measured_at > FRESH_USAGE:
+            self._measure()
         usage = Usage(**self.usage.to_dict())
         usage.tool_calls = self.channel.calls
         if self._active_since is not None:
@@ -317,10 +328,22 @@ class AsyncRun:
             self.quota(limit)
 
     def record_sample(self, cpu_seconds: float, memory_bytes: int, processes: int) -> None:
+        self._record(cpu_seconds, memory_bytes, processes)
+        self._check_limits()
+
+    def _record(self, cpu_seconds: float, memory_bytes: int, processes: int) -> None:
+        self._measured_at = time.monotonic()
         self.usage.cpu_seconds = max(self.usage.cpu_seconds, cpu_seconds)
         self.usage.peak_memory_bytes = max(self.usage.peak_memory_bytes, memory_bytes)
         self.usage.peak_processes = max(self.usage.peak_processes, processes)
-        self._check_limits()
+
+    def _measure(self) -> None:
+        """Look at the run's processes now (no limit check: the sampler does that)."""
+        assert self.containment is not None
+        try:
+            self._record(*self.containment.measure())
+        except Exception:  # ended under us: keep what we had
+            self._measured_at = time.monotonic()
 
     def _check_limits(self) -> None:
         limit = crossed(self.limits, self.live_usage())

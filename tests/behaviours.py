@@ -336,3 +336,10 @@ def duplicate_ids(copies: int = 2) -> None:
         socks.append(sock)
     while True:
         time.sleep(1)
+
+
+def busy_for(seconds: float, **context) -> None:
+    """Spin on the CPU for `seconds`, then end."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass

@@ -79,3 +79,14 @@ def test_a_second_supervisor_on_a_live_state_directory_refuses(tmp_path) -> None
         assert f"pid {os.getpid()}" in str(info.value) and first.id in str(info.value)
     with Supervisor(state_dir=str(tmp_path)) as again:  # released at close
         assert again.id != first.id
+
+
+def test_usage_shows_cpu_and_memory_without_any_limit(workspace) -> None:
+    with Supervisor() as sup:
+        sup.register_agent("spinner", behaviours.busy_for)
+        s = sup.session("spin", agent="spinner")
+        run = s.send(0.5)
+        run.wait(timeout=60)
+        usage = s.usage
+    assert usage.cpu_seconds >= 0.2, usage
+    assert usage.peak_memory_bytes > 0 and usage.peak_processes >= 1, usage
