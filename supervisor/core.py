@@ -22,7 +22,7 @@ from typing import Any, AsyncIterator, Callable, Sequence
 import cloudpickle
 import psutil
 
-from ..ipc import framing
+from ..ipc import framing, spawner_wire
 from .broker import Broker
 from .cgroups import CgroupTree, InotifyWatcher
 from .containment import (CGROUP, PGROUP, PGROUP_SUBREAPER, CgroupContainment, Containment,
@@ -160,10 +160,10 @@ class AsyncSupervisor:
         try:
             await self._probe_isolation()
             # What the spawner (and its watchdog) must kill should we die.
-            self.spawner.configure(
+            self.spawner.configure(spawner_wire.Config(
                 cgroup_root=self.cgroups.root.path if self.cgroups else None,
                 home_procs=self.cgroups.home_procs if self.cgroups else None,
-                uid_block=[self.identities.first, self.identities.size] if self.identities else None)
+                uid_block=[self.identities.first, self.identities.size] if self.identities else None))
         except BaseException:
             await self.spawner.shutdown()
             self.broker.close()
@@ -382,14 +382,13 @@ class AsyncSupervisor:
         run.kernel_limits, run.limits_enforcement = kernel, plan
         run.isolation = confined.summary
         self.runs[run_id] = run
-        msg = {
-            "run_id": run_id, "blob": blob, "argv": argv, "env": confined.env, "clean_env": confined.clean_env,
-            "cwd": confined.cwd, "cgroup_procs": cgroup.procs_file if cgroup else None, "pin_group": cgroup is None,
-            "generation": generation, "egress": getattr(channel, "address", self.broker.address),
-            "supervisor_pid": os.getpid(), "rlimits": rlimits_for(limits, plan), "sandbox": confined.plan,
+        msg = spawner_wire.Start(
+            run_id=run_id, blob=blob, argv=argv, env=confined.env, clean_env=confined.clean_env,
+            cwd=confined.cwd, cgroup_procs=cgroup.procs_file if cgroup else None, pin_group=cgroup is None,
+            generation=generation, egress=channel.address, supervisor_pid=os.getpid(),
+            rlimits=rlimits_for(limits, plan), sandbox=confined.plan,
             # v1 memory/pids groups, joined (as root, before any user code) right after the v2 cgroup
-            "join_cgroups": kernel.join_files() if kernel is not None else [],
-        }
+            join_cgroups=kernel.join_files() if kernel is not None else [])
         cred_fd = framing.credential_memfd(credential)
         try:
             started = await self.spawner.start(msg, cred_fd)

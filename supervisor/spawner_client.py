@@ -18,19 +18,17 @@ import struct
 import sys
 from typing import Any
 
-import msgspec
 import subprocess
 
 from multiprocess import reduction
 from multiprocess.connection import Connection
 
 from ..ipc import framing
+from ..ipc import spawner_wire as wire
 
 from .cgroups import Cgroup
 from .errors import DeadstopError
 
-_encode = msgspec.msgpack.Encoder().encode
-_decode = msgspec.msgpack.Decoder().decode
 
 
 #: Longest the spawner may take to answer a start or a probe. A start is a
@@ -108,47 +106,48 @@ class SpawnerClient:
             proc.wait()
             client._lost()
             raise
-        client.subreaper = bool(msg.get("subreaper"))
+        client.subreaper = msg.subreaper
         return client
 
     # -- requests --------------------------------------------------------------
-    def _send(self, msg: dict[str, Any]) -> None:
+    def _send(self, msg: Any) -> None:
         if not self.alive:
             raise SpawnerLost(self.lost_reason or f"spawner (pid {self.pid}) is gone")
         try:
-            self.conn.send_bytes(_encode(msg))
+            self.conn.send_bytes(wire.encode(msg))
         except OSError as exc:
             self.declare_lost(f"spawner (pid {self.pid}) stopped reading its control socket ({exc})")
             raise SpawnerLost(self.lost_reason) from None
 
-    def configure(self, **settings: Any) -> None:
+    def configure(self, config: wire.Config) -> None:
         """Tell the spawner what it must clean up should the supervisor die."""
-        self._send({"op": "config", **settings})
+        self._send(config)
 
-    async def start(self, msg: dict[str, Any], credential_fd: int | None = None) -> Started:
+    async def start(self, msg: wire.Start, credential_fd: int | None = None) -> Started:
         """Fork a run; `credential_fd` (a sealed memfd) goes to it over SCM_RIGHTS."""
         fut = self.loop.create_future()
-        self._starts[msg["run_id"]] = fut
+        self._starts[msg.run_id] = fut
+        msg.fds = 1 if credential_fd is not None else 0
         try:
-            self._send({"op": "start", **msg, "fds": 1 if credential_fd is not None else 0})
+            self._send(msg)
             if credential_fd is not None:
                 reduction.sendfds(self.sock, [credential_fd])
-            return await self._answer(fut, f"start of run {msg['run_id']}")
+            return await self._answer(fut, f"start of run {msg.run_id}")
         finally:
-            self._starts.pop(msg["run_id"], None)
+            self._starts.pop(msg.run_id, None)
 
     def run_ended(self, run_id: str) -> None:
         """The run's stop is complete: from now on the spawner kills any orphan of it it adopts."""
         if self.alive:
             try:
-                self._send({"op": "ended", "run_id": run_id})
+                self._send(wire.Ended(run_id=run_id))
             except SpawnerLost:
                 pass
 
     async def probe(self, plan: dict[str, Any]) -> dict[str, str]:
         """Have a throw-away child try every sandbox step; layer -> "" or why it failed."""
         fut = self._probe = self.loop.create_future()
-        self._send({"op": "probe", "plan": plan})
+        self._send(wire.Probe(plan=plan))
         return await self._answer(fut, "isolation probe")
 
     async def _answer(self, fut: asyncio.Future, what: str) -> Any:
@@ -181,7 +180,7 @@ class SpawnerClient:
         fut = self._reap_future(pid)
         if pinned and not fut.done() and not getattr(fut, "release_sent", False):
             fut.release_sent = True  # type: ignore[attr-defined]
-            self._send({"op": "release", "pid": pid})
+            self._send(wire.Release(pid=pid))
         try:
             return await fut
         finally:
@@ -194,31 +193,28 @@ class SpawnerClient:
         except (EOFError, OSError):
             self._lost()
             return
-        msg = _decode(raw)
-        op = msg.get("op")
-        if op == "ready":
+        msg = wire.decode_from_spawner(raw)
+        if isinstance(msg, wire.Ready):
             if not self._ready.done():
                 self._ready.set_result(msg)
-        elif op == "started":
-            pidfd = None
-            if msg.get("has_pidfd"):
-                pidfd = reduction.recvfds(self.sock, 1)[0]
-            fut = self._starts.get(msg["run_id"])
+        elif isinstance(msg, wire.Started):
+            pidfd = reduction.recvfds(self.sock, 1)[0] if msg.has_pidfd else None
+            fut = self._starts.get(msg.run_id)
             if fut is not None and not fut.done():
-                fut.set_result(Started(msg["pid"], msg["create_time"], pidfd))
+                fut.set_result(Started(msg.pid, msg.create_time, pidfd))
             elif pidfd is not None:
                 os.close(pidfd)
-        elif op == "probed":
+        elif isinstance(msg, wire.Probed):
             if self._probe is not None and not self._probe.done():
-                self._probe.set_result(msg.get("results") or {})
-        elif op == "start_failed":
-            fut = self._starts.get(msg["run_id"])
+                self._probe.set_result(msg.results)
+        elif isinstance(msg, wire.StartFailed):
+            fut = self._starts.get(msg.run_id)
             if fut is not None and not fut.done():
-                fut.set_exception(DeadstopError(f"spawner could not start run {msg['run_id']}: {msg['error']}"))
-        elif op == "reaped":
-            fut = self._reap_future(msg["pid"])
+                fut.set_exception(DeadstopError(f"spawner could not start run {msg.run_id}: {msg.error}"))
+        elif isinstance(msg, wire.Reaped):
+            fut = self._reap_future(msg.pid)
             if not fut.done():
-                fut.set_result(msg["status"])
+                fut.set_result(msg.status)
 
     def _lost(self, why: str = "") -> None:
         if not self.alive:
@@ -243,7 +239,7 @@ class SpawnerClient:
         """Ask the spawner to kill what is left and exit; reap it."""
         if self.alive:
             try:
-                self._send({"op": "shutdown"})
+                self._send(wire.Shutdown())
             except (OSError, SpawnerLost):
                 pass
             # From here its exit is expected, not a loss: stop watching for one.

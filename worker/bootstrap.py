@@ -21,6 +21,7 @@ import traceback
 from typing import Any, NoReturn
 
 from ..ipc import framing
+from ..ipc import spawner_wire as wire
 from . import egress, platform, sandbox
 
 EXIT_BOOTSTRAP_FAILED = 121
@@ -28,18 +29,7 @@ EXIT_TARGET_UNLOADABLE = 122
 EXIT_EXEC_FAILED = 127
 
 
-class StartSpec:
-    """Everything a run needs, as sent by the supervisor through the spawner."""
-
-    __slots__ = ("run_id", "blob", "argv", "env", "clean_env", "cwd", "cgroup_procs", "join_cgroups", "in_cgroup",
-                 "rlimits", "credential_fd", "generation", "egress", "supervisor_pid", "sandbox")
-
-    def __init__(self, msg: dict[str, Any]):
-        for name in self.__slots__:
-            setattr(self, name, msg.get(name))
-
-
-def _contain(spec: StartSpec, spawner_pid: int) -> None:
+def _contain(spec: wire.Start, spawner_pid: int) -> None:
     os.setsid()
     if spec.cgroup_procs and not spec.in_cgroup:
         # Born outside (no clone3 into the cgroup): "0" moves the writing
@@ -98,7 +88,7 @@ def _apply_rlimits(extra: dict[str, int] | None) -> None:
         resource.setrlimit(resource.RLIMIT_NPROC, (cap, cap))
 
 
-def _run_variables(spec: StartSpec) -> dict[str, str]:
+def _run_variables(spec: wire.Start) -> dict[str, str]:
     """What the run's environment adds to the spawner's (inherited by its children)."""
     env = dict(spec.env or {})
     env[framing.ENV_MARKER] = spec.run_id
@@ -112,7 +102,7 @@ def _run_variables(spec: StartSpec) -> dict[str, str]:
     return env
 
 
-def _exec_argv(spec: StartSpec, env: dict[str, str]) -> NoReturn:
+def _exec_argv(spec: wire.Start, env: dict[str, str]) -> NoReturn:
     # The credential arrives in an inherited descriptor (a sealed memfd made
     # by the supervisor), never in the environment.
     if spec.credential_fd is not None:
@@ -127,7 +117,7 @@ def _exec_argv(spec: StartSpec, env: dict[str, str]) -> NoReturn:
         os._exit(EXIT_EXEC_FAILED)
 
 
-def _run_python(spec: StartSpec) -> int:
+def _run_python(spec: wire.Start) -> int:
     credential = egress.read_credential(spec.credential_fd) if spec.credential_fd is not None else b""
     egress.configure(spec.egress, spec.run_id, credential, spec.generation or 0, spec.supervisor_pid)
     try:
@@ -171,7 +161,7 @@ def _report_failure(exc: BaseException, prefix: str = "") -> None:
         pass  # revoked or supervisor gone; the exit code still says "failed"
 
 
-def _confine(spec: StartSpec, spawner_pid: int, seccomp: Any) -> None:
+def _confine(spec: wire.Start, spawner_pid: int, seccomp: Any) -> None:
     """The sandbox, then the cwd check that only the run's own identity can make."""
     if spec.sandbox:
         sandbox.enter(spec.sandbox, seccomp)
@@ -184,11 +174,10 @@ def _confine(spec: StartSpec, spawner_pid: int, seccomp: Any) -> None:
         os.chdir(spec.cwd)
 
 
-def child_main(msg: dict[str, Any], spawner_pid: int, ready_fd: int, seccomp: Any = None) -> NoReturn:
+def child_main(spec: wire.Start, spawner_pid: int, ready_fd: int, seccomp: Any = None) -> NoReturn:
     """Entry point of a forked run; called in the child right after fork()."""
     code = EXIT_BOOTSTRAP_FAILED
     try:
-        spec = StartSpec(msg)
         try:
             _contain(spec, spawner_pid)
             _confine(spec, spawner_pid, seccomp)

@@ -28,9 +28,10 @@ Rules this process keeps:
   their own memory, so whatever it holds, they hold. It is not dumpable,
   so no process without CAP_SYS_PTRACE can read its memory or descriptors.
 
-Wire: the framing of multiprocess's Connection (a 4-byte big-endian length,
-then the payload) carrying msgpack maps; a `started` reply is followed by the
-run's pidfd passed with SCM_RIGHTS as multiprocess.reduction.sendfds does.
+Wire: ipc/spawner_wire.py, typed messages in the framing of multiprocess's
+Connection (a 4-byte big-endian length, then the payload); a `Started` reply
+is followed by the run's pidfd passed with SCM_RIGHTS as
+multiprocess.reduction.sendfds does.
 The supervisor's side uses multiprocess itself; this side speaks the same
 bytes with the standard library, because importing multiprocess pulls in
 dill, and every megabyte in this template is a megabyte each run must unmap
@@ -53,6 +54,7 @@ import psutil
 import struct
 
 from ..ipc import framing
+from ..ipc import spawner_wire as wire
 from . import bootstrap, platform, sandbox, watchdog
 
 # Pre-warm what nearly every run needs before the first fork. asyncio and
@@ -70,8 +72,6 @@ STRAY_SCAN_INTERVAL = 1.0
 #: stopped has its orphans swept (and reported) by its own stop first.
 STRAY_GRACE = 1.0
 
-_encode = msgspec.msgpack.Encoder().encode
-_decode = msgspec.msgpack.Decoder().decode
 
 
 class Spawner:
@@ -127,7 +127,7 @@ class Spawner:
         sel.register(self.sock.fileno(), selectors.EVENT_READ, "ctrl")
         sel.register(wake_r, selectors.EVENT_READ, "wake")
         gc.freeze()  # keep warm pages shared with forked runs
-        self._send({"op": "ready", "pid": self.pid, "subreaper": self.subreaper})
+        self._send(wire.Ready(pid=self.pid, subreaper=self.subreaper))
         while not self.stopping:
             idle_work = self.netns is not None and self.netns.wants_more
             events = sel.select(0 if idle_work else STRAY_SCAN_INTERVAL)
@@ -157,27 +157,26 @@ class Spawner:
             raw = self._recv_frame()
         except (EOFError, OSError):
             return False  # the supervisor is gone
-        msg = _decode(raw)
-        op = msg.get("op")
-        if op == "start":
+        msg = wire.decode_to_spawner(raw)
+        if isinstance(msg, wire.Start):
             fds: list[int] = []
-            if msg.get("fds"):
-                _, fds, _, _ = socket.recv_fds(self.sock, 1, msg["fds"])
+            if msg.fds:
+                _, fds, _, _ = socket.recv_fds(self.sock, 1, msg.fds)
             self._start(msg, fds)
-        elif op == "probe":
+        elif isinstance(msg, wire.Probe):
             self._probe(msg)
-        elif op == "config":
-            self.cgroup_root = msg.get("cgroup_root")
-            self.home_procs = msg.get("home_procs")
+        elif isinstance(msg, wire.Config):
+            self.cgroup_root = msg.cgroup_root
+            self.home_procs = msg.home_procs
             if self.watchdog is None:
-                self.watchdog = watchdog.start(self.sock.fileno(), msg, self.pid)
-        elif op == "ended":  # the supervisor is done with the run: what is left of it is a stray
-            self.live_runs.discard(msg["run_id"])
+                self.watchdog = watchdog.start(self.sock.fileno(), msgspec.structs.asdict(msg), self.pid)
+        elif isinstance(msg, wire.Ended):  # the supervisor is done with the run: what is left of it is a stray
+            self.live_runs.discard(msg.run_id)
             self._kill_strays()
-        elif op == "release":
-            self.released.add(msg["pid"])
+        elif isinstance(msg, wire.Release):
+            self.released.add(msg.pid)
             self._reap()
-        elif op == "shutdown":
+        elif isinstance(msg, wire.Shutdown):
             return False
         return True
 
@@ -196,26 +195,26 @@ class Spawner:
             (size,) = struct.unpack("!Q", self._recv_exact(8))
         return self._recv_exact(size)
 
-    def _send(self, msg: dict[str, Any]) -> None:
-        body = _encode(msg)
+    def _send(self, msg: Any) -> None:
+        body = wire.encode(msg)
         self.sock.sendall(struct.pack("!i", len(body)) + body)
 
     # -- runs ----------------------------------------------------------------
-    def _start(self, msg: dict[str, Any], fds: list[int]) -> None:
+    def _start(self, msg: wire.Start, fds: list[int]) -> None:
         if fds:
-            msg["credential_fd"] = fds[0]
+            msg.credential_fd = fds[0]
         try:
             self._start_run(msg)
         finally:
             for fd in fds:  # the child has its copy; the spawner keeps none
                 os.close(fd)
 
-    def _start_run(self, msg: dict[str, Any]) -> None:
-        plan = msg.get("sandbox")
+    def _start_run(self, msg: wire.Start) -> None:
+        plan = msg.sandbox
         if plan:
             plan["bounding_empty"] = self.bounding_empty
         if plan and plan.get("uid") is not None:
-            self.run_of_uid[plan["uid"]] = msg["run_id"]
+            self.run_of_uid[plan["uid"]] = msg.run_id
         if plan and "network" in plan.get("namespaces", ()) and self.netns is not None:
             plan["netns_fd"] = self.netns.take()
         try:
@@ -224,9 +223,9 @@ class Spawner:
             if plan and plan.get("netns_fd") is not None:
                 os.close(plan["netns_fd"])  # the run has its own copy
 
-    def _fork_run(self, msg: dict[str, Any]) -> None:
-        if msg.get("cgroup_procs"):
-            self.cgroups.append(os.path.dirname(msg["cgroup_procs"]))
+    def _fork_run(self, msg: wire.Start) -> None:
+        if msg.cgroup_procs:
+            self.cgroups.append(os.path.dirname(msg.cgroup_procs))
         # Block every signal across fork: a SIGTERM aimed at the new run before
         # it has reset the spawner's handlers must stay pending until it has,
         # then act with its default disposition (bootstrap unblocks).
@@ -238,7 +237,7 @@ class Spawner:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
             os.close(ready_r)
             os.close(ready_w)
-            self._send({"op": "start_failed", "run_id": msg["run_id"], "error": f"fork failed: {exc}"})
+            self._send(wire.StartFailed(run_id=msg.run_id, error=f"fork failed: {exc}"))
             return
         if pid == 0:
             os.close(ready_r)
@@ -254,15 +253,14 @@ class Spawner:
         finally:
             os.close(ready_r)
         if answer.startswith(b"E"):  # it exits by itself; _reap collects it like any orphan
-            self._send({"op": "start_failed", "run_id": msg["run_id"],
-                        "error": answer[1:].decode(errors="replace"), "pid": pid})
+            self._send(wire.StartFailed(run_id=msg.run_id, error=answer[1:].decode(errors="replace")))
             if pidfd >= 0:
                 os.close(pidfd)
             self._reap()
             return
-        self.leaders[pid] = msg["run_id"]
-        self.live_runs.add(msg["run_id"])
-        if not msg.get("pin_group", True):
+        self.leaders[pid] = msg.run_id
+        self.live_runs.add(msg.run_id)
+        if not msg.pin_group:
             self.released.add(pid)  # nothing signals its group by pgid: reap as soon as it exits
         if pidfd < 0 and hasattr(os, "pidfd_open"):
             pidfd = os.pidfd_open(pid)
@@ -270,13 +268,12 @@ class Spawner:
             create_time = psutil.Process(pid).create_time()
         except psutil.Error:
             create_time = 0.0
-        self._send({"op": "started", "run_id": msg["run_id"], "pid": pid,
-                    "create_time": create_time, "has_pidfd": pidfd >= 0})
+        self._send(wire.Started(run_id=msg.run_id, pid=pid, create_time=create_time, has_pidfd=pidfd >= 0))
         if pidfd >= 0:
             socket.send_fds(self.sock, [bytes([1])], [pidfd])  # = multiprocess.reduction.sendfds
             os.close(pidfd)
 
-    def _probe(self, msg: dict[str, Any]) -> None:
+    def _probe(self, msg: wire.Probe) -> None:
         """Fork a throw-away child that tries every sandbox step; reply with the verdicts."""
         r, w = os.pipe()
         pid = os.fork()
@@ -284,10 +281,10 @@ class Spawner:
             code = 0
             try:
                 os.close(r)
-                result = sandbox.probe(msg["plan"], self.seccomp)
+                result = sandbox.probe(msg.plan, self.seccomp)
                 if self.seccomp_error:
                     result["seccomp"] = self.seccomp_error
-                os.write(w, _encode(result))
+                os.write(w, wire.encode(result))
             except BaseException:
                 code = 1
             finally:
@@ -311,23 +308,23 @@ class Spawner:
                 pass
             os.waitpid(pid, 0)
         try:
-            result = _decode(b"".join(chunks))
-        except msgspec.DecodeError:
+            result = msgspec.msgpack.decode(b"".join(chunks), type=dict[str, str])
+        except (msgspec.DecodeError, msgspec.ValidationError):
             result = {"probe": "the probe child died"}
-        self._send({"op": "probed", "results": result})
+        self._send(wire.Probed(results=result))
 
-    def _fork(self, msg: dict[str, Any]) -> tuple[int, int]:
+    def _fork(self, msg: wire.Start) -> tuple[int, int]:
         """Fork the run, born inside its cgroup where the kernel allows it.
 
         Returns (pid, pidfd or -1) in the parent, (0, -1) in the child; sets
-        msg["in_cgroup"] for the child when it needs no move.
+        msg.in_cgroup for the child when it needs no move.
         """
-        procs = msg.get("cgroup_procs")
+        procs = msg.cgroup_procs
         if procs and self.clone_into_cgroup:
             fd = os.open(os.path.dirname(procs), os.O_RDONLY | os.O_DIRECTORY)
             try:
                 pid, pidfd = platform.fork_into_cgroup(fd)
-                msg["in_cgroup"] = True
+                msg.in_cgroup = True
                 return pid, pidfd
             except OSError:
                 self.clone_into_cgroup = False  # old kernel or seccomp: move after fork from now on
@@ -346,7 +343,7 @@ class Spawner:
             if got and pid in self.leaders:
                 run_id = self.leaders.pop(pid)
                 self.released.discard(pid)
-                self._send({"op": "reaped", "run_id": run_id, "pid": pid, "status": status})
+                self._send(wire.Reaped(run_id=run_id, pid=pid, status=status))
         for pid in list(self.released):  # released leaders missing from the list
             try:
                 got, status = os.waitpid(pid, os.WNOHANG)
@@ -355,7 +352,7 @@ class Spawner:
             if got:
                 run_id = self.leaders.pop(pid, "")
                 self.released.discard(pid)
-                self._send({"op": "reaped", "run_id": run_id, "pid": pid, "status": status})
+                self._send(wire.Reaped(run_id=run_id, pid=pid, status=status))
         self._kill_strays()
 
     def _kill_strays(self) -> None:
