@@ -9,6 +9,7 @@ layer is named in every report.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import os
@@ -63,6 +64,62 @@ class Event:
     generation: int = 0
 
 
+#: Events a subscriber may have waiting before newer ones are dropped (counted).
+SUBSCRIBER_BACKLOG = 10_000
+
+
+class _Gap:
+    """Where a slow subscriber's backlog overflowed: how many events it missed there."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 1
+
+
+class _Subscription:
+    """One subscriber's backlog: bounded; what overflowed is counted in place, in order."""
+
+    def __init__(self, session: str | None):
+        self.session = session
+        self._items: collections.deque[Event | _Gap] = collections.deque()
+        self._events = 0  # Events (not gaps) in _items
+        self._wake = asyncio.Event()
+        self._closed = False
+
+    def offer(self, event: Event) -> None:
+        if self._events >= SUBSCRIBER_BACKLOG and event.kind != "run.ended":
+            last = self._items[-1] if self._items else None
+            if isinstance(last, _Gap):
+                last.count += 1
+            else:
+                self._items.append(_Gap())
+        else:
+            self._items.append(event)
+            self._events += 1
+        self._wake.set()
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+
+    def backlog(self) -> int:
+        """Events waiting to be handed out."""
+        return self._events
+
+    async def get(self) -> Event | None:
+        while not self._items:
+            if self._closed:
+                return None
+            self._wake.clear()
+            await self._wake.wait()
+        item = self._items.popleft()
+        if isinstance(item, _Gap):
+            return Event("", "events.dropped", {"count": item.count}, time.monotonic_ns(), self.session)
+        self._events -= 1
+        return item
+
+
 class AsyncSupervisor:
     """Start runs, broker their egress, stop them for good.
 
@@ -106,7 +163,7 @@ class AsyncSupervisor:
         self.tools = ToolRegistry()
         self.runs: dict[str, AsyncRun] = {}
         self.registry = SessionRegistry(self)
-        self._subscribers: list[tuple[asyncio.Queue, str | None]] = []
+        self._subscribers: list[_Subscription] = []
         self._sampler: asyncio.Task | None = None
         self.sample_interval = sample_interval
         self.closed = False
@@ -207,8 +264,8 @@ class AsyncSupervisor:
                 log.error("run %s: kill at close failed: %s", r.id, res)
         await self.spawner.shutdown()
         self.broker.close()
-        for q, _ in self._subscribers:
-            q.put_nowait(None)
+        for sub in self._subscribers:
+            sub.close()
         if self._sampler is not None:
             self._sampler.cancel()
         if self.watcher is not None:
@@ -564,9 +621,9 @@ class AsyncSupervisor:
 
     # -- events ------------------------------------------------------------------------------
     def _publish(self, event: Event) -> None:
-        for q, session in self._subscribers:
-            if session is None or session == event.session:
-                q.put_nowait(event)
+        for sub in self._subscribers:
+            if sub.session is None or sub.session == event.session:
+                sub.offer(event)
 
     async def subscribe(self, session: str | None = None) -> AsyncIterator[Event]:
         """Events emitted by runs (of one session, or all), plus run.ended, until close.
@@ -574,17 +631,22 @@ class AsyncSupervisor:
         Stale output fence: an event is checked again as it is handed out; if
         its session has moved to a newer generation meanwhile, it is dropped
         (and journaled as fenced) instead of delivered.
+
+        A subscriber that falls behind by SUBSCRIBER_BACKLOG events loses the
+        newest ones (never a `run.ended`), and then receives one
+        `events.dropped` event whose data says how many it missed, so the
+        supervisor's memory does not grow with a slow reader.
         """
-        q: asyncio.Queue = asyncio.Queue()
-        entry = (q, session)
+        entry = _Subscription(session)
         self._subscribers.append(entry)
         try:
             while True:
-                event = await q.get()
+                event = await entry.get()
                 if event is None:
                     return
                 owner = self.registry.by_key.get(event.session) if event.session else None
-                if owner is not None and event.kind != "run.ended" and not owner.is_current(event.generation):
+                if owner is not None and event.kind not in ("run.ended", "events.dropped") \
+                        and not owner.is_current(event.generation):
                     self.journal.fenced(event.run_id, time.monotonic_ns(), "emit",
                                         f"event {event.kind!r} of generation {event.generation} held back at delivery")
                     continue

@@ -90,3 +90,24 @@ def test_usage_shows_cpu_and_memory_without_any_limit(workspace) -> None:
         usage = s.usage
     assert usage.cpu_seconds >= 0.2, usage
     assert usage.peak_memory_bytes > 0 and usage.peak_processes >= 1, usage
+
+
+def test_a_slow_subscriber_gets_a_counted_gap_not_unbounded_memory(monkeypatch, workspace) -> None:
+    import deadstop.supervisor.core as core
+
+    monkeypatch.setattr(core, "SUBSCRIBER_BACKLOG", 5)
+    with Supervisor() as sup:
+        events = sup.subscribe()
+        run = sup.start(behaviours.emits, 50)
+        run.wait(timeout=60)
+        got = []
+        for event in events:
+            got.append((event.kind, event.data))
+            if event.kind == "run.ended":
+                break
+    kinds = [k for k, _ in got]
+    delivered = kinds.count("progress")
+    # The backlog (5) plus at most the one event the iterator already took; then the gap, counted, in place.
+    assert 5 <= delivered <= 6 and kinds[:delivered] == ["progress"] * delivered, got
+    assert got[delivered] == ("events.dropped", {"count": 50 - delivered}), got
+    assert kinds[delivered + 1:] == ["run.ended"], got

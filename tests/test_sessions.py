@@ -108,7 +108,7 @@ def test_stale_events_never_reach_subscribers(tmp_path) -> None:
             got = await asyncio.wait_for(first, 30)
             assert got.kind == "progress" and got.generation == 1
             # Let generation-1 events pile up undelivered, then supersede the run.
-            while sup._subscribers[0][0].qsize() < 50:
+            while sup._subscribers[0].backlog() < 50:
                 await asyncio.sleep(0.001)
             run = await s.send("answer please")
             assert s.generation == 2
