@@ -30,7 +30,39 @@ _EXPORTS = {
     "StateDirInUse": "statelock",
 }
 
-__all__ = ["__version__", *sorted(_EXPORTS)]
+__all__ = [
+    "__version__",
+    "AsyncRun",
+    "AsyncSession",
+    "AsyncSupervisor",
+    "ContainmentDegraded",
+    "DeadstopError",
+    "EgressRefused",
+    "Event",
+    "ExitInfo",
+    "InvalidTarget",
+    "InvalidTransition",
+    "IsolationProfile",
+    "LimitUnenforceable",
+    "Limits",
+    "PolicyDenied",
+    "Run",
+    "RunFailed",
+    "RunNotFound",
+    "RunState",
+    "RunTimeout",
+    "Session",
+    "SessionNotFound",
+    "SessionStopped",
+    "StateDirInUse",
+    "StopIncomplete",
+    "StopReport",
+    "Supervisor",
+    "SupervisorClosed",
+    "ToolCancelled",
+    "ToolContext",
+    "Usage",
+]
 
 
 def __getattr__(name: str) -> Any:

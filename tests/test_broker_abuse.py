@@ -425,7 +425,7 @@ def test_unauthenticated_garbage_from_a_runs_uid_spends_that_runs_budget(work, e
     try:
         with _supervisor(work) as sup:
             a = _open(sup, "aaaaaaaaaaaa", UID_A, endpoints("a", UID_A))
-            b = _open(sup, "bbbbbbbbbbbb", UID_B, endpoints("b", UID_B))
+            _open(sup, "bbbbbbbbbbbb", UID_B, endpoints("b", UID_B))  # the bystander whose budget must not pay
             sent = helper.run("flood", address=a["address"], message=["ds0", "garbage"], count=5_000,
                               seconds=2.0, uid=UID_A, gid=UID_A)
             channels = sup._call(_value(lambda: dict(sup.core.broker.channels)))

@@ -24,7 +24,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-from typing import Any
 
 #: Syscalls refused outright. Names libseccomp does not know on this
 #: architecture are skipped (they cannot be called there either).
