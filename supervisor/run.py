@@ -245,13 +245,24 @@ class AsyncRun:
         if self.containment is not None:
             self.containment.cleanup()
         if self.kernel_limits is not None and not self.kernel_limits.cleanup():
-            log.warning("run %s: its v1 cgroups could not be removed now; the supervisor removes them at close",
-                        self.id)
+            self._retry_kernel_cleanup(0.05)
         if self.pidfd is not None:
             if not self.leader_exited.is_set():
                 self._sup.loop.remove_reader(self.pidfd)
             os.close(self.pidfd)
             self.pidfd = None
+
+    def _retry_kernel_cleanup(self, delay: float) -> None:
+        """A v1 group is often busy for a moment after its processes died (an OOM kill
+        still uncharging pages): try again on a backoff, then leave it to close()."""
+        def retry() -> None:
+            if self.kernel_limits is None or self.kernel_limits.cleanup():
+                return
+            if delay < 3.0:
+                self._retry_kernel_cleanup(delay * 2)
+            else:
+                log.warning("run %s: its v1 cgroups are still busy; the supervisor removes them at close", self.id)
+        self._sup.loop.call_later(delay, retry)
 
     async def release_leader(self) -> int | None:
         """Wait for the leader to be gone, then let the spawner reap it (unpins the pgid)."""

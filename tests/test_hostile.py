@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import sqlite3
 import threading
 import time
@@ -460,7 +461,9 @@ def test_strict_isolation_opens_as_root_and_gives_a_private_tmp(ready_sup) -> No
     assert info.exit_code == 0
     assert not os.path.exists(f"/tmp/{marker}"), "the run wrote into the host's /tmp"
     listing = set((work / "tmp-listing.txt").read_text().split())
-    # Its own /tmp holds what it wrote and, if the cwd lies under /tmp, the path back to it.
-    way_to_cwd = {str(work).split("/")[2]} if str(work).startswith("/tmp/") else set()
-    assert listing == {marker} | way_to_cwd, listing
+    # Its own /tmp holds what it wrote and the way back to what it needs that lies
+    # under /tmp (its cwd; the interpreter and sys.path when a checkout is there).
+    needed = [str(work), sys.prefix, *sys.path]
+    ways = {p.split("/")[2] for p in needed if p.startswith("/tmp/") and len(p.split("/")) > 2}
+    assert marker in listing and listing <= {marker} | ways, listing
     assert info.report.isolation["private_tmp"] is True

@@ -49,6 +49,17 @@ def _mounts() -> dict[str, str]:
     return out
 
 
+def _gone(name: str, timeout: float = 15.0) -> bool:
+    """True once no cgroup directory called `name` is left (the run's end removes them, on a
+    short backoff when the kernel still has them busy); bounded."""
+    deadline = time.monotonic() + timeout
+    while _find_dirs(name):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def _find_dirs(name: str, controllers=("memory", "pids", "v2"), depth: int = 6) -> dict[str, str]:
     """controller -> the directory called `name` in that hierarchy (bounded walk)."""
     found: dict[str, str] = {}
@@ -224,7 +235,7 @@ def test_fork_bomb_never_exceeds_processes(layer, tmp_path) -> None:
         assert watch.peak.get(peak_file, 0) <= limit, watch.peak
         assert run.report and s.usage.peak_processes <= limit, s.usage
         assert seen >= 2, "the bomb never forked: the test proves nothing"
-        assert not _find_dirs(f"run-{run.id}"), "the run's cgroups outlived it"
+        assert _gone(f"run-{run.id}"), "the run's cgroups outlived it"
 
 
 # -- memory ----------------------------------------------------------------------------
@@ -252,7 +263,7 @@ def test_children_allocating_never_exceed_memory(layer, tmp_path) -> None:
         finished = 8 - allocated._left
         assert finished <= 4, f"{finished} children allocated 40 MiB each under a 200 MiB limit"
         assert s.usage.peak_memory_bytes <= limit, s.usage
-        assert not _find_dirs(f"run-{run.id}"), "the run's cgroups outlived it"
+        assert _gone(f"run-{run.id}"), "the run's cgroups outlived it"
 
 
 def test_memfd_is_counted(layer, tmp_path) -> None:
@@ -337,7 +348,7 @@ def test_v1_groups_removed_at_run_end_and_close(layer, tmp_path) -> None:
         with open(os.path.join(dirs["pids"], "cgroup.procs")) as f:
             assert first.pid in {int(x) for x in f.read().split()}, "the run did not join its v1 pids group"
         first.stop()
-        assert not _find_dirs(f"run-{first.id}"), "the run's v1 groups outlived its stop"
+        assert _gone(f"run-{first.id}"), "the run's v1 groups outlived its stop"
         second = sup.session("second", agent="sleeper").send("x")
         assert _find_dirs(f"run-{second.id}", controllers=("memory", "pids"))
         sup_id = sup.id
@@ -459,4 +470,4 @@ def test_escaper_is_still_killed_through_its_v1_groups(layer, tmp_path) -> None:
         assert report.escaped >= 1, report
         # Dead: gone, or a zombie its new parent (the spawner) has yet to reap.
         assert wait_gone([child], 5) == [], "the escaper outlived the stop"
-        assert not _find_dirs(f"run-{run.id}"), "the run's cgroups outlived it"
+        assert _gone(f"run-{run.id}"), "the run's cgroups outlived it"
