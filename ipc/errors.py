@@ -44,7 +44,8 @@ class EgressRefused(DeadstopError):
     that caused it when there is one.
     """
 
-    code: ErrorCode = ErrorCode.INTERNAL
+    #: the wire code: an ErrorCode, or the bare number of a code newer than this side knows
+    code: int = ErrorCode.INTERNAL
 
     def __init__(self, message: str, *, code: int | None = None, reason: str | None = None):
         super().__init__(message)
@@ -102,5 +103,6 @@ def refusal_from_wire(error: dict[str, Any]) -> EgressRefused:
         code: int = ErrorCode(int(raw))
     except (TypeError, ValueError):
         code = raw if isinstance(raw, int) else ErrorCode.INTERNAL  # a newer broker's code: keep its number
-    cls = _CLASS_BY_CODE.get(code, EgressRefused)  # type: ignore[call-overload]
-    return cls(str(error.get("message", f"error {code}")), code=code, reason=error.get("reason"))
+    cls: type[EgressRefused] = _CLASS_BY_CODE.get(code, EgressRefused)  # type: ignore[call-overload]
+    reason = error.get("reason")
+    return cls(str(error.get("message", f"error {code}")), code=code, reason=reason if isinstance(reason, str) else None)

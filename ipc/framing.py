@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import secrets
 import tempfile
+from typing import Any
 
 VERSION = b"ds1"
 REQUEST_FRAMES = 5  # as sent by a worker; the ROUTER adds the identity frame
@@ -97,7 +98,7 @@ def ipc_address(runtime_dir: str, name: str) -> str:
     return address
 
 
-def send_frames(sock, frames: list[bytes]) -> None:
+def send_frames(sock: Any, frames: list[bytes]) -> None:
     """send_multipart without blocking, with plain-int flags.
 
     pyzmq's send_multipart combines its flag enums on every frame; on the
