@@ -24,7 +24,7 @@ from . import procs
 from .limits import KernelLimits, Limits, Usage, crossed
 from .report import StopReport
 from .states import RunState, RunStateMachine
-from .stop import KILL_BOUND, StopRequest, stop_sequence
+from .stop import KILL_BOUND, StopMode, StopRequest, stop_sequence
 
 if TYPE_CHECKING:
     from .core import AsyncSupervisor
@@ -415,18 +415,22 @@ class AsyncRun:
         return RunState.STOPPED
 
     # -- verbs ---------------------------------------------------------------------------
-    def begin_end(self, mode: str, source: str, reason: str, grace: float | None = None) -> asyncio.Task:
+    def begin_end(self, mode: str, source: str, reason: str, grace: float | None = None,
+                  requested_at: int | None = None) -> asyncio.Task:
         """Start ending the run without waiting: revoke now, signal when the task runs.
 
-        A session ends a whole tree by calling this for every run first (all
-        revoked in one loop step) and awaiting the tasks afterwards.
+        The one entry of every verb that ends a run. A kill while a stop is in
+        progress escalates that stop instead of starting another. A session
+        ends a whole tree by calling this for every run first (all revoked in
+        one loop step) and awaiting the tasks afterwards.
         """
-        if mode == "kill":
+        req = StopRequest(mode, source, reason, 0.0 if mode == StopMode.KILL else
+                          (self.grace if grace is None else grace), requested_at or time.monotonic_ns())
+        if req.mode is StopMode.KILL:
             self._kill_requested = True
             if self._stop_task is not None:
                 self.escalated.set()
                 return self._stop_task
-        req = StopRequest(mode, source, reason, self.grace if grace is None else grace, time.monotonic_ns())
         return self._begin(req)
 
     async def stop(self, grace: float | None = None, *, requested_at: int | None = None,
@@ -435,19 +439,12 @@ class AsyncRun:
 
         Raises StopIncomplete (carrying the report) if anything survived.
         """
-        req = StopRequest("stop", source, reason, self.grace if grace is None else grace,
-                          requested_at or time.monotonic_ns())
-        return await self._await_end(self._begin(req))
+        return await self._await_end(self.begin_end(StopMode.STOP, source, reason, grace, requested_at))
 
     async def kill(self, *, requested_at: int | None = None, source: str = "api",
                    reason: str = "kill requested") -> StopReport:
         """Revoke and SIGKILL at once; escalates a stop already in progress."""
-        self._kill_requested = True
-        if self._stop_task is not None:
-            self.escalated.set()
-            return await self._await_end(self._stop_task)
-        req = StopRequest("kill", source, reason, 0.0, requested_at or time.monotonic_ns())
-        return await self._await_end(self._begin(req))
+        return await self._await_end(self.begin_end(StopMode.KILL, source, reason, requested_at=requested_at))
 
     async def _await_end(self, task: asyncio.Task) -> StopReport:
         report = await asyncio.shield(task)

@@ -25,6 +25,7 @@ from .channel import GenerationCell
 from .errors import DeadstopError
 from .limits import Limits, Usage
 from .report import StopReport
+from .stop import StopRequest
 from .states import LIVE, RunState
 
 if TYPE_CHECKING:
@@ -84,6 +85,7 @@ class AsyncSession:
         self.active_run: AsyncRun | None = None
         self.runs: list[str] = []
         self.ended_usage = Usage()  # of runs that have ended
+        self.last_stop_source = "api"  # who last stopped this session's tree
         self.answer: Any = None
         self.answer_generation: int | None = None
         self.last_outcome: str | None = None
@@ -203,8 +205,8 @@ class AsyncSession:
                     self._end_tree(mode="kill", source="parent", reason="the sending run was stopped",
                                    include_self=True, bump=True, clear_inbox=True)
                 elif not self.is_current(run.generation):  # stopped (or superseded) while starting
-                    run.revoke("stop", "the session was stopped while this run was starting")
-                    self._ending.append(run.begin_end("kill", "stop", "superseded while starting"))
+                    run.revoke(self.last_stop_source, "the session was stopped while this run was starting")
+                    self._ending.append(run.begin_end("kill", self.last_stop_source, "superseded while starting"))
             except BaseException as exc:
                 for _, fut in batch:
                     if not fut.done():
@@ -230,8 +232,10 @@ class AsyncSession:
         step, no await between); signals go out when the stop tasks run,
         after every channel of the tree is closed.
         """
+        StopRequest(mode, source, reason, 0.0, 0)  # an unknown mode or source fails here, before any revoke
         sessions = ([self] if include_self else []) + self.descendants()
         for s in sessions:
+            s.last_stop_source = source  # a run of it still starting is ended with the same source
             if s is not self or bump:
                 s.bump()
             if s is not self or clear_inbox:

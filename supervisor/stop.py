@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import enum
 import signal
 import time
 from typing import TYPE_CHECKING
@@ -32,13 +33,49 @@ if TYPE_CHECKING:
 KILL_BOUND = 5.0
 
 
+class StopMode(str, enum.Enum):
+    """How the stop sequence begins."""
+
+    STOP = "stop"  # SIGTERM, grace, then SIGKILL
+    KILL = "kill"  # SIGKILL at once
+    EXIT = "exit"  # the leader ended by itself: only its leftovers are killed
+
+
+class RevokeSource(str, enum.Enum):
+    """Who ended the run; quoted in every refusal and in the report (`revoke_source`)."""
+
+    API = "api"  # a library caller
+    EXIT = "exit"  # the run's leader exited
+    SUPERVISOR = "supervisor"  # the supervisor closing, or a start that failed
+    SPAWNER = "spawner"  # the spawner died or stopped answering
+    QUOTA = "quota"  # a limit was crossed
+    ABUSE = "abuse"  # the run spent its refusal budget
+    PARENT = "parent"  # the run's parent session stopped it, or a sub-agent tool did
+    TAKEOVER = "takeover"  # a new message superseded the run
+    GATEWAY = "gateway"  # a gateway over the RPC
+    CLI = "cli"  # an operator at a terminal
+    CONSOLE = "console"  # an operator in the web console
+    RESTART = "restart"  # a restarted supervisor recovering earlier runs
+
+
 @dataclasses.dataclass(frozen=True)
 class StopRequest:
-    mode: str  # "stop" (SIGTERM first) | "kill" (SIGKILL at once) | "exit" (leader ended by itself)
-    source: str  # who asked: api | exit | supervisor | spawner | quota | parent | gateway | restart
+    mode: StopMode
+    source: RevokeSource
     reason: str
     grace: float
     requested_at: int
+
+    def __post_init__(self) -> None:
+        # Plain strings are accepted at the API; an unknown one is an error here, not a silent label.
+        try:
+            object.__setattr__(self, "mode", StopMode(self.mode))
+        except ValueError:
+            raise ValueError(f"unknown stop mode {self.mode!r}; one of {[m.value for m in StopMode]}") from None
+        try:
+            object.__setattr__(self, "source", RevokeSource(self.source))
+        except ValueError:
+            raise ValueError(f"unknown stop source {self.source!r}; one of {[s.value for s in RevokeSource]}") from None
 
 
 async def _wait_empty_or_escalate(run: "AsyncRun", term_sent_at: int, grace: float) -> bool:

@@ -111,3 +111,16 @@ def test_a_slow_subscriber_gets_a_counted_gap_not_unbounded_memory(monkeypatch, 
     assert 5 <= delivered <= 6 and kinds[:delivered] == ["progress"] * delivered, got
     assert got[delivered] == ("events.dropped", {"count": 50 - delivered}), got
     assert kinds[delivered + 1:] == ["run.ended"], got
+
+
+def test_stop_sources_are_a_closed_list(workspace) -> None:
+    from deadstop.supervisor.stop import RevokeSource
+
+    with Supervisor() as sup:
+        run = sup.start(behaviours.victim)
+        with pytest.raises(ValueError, match="gatway"):
+            sup._call(run._core.stop(source="gatway"))
+        assert run.state.value == "running", "a refused stop request must not have begun a stop"
+        report = sup._call(run._core.stop(source="gateway", reason="operator asked"))
+    assert report.revoke_source == RevokeSource.GATEWAY == "gateway"
+    assert {s.value for s in RevokeSource} >= {"api", "takeover", "abuse", "quota", "parent", "spawner"}
