@@ -41,6 +41,7 @@ from .limits import TOKEN_KEYS, KernelLimits, Limits, LimitSupport, rlimits_for
 from . import session_tools
 from .registry import SessionRegistry
 from .sessions import AgentSpec, AsyncSession
+from .report import StopReport
 from .run import AsyncRun
 from .spawner_client import SpawnerClient
 from .states import LIVE, RunState
@@ -451,14 +452,22 @@ class AsyncSupervisor:
             started = await self.spawner.start(msg, cred_fd)
         except BaseException as exc:
             why = "start cancelled" if isinstance(exc, asyncio.CancelledError) else f"start failed: {exc}"
-            self.broker.revoke(channel, "supervisor", why)
+            rec = self.broker.revoke(channel, "supervisor", why)
             self.broker.close_channel(run_id)
             run.machine.to(RunState.FAILED)
-            self.journal.run_ended(run_id, RunState.FAILED.value, time.monotonic_ns(), None, None, {"error": why})
+            report = StopReport(run_id=run_id, containment=self.containment, outcome=RunState.FAILED.value,
+                                ended_by="never-started", requested_at=rec.at, revoked_at=rec.at,
+                                revoke_source=rec.source, revoke_reason=why, isolation=confined.summary)
             if cgroup is not None:
-                if cgroup.populated():  # forked before the cancel reached us
-                    cgroup.kill()
+                left = cgroup.pids()
+                if left:  # forked before the cancel reached us: the layer's kill, as a stop would
+                    report.kill_sent_at = time.monotonic_ns()
+                    CgroupContainment(cgroup, self.watcher, self.cgroups.has_kill).kill()
+                    report.swept = len(left)
                 cgroup.remove()  # if still populated, close() removes the subtree after the spawner is gone
+            report.reaped_at = time.monotonic_ns()
+            run.report = report
+            self.journal.run_ended(run_id, RunState.FAILED.value, report.reaped_at, None, None, report.to_dict())
             if kernel is not None:
                 kernel.cleanup()  # kills a child forked before the cancel, removes the v1 groups
             self._forget_confinement(run)

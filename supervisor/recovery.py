@@ -29,6 +29,7 @@ from ..ipc import framing
 from . import leftovers, procs
 from .cgroups import Cgroup
 from .journal import Journal, boot_id
+from .report import StopReport
 
 log = logging.getLogger("deadstop.recovery")
 
@@ -109,11 +110,15 @@ async def recover(journal: Journal, own_id: str) -> list[dict[str, Any]]:
     now_ns = time.monotonic_ns()
     for rec in records:
         rec["found"] = sorted(set(rec["found"]))
-        report = {"run_id": rec["run_id"], "outcome": "killed", "ended_by": "recovered",
-                  "revoke_source": "restart", "revoke_reason": f"supervisor {rec['supervisor_id']} died",
-                  "survivors": len(_marked({rec["run_id"]})), "recovered_pids": rec["found"]}
-        journal.revoked(rec["run_id"], now_ns, "restart", report["revoke_reason"])
-        journal.run_ended(rec["run_id"], "killed", now_ns, None, None, report)
+        left = sorted(_marked({rec["run_id"]}))
+        report = StopReport(run_id=rec["run_id"], containment="recovery", outcome="killed", ended_by="recovered",
+                            requested_at=now_ns, revoked_at=now_ns, revoke_source="restart",
+                            revoke_reason=f"supervisor {rec['supervisor_id']} died", reaped_at=now_ns,
+                            swept=len(rec["found"]), escaped_pids=rec["found"], escaped=len(rec["found"]),
+                            survivors=len(left), survivor_pids=left)
+        journal.revoked(rec["run_id"], now_ns, "restart", report.revoke_reason)
+        journal.run_ended(rec["run_id"], "killed", now_ns, None, None, {**report.to_dict(),
+                                                                        "recovered_pids": rec["found"]})
         if rec["session"]:
             journal.session_recovered(rec["session"], rec["run_id"])
     for sid in dead:

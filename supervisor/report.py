@@ -14,7 +14,7 @@ class StopReport:
     run_id: str
     containment: str
     outcome: str = ""  # final RunState value: stopped | killed | exited | failed
-    ended_by: str = ""  # exited | sigterm | sigkill | swept
+    ended_by: str = ""  # exited | sigterm | sigkill | swept; never-started (an aborted start), recovered (by a restart)
     requested_at: int = 0  # stop()/kill() called, or leader exit noticed
     revoked_at: int = 0
     revoke_source: str = ""  # api | exit | supervisor | spawner | quota | ...

@@ -31,6 +31,11 @@ import hostile_agents as H
 from deadstop.supervisor import Supervisor
 from deadstop.supervisor.cgroups import find_cgroup2_mount
 
+
+async def _value(fn):
+    """Run `fn` on the supervisor's loop thread (where the journal lives)."""
+    return fn()
+
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="per-run identities need root")
 
 DENIED = {"EPERM", "EACCES", "ESRCH", "ENOENT", "EBUSY", "EROFS", "ENXIO"}
@@ -350,6 +355,14 @@ def test_a_silent_spawner_is_declared_lost_and_every_run_is_killed(ready_sup) ->
             with pytest.raises(Exception) as info:
                 sup.start(H.cgroup_escaper, [], tools=["ready"], cwd=str(work))
             assert "did not answer" in str(info.value) or "stopped answering" in str(info.value)
+            # The aborted start is recorded as a stop report like any other end.
+            sup._call(_value(sup.core.journal.commit_now))
+            db = sqlite3.connect(sup.journal_path)
+            reports = [json.loads(r) for (r,) in db.execute("SELECT report FROM stops")]
+            db.close()
+            aborted = [r for r in reports if r["ended_by"] == "never-started"]
+            assert len(aborted) == 1 and aborted[0]["outcome"] == "failed", reports
+            assert aborted[0]["revoke_source"] == "supervisor" and aborted[0]["survivors"] == 0
             info = run.wait(timeout=30)
             assert info.report.revoke_source == "spawner"
             assert _pids_of_uid(uid) == []
