@@ -83,6 +83,28 @@ def measure_floors(cfg: Config, chan: ReadyChannel) -> dict[str, Any]:
     return f
 
 
+def measure_cli(trials: int) -> tuple[Dist, Dist]:
+    """Wall time of `deadstop --help` and of a bare interpreter start (its floor), in subprocesses."""
+    import subprocess
+
+    def timed(argv: list[str]) -> Dist:
+        samples = []
+        for _ in range(trials):
+            t0 = time.monotonic_ns()
+            subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+            samples.append(time.monotonic_ns() - t0)
+        return Dist(samples)
+
+    return (timed([sys.executable, "-m", "deadstop.supervisor.cli", "--help"]),
+            timed([sys.executable, "-c", "import argparse"]))
+
+
+def cli_rows(help_dist: Dist, floor: Dist) -> list[Row]:
+    return [latency_row("deadstop CLI", "deadstop --help (a fresh interpreter)", help_dist, floor,
+                        "python -c 'import argparse'", "p50 <= 80 ms", 80 * MS,
+                        "the CLI loads no engine before it knows its verb")]
+
+
 def measure_deadstop(cfg: Config, chan: ReadyChannel) -> dict[str, Any]:
     from benchmarks import _deadstop
 
@@ -90,6 +112,8 @@ def measure_deadstop(cfg: Config, chan: ReadyChannel) -> dict[str, Any]:
     d: dict[str, Any] = {}
     log("deadstop: containment=auto (stop, tree, SIGTERM-ignorer, start, egress)")
     d["auto"] = _deadstop.measure_sync("auto", chan, cfg.trials, cfg.settle, cfg.grace, egress)
+    log("deadstop: CLI start (deadstop --help)")
+    d["cli"] = measure_cli(max(5, cfg.trials // 5))
     log("deadstop: isolation=off (stop and start of a cooperative run)")
     d["off"] = _deadstop.measure_isolation_off(chan, cfg.trials, cfg.settle)
     log("deadstop: asyncio core, containment=auto")
@@ -220,6 +244,7 @@ def build_rows(f: dict[str, Any], d: dict[str, Any], peers: dict[str, Any] | Non
     rows += deadstop_rows(section, auto, f, cg_floor if layer == "cgroup" else ("killpg", f["killpg"]), cfg)
     rows += egress_rows(section, auto, f)
     rows += isolation_rows(f"deadstop, isolation=auto vs isolation=off ({layer} layer)", auto, d["off"])
+    rows += cli_rows(*d["cli"])
     alayer, asamples = d["async"]
     rows += async_rows(f"deadstop, {alayer} layer (AsyncSupervisor core)", asamples, f)
     if "pgroup" in d:
