@@ -325,9 +325,9 @@ class _AsyncChannel:
                 _note_revoked(reply.error.message, reply.error.reason)
             err = refusal_from_wire({"code": reply.error.code, "message": reply.error.message,
                                      "reason": reply.error.reason})
-            for fut in self.pending.values():
-                if not fut.done():
-                    fut.set_exception(err)
+            for waiting in self.pending.values():
+                if not waiting.done():
+                    waiting.set_exception(err)
             self.pending.clear()
             return
         fut = self.pending.pop(reply.id, None)

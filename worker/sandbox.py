@@ -153,7 +153,7 @@ def _loopback(plan: dict[str, Any]) -> None:
 # -- 4. identity ------------------------------------------------------------------------------
 def _identity(plan: dict[str, Any]) -> None:
     uid, gid = plan.get("uid"), plan.get("gid")
-    if uid is None:
+    if uid is None or gid is None:
         return
     os.setgroups([])
     os.setresgid(gid, gid, gid)

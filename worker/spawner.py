@@ -129,11 +129,11 @@ class Spawner:
         gc.freeze()  # keep warm pages shared with forked runs
         self._send(wire.Ready(pid=self.pid, subreaper=self.subreaper))
         while not self.stopping:
-            idle_work = self.netns is not None and self.netns.wants_more
-            events = sel.select(0 if idle_work else STRAY_SCAN_INTERVAL)
+            pool = self.netns if self.netns is not None and self.netns.wants_more else None
+            events = sel.select(0 if pool is not None else STRAY_SCAN_INTERVAL)
             if not events:
-                if idle_work:
-                    self.netns.fill_one()  # only when nothing is waiting for us
+                if pool is not None:
+                    pool.fill_one()  # only when nothing is waiting for us
                 else:
                     self._kill_strays()
                 continue
