@@ -28,6 +28,7 @@ _EXPORTS = {
     "PolicyDenied": "tools", "ToolCancelled": "tools", "ToolContext": "tools",
     "IsolationProfile": "isolation",
     "StateDirInUse": "statelock",
+    "StateView": "inspect",
 }
 
 __all__ = [
@@ -55,6 +56,7 @@ __all__ = [
     "SessionNotFound",
     "SessionStopped",
     "StateDirInUse",
+    "StateView",
     "StopIncomplete",
     "StopReport",
     "Supervisor",
@@ -90,5 +92,6 @@ if TYPE_CHECKING:  # what static checkers and IDEs see
     from .sessions import AsyncSession, SessionStopped
     from .states import RunState
     from .statelock import StateDirInUse
+    from .inspect import StateView
     from .sync import Run, Session, Supervisor
     from .tools import PolicyDenied, ToolCancelled, ToolContext

@@ -29,7 +29,8 @@ class StateLock:
             owner = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise StateDirInUse(f"state directory {state_dir} is owned by a live supervisor ({owner}); "
-                                "stop it, or give this one a state directory of its own") from None
+                                "stop it, give this one a state directory of its own, or look with "
+                                "StateView (read-only)") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}, supervisor {supervisor_id}\n".encode(), 0)
         self._fd = fd

@@ -124,3 +124,30 @@ def test_stop_sources_are_a_closed_list(workspace) -> None:
         report = sup._call(run._core.stop(source="gateway", reason="operator asked"))
     assert report.revoke_source == RevokeSource.GATEWAY == "gateway"
     assert {s.value for s in RevokeSource} >= {"api", "takeover", "abuse", "quota", "parent", "spawner"}
+
+
+def test_a_live_state_directory_can_be_inspected_read_only(tmp_path) -> None:
+    import os
+    import sqlite3
+
+    from deadstop.supervisor import StateView
+
+    with Supervisor(state_dir=str(tmp_path)) as sup:
+        sup.register_agent("spinner", behaviours.busy_for)
+        s = sup.session("looked-at", agent="spinner")
+        run = s.send(0.05)
+        run.wait(timeout=60)
+        with StateView(str(tmp_path)) as view:  # while the owner lives
+            assert view.owner() == f"pid {os.getpid()}, supervisor {sup.id}"
+            assert [x["key"] for x in view.sessions()] == ["looked-at"]
+            runs = view.runs("looked-at")
+            assert [r["id"] for r in runs] == [run.id]
+            report = view.report(run.id)
+            assert report is not None and report["outcome"] == run.state.value
+            assert view.dispatched_after_revoke(run.id) == []
+            assert not hasattr(view, "stop") and not hasattr(view, "kill")
+            with pytest.raises(sqlite3.OperationalError):
+                view._db.execute("DELETE FROM runs")  # the connection itself is read-only
+    with StateView(str(tmp_path)) as view:
+        assert view.owner() is None, "no live owner after close"
+        assert view.report(run.id)["run_id"] == run.id
