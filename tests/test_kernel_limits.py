@@ -239,6 +239,21 @@ def test_fork_bomb_never_exceeds_processes(layer, tmp_path) -> None:
 
 
 # -- memory ----------------------------------------------------------------------------
+def _memory_peak_until_stopped(run, mech: str, limit: int) -> int:
+    """Watch the run's memory as the kernel counts it until the run ends; it must end for
+    memory_bytes and never be charged more than `limit`. Returns the peak seen."""
+    names = (["memory.max_usage_in_bytes", "memory.usage_in_bytes"] if mech.startswith("cgroup-v1")
+             else ["memory.peak", "memory.current"])
+    watch = CgroupWatch(_group_files(run.id, mech, names))
+    watch.start()
+    run.wait(BOUND)
+    watch.stop()
+    _assert_quota_stop(run, "memory_bytes", mech)
+    peak = max(watch.peak.values(), default=0)
+    assert peak <= limit, f"the kernel charged the run {peak / MiB:.1f} MiB; the limit is {limit / MiB:.0f} MiB"
+    return peak
+
+
 def test_children_allocating_never_exceed_memory(layer, tmp_path) -> None:
     limit = 200 * MiB
     allocated = Countdown(8)
@@ -249,15 +264,7 @@ def test_children_allocating_never_exceed_memory(layer, tmp_path) -> None:
                            limits=Limits(memory_bytes=limit), grace=0.5)
         s = sup.session("hogs", agent="hogs")
         run = s.send({"children": 8, "mb": 40, "hold": 20})
-        names = (["memory.max_usage_in_bytes", "memory.usage_in_bytes"] if mech.startswith("cgroup-v1")
-                 else ["memory.peak", "memory.current"])
-        watch = CgroupWatch(_group_files(run.id, mech, names))
-        watch.start()
-        run.wait(BOUND)
-        watch.stop()
-        _assert_quota_stop(run, "memory_bytes", mech)
-        peak = max(watch.peak.values(), default=0)
-        assert peak <= limit, f"the kernel charged the run {peak / MiB:.1f} MiB; the limit is 200 MiB"
+        peak = _memory_peak_until_stopped(run, mech, limit)
         assert peak >= limit - 45 * MiB, f"the run only reached {peak / MiB:.1f} MiB: the test proves nothing"
         # Five children's 40 MiB alone would be 200 MiB: at most four can have finished.
         finished = 8 - allocated._left
@@ -276,14 +283,7 @@ def test_memfd_is_counted(layer, tmp_path) -> None:
                            limits=Limits(memory_bytes=limit), grace=0.5)
         s = sup.session("memfd", agent="memfd")
         run = s.send({"mb": 600, "hold": 20})
-        names = (["memory.max_usage_in_bytes"] if mech.startswith("cgroup-v1") else ["memory.peak"])
-        watch = CgroupWatch(_group_files(run.id, mech, names))
-        watch.start()
-        run.wait(BOUND)
-        watch.stop()
-        _assert_quota_stop(run, "memory_bytes", mech)
-        peak = max(watch.peak.values(), default=0)
-        assert peak <= limit, f"the kernel charged the run {peak / MiB:.1f} MiB; the limit is 200 MiB"
+        _memory_peak_until_stopped(run, mech, limit)
         assert max(written, default=0) < 200, f"the run wrote {max(written)} MiB into its memfd"
         assert s.usage.peak_memory_bytes <= limit, s.usage
 

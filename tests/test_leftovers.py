@@ -442,12 +442,17 @@ def _check_cgroup_sweep(paths: dict[str, str], popen, removed, kind: str) -> Non
 @needs_cgroup
 @pytest.mark.parametrize("use_kill", [True, False], ids=["cgroup.kill", "freeze+pidfd"])
 def test_cgroup_sweep_kills_and_removes_only_dead_owners_subtrees(private_cgroup, use_kill) -> None:
-    paths, popen = _cgroup_cases(private_cgroup)
+    _sweep_and_check(private_cgroup, "cgroup", v2=True, use_kill=use_kill)
+
+
+def _sweep_and_check(root: str, kind: str, **sweep_options) -> None:
+    """Make the owner cases under `root`, sweep it, check what went, and clean up whatever happened."""
+    paths, popen = _cgroup_cases(root)
     try:
         for p in popen:
             _reaped_in_background(p)
-        removed = asyncio.run(leftovers.sweep_cgroup_roots([private_cgroup], v2=True, use_kill=use_kill))
-        _check_cgroup_sweep(paths, popen, removed, "cgroup")
+        removed = asyncio.run(leftovers.sweep_cgroup_roots([root], **sweep_options))
+        _check_cgroup_sweep(paths, popen, removed, kind)
     finally:
         for p in popen:
             p.kill()
@@ -465,20 +470,9 @@ def test_cgroup_sweep_of_a_v1_hierarchy() -> None:
         pytest.skip("no writable v1 pids hierarchy here")
     root = os.path.join(own, f"dstest-{os.getpid()}-{secrets.token_hex(3)}")
     os.mkdir(root)
-    paths: dict[str, str] = {}
-    popen: list[subprocess.Popen] = []
     try:
-        paths, popen = _cgroup_cases(root)
-        for p in popen:
-            _reaped_in_background(p)
-        removed = asyncio.run(leftovers.sweep_cgroup_roots([root], v2=False))
-        _check_cgroup_sweep(paths, popen, removed, "cgroup-v1")
+        _sweep_and_check(root, "cgroup-v1", v2=False)
     finally:
-        for p in popen:
-            p.kill()
-            p.wait()
-        for path in paths.values():
-            Cgroup(path).remove()
         Cgroup(root).remove()
 
 
