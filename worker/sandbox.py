@@ -115,7 +115,7 @@ def _mounts(plan: dict[str, Any]) -> None:
         covers: list[str] = []
         for op in ops:
             if op["op"] == "tmpfs":
-                _tmpfs(op["path"], op.get("mode", 0o755))
+                _tmpfs(op["path"], op.get("mode", 0o755), bool(op.get("writable")))
                 if not op.get("writable"):
                     covers.append(op["path"])
             else:
@@ -130,8 +130,11 @@ def _mounts(plan: dict[str, Any]) -> None:
         p.mount("proc", "/proc", "proc", p.MS_NOSUID | p.MS_NODEV | p.MS_NOEXEC, "hidepid=invisible")
 
 
-def _tmpfs(path: str, mode: int) -> None:
-    p.mount("tmpfs", path, "tmpfs", p.MS_NOSUID | p.MS_NODEV, f"mode={mode:o},size=64m")
+def _tmpfs(path: str, mode: int, writable: bool) -> None:
+    # A skeleton holds directories and mount points only; a private /tmp or
+    # /dev/shm gets the kernel's default size, its pages charged to the run's
+    # memory cgroup like any other memory of it.
+    p.mount("tmpfs", path, "tmpfs", p.MS_NOSUID | p.MS_NODEV, f"mode={mode:o}" + ("" if writable else ",size=4m"))
 
 
 def _bind(fd: int, dst: str, skeleton: bool, writable: bool, is_dir: bool) -> None:
