@@ -24,7 +24,7 @@ from . import procs
 from .limits import KernelLimits, Limits, Usage, crossed
 from .report import StopReport
 from .states import RunState, RunStateMachine
-from .stop import KILL_BOUND, StopMode, StopRequest, stop_sequence
+from .stop import KILL_BOUND, StopMode, StopProgress, StopRequest, stop_sequence
 
 if TYPE_CHECKING:
     from .core import AsyncSupervisor
@@ -53,10 +53,8 @@ class AsyncRun:
         self.generation = channel.generation
         self.limits = limits
         self.usage = Usage()
-        self.limit_crossed: str | None = None
         self.inbox = inbox or {}
         self._active_since: float | None = None  # monotonic seconds; None while paused or ended
-        self.frozen = False  # its processes were frozen by pause()
         self._deadline: asyncio.TimerHandle | None = None
         self.id = run_id
         self._measured_at = 0.0  # monotonic seconds of the last look at CPU and memory
@@ -76,14 +74,12 @@ class AsyncRun:
         self.create_time: float | None = None
         self.pidfd: int | None = None
         self.containment: Containment | None = None
-        self.escalated = asyncio.Event()
         self.leader_exited = asyncio.Event()
         self.report: StopReport | None = None
-        #: where the stop sequence is: "" (not stopping), grace, sweep, reap
-        self.stop_phase = ""
+        #: its stop, once one began (supervisor/stop.py StopProgress); None while it is not ending
+        self.progress: StopProgress | None = None
         self._done = asyncio.Event()
         self._stop_task: asyncio.Task | None = None
-        self._kill_requested = False
         self._result: Any = None
         self._has_result = False
         self._failure: tuple[str, str, str] | None = None
@@ -151,8 +147,10 @@ class AsyncRun:
         """Close the revoked run's endpoint and the connections accepted through it."""
         self._sup.broker.disconnect(self.channel)
 
-    def _begin(self, req: StopRequest) -> asyncio.Task:
+    def _begin(self, req: StopRequest, limit: str | None = None) -> asyncio.Task:
         if self._stop_task is None:
+            self.progress = StopProgress(req, limit=limit, was_paused=self.machine.state is RunState.PAUSED,
+                                         kill_requested=req.mode is StopMode.KILL)
             self._clock_stop()
             if self.machine.state is not RunState.STOPPING:
                 self.machine.to(RunState.STOPPING)  # buffered; the revoke's commit writes it
@@ -173,7 +171,7 @@ class AsyncRun:
             self._done.set()
         self._final_kernel_counts()
         await self._sweep_kernel_groups(report)
-        report.limit = self.limit_crossed
+        report.limit = self.progress.limit if self.progress else None
         report.limits_enforcement = dict(self.limits_enforcement)
         report.isolation = self.isolation
         if self.containment is not None:
@@ -363,12 +361,11 @@ class AsyncRun:
 
     def quota(self, limit: str) -> None:
         """A limit was crossed: stop the run (once), naming the limit."""
-        if self._stop_task is not None or self.limit_crossed is not None or not self.machine.live:
+        if self._stop_task is not None or not self.machine.live:
             return
-        self.limit_crossed = limit
         value = getattr(self.limits, limit, None)
         self._begin(StopRequest("stop", "quota", f"{limit} limit ({value}) crossed", self.grace,
-                                time.monotonic_ns()))
+                                time.monotonic_ns()), limit=limit)
 
     # -- pause / resume -------------------------------------------------------------------
     async def pause(self, timeout: float = 5.0) -> bool:
@@ -385,7 +382,6 @@ class AsyncRun:
         self.machine.to(RunState.PAUSED)
         self._clock_stop()
         assert self.containment is not None
-        self.frozen = True
         self.containment.freeze()
         return await self.containment.wait_frozen(True, timeout)
 
@@ -397,7 +393,6 @@ class AsyncRun:
             raise InvalidTransition(f"run {self.id} is {self.state.value}; only a paused run can be resumed")
         assert self.containment is not None
         self.containment.thaw()
-        self.frozen = False
         thawed = await self.containment.wait_frozen(False, timeout)
         if self.machine.state is not RunState.PAUSED:
             return thawed  # stopped meanwhile: the stop sequence owns it now
@@ -410,7 +405,7 @@ class AsyncRun:
         if mode == "exit":
             ok = exit_code == 0 and self._failure is None
             return RunState.EXITED if ok else RunState.FAILED
-        if mode == "kill" or self._kill_requested:
+        if mode == "kill" or (self.progress is not None and self.progress.kill_requested):
             return RunState.KILLED
         return RunState.STOPPED
 
@@ -426,11 +421,10 @@ class AsyncRun:
         """
         req = StopRequest(mode, source, reason, 0.0 if mode == StopMode.KILL else
                           (self.grace if grace is None else grace), requested_at or time.monotonic_ns())
-        if req.mode is StopMode.KILL:
-            self._kill_requested = True
-            if self._stop_task is not None:
-                self.escalated.set()
-                return self._stop_task
+        if req.mode is StopMode.KILL and self.progress is not None:  # a stop is under way: cut it short
+            self.progress.kill_requested = True
+            self.progress.escalated.set()
+            return self._stop_task  # type: ignore[return-value]
         return self._begin(req)
 
     async def stop(self, grace: float | None = None, *, requested_at: int | None = None,

@@ -78,13 +78,28 @@ class StopRequest:
             raise ValueError(f"unknown stop source {self.source!r}; one of {[s.value for s in RevokeSource]}") from None
 
 
+@dataclasses.dataclass
+class StopProgress:
+    """Where a run's one stop is: with its RunState, the only state a run has about its end.
+
+    Made when the stop begins (the revoke), so a run that is not ending has none.
+    """
+
+    request: StopRequest
+    limit: str | None = None  # the limit whose crossing began it (source "quota")
+    was_paused: bool = False  # frozen when it began: SIGTERM must thaw it to be acted on
+    phase: str = "revoked"  # revoked -> grace -> sweep -> reap
+    kill_requested: bool = False  # kill() was asked at any point: the outcome is "killed"
+    escalated: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)  # kill() during the grace
+
+
 async def _wait_empty_or_escalate(run: "AsyncRun", term_sent_at: int, grace: float) -> bool:
     """Wait for the layer to empty; give up when the grace period counted from
     SIGTERM ends (to the microsecond, see supervisor/timer.py) or when kill()
     escalates."""
     deadline = term_sent_at + int(grace * 1e9)
     empty = asyncio.ensure_future(run.containment.wait_empty(grace + 1.0))
-    others = [asyncio.ensure_future(run.escalated.wait()), asyncio.ensure_future(sleep_until(deadline))]
+    others = [asyncio.ensure_future(run.progress.escalated.wait()), asyncio.ensure_future(sleep_until(deadline))]
     try:
         await asyncio.wait({empty, *others}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -116,7 +131,7 @@ async def stop_sequence(run: "AsyncRun", req: StopRequest) -> StopReport:
             report.kill_sent_at = time.monotonic_ns()
             layer.kill()
             await layer.wait_empty(KILL_BOUND)
-    elif req.mode == "kill" or run.escalated.is_set():
+    elif req.mode == "kill" or run.progress.escalated.is_set():
         report.kill_sent_at = time.monotonic_ns()
         layer.kill()
         run.disconnect()
@@ -126,9 +141,9 @@ async def stop_sequence(run: "AsyncRun", req: StopRequest) -> StopReport:
         report.term_sent_at = time.monotonic_ns()
         layer.signal(signal.SIGTERM)
         run.disconnect()
-        if run.frozen:
+        if run.progress.was_paused:
             layer.thaw()  # a paused run must be able to act on SIGTERM
-        run.stop_phase = "grace"
+        run.progress.phase = "grace"
         if await _wait_empty_or_escalate(run, report.term_sent_at, req.grace):
             report.ended_by = "sigterm"
         else:
@@ -137,7 +152,7 @@ async def stop_sequence(run: "AsyncRun", req: StopRequest) -> StopReport:
             report.ended_by = "sigkill"
             await layer.wait_empty(KILL_BOUND)
 
-    run.stop_phase = "sweep"
+    run.progress.phase = "sweep"
     # 3. Sweep: whatever the layer's signals could not reach (setsid escapers
     #    outside the process group, processes that raced the kill).
     swept = layer.sweep()
@@ -150,7 +165,7 @@ async def stop_sequence(run: "AsyncRun", req: StopRequest) -> StopReport:
     report.escaped_pids = list(getattr(layer, "escaped", []))
     report.escaped = len(report.escaped_pids)
 
-    run.stop_phase = "reap"
+    run.progress.phase = "reap"
     # 4. Reap the leader; until now its zombie pinned the process group id.
     #    A leader still alive after the kill bound (its pidfd never fired) is
     #    a survivor whatever the layer's own view says.

@@ -30,7 +30,7 @@ def test_kill_escalates_a_stop_in_progress(tmp_path) -> None:
         async with AsyncSupervisor() as sup:
             run = await _started(sup, behaviours.ignore_term, str(tmp_path))
             stopping = asyncio.create_task(run.stop(grace=60))
-            while run.stop_phase != "grace":  # loop turns, not a timed sleep
+            while run.progress is None or run.progress.phase != "grace":  # loop turns, not a timed sleep
                 await asyncio.sleep(0)
             assert run.state.value == "stopping" and run.channel.revocation is not None
             report = await run.kill()
