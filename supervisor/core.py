@@ -166,6 +166,7 @@ class AsyncSupervisor:
         self.registry = SessionRegistry(self)
         self._subscribers: list[_Subscription] = []
         self._sampler: asyncio.Task | None = None
+        self._sampled: dict[str, AsyncRun] = {}  # live runs whose limits need sampling
         self.sample_interval = sample_interval
         self.closed = False
         self._opened = False
@@ -479,6 +480,7 @@ class AsyncSupervisor:
         run.attach(started.pid, started.create_time, started.pidfd,
                    self._containment_for(run_id, started.pid, cgroup, uid))
         if limits is not None and (limits.cpu_seconds or limits.memory_bytes or limits.processes):
+            self._sampled[run.id] = run
             self._ensure_sampler()
         return run
 
@@ -562,6 +564,7 @@ class AsyncSupervisor:
             raise RunNotFound(f"no run {run_id!r} in supervisor {self.id}") from None
 
     def run_finished(self, run: AsyncRun) -> None:
+        self._sampled.pop(run.id, None)
         self.broker.close_channel(run.id)
         self.spawner.run_ended(run.id)
         if run.report is not None and run.report.survivors:
@@ -713,12 +716,15 @@ class AsyncSupervisor:
             self._sampler = self.loop.create_task(self._sample_forever(), name="deadstop-sampler")
 
     async def _sample_forever(self) -> None:
-        """CPU, memory and process counts of runs with such limits, every sample_interval."""
+        """CPU, memory and process counts of live runs with such limits, every sample_interval.
+
+        Walks only the runs that asked for it and are still live (`_sampled`,
+        emptied as runs end), never every run ever started.
+        """
         while not self.closed:
-            watched = [r for r in self.runs.values() if r.state is RunState.RUNNING and r.limits is not None
-                       and r.containment is not None]
-            if not watched:
+            if not self._sampled:
                 return
+            watched = [r for r in self._sampled.values() if r.state is RunState.RUNNING]
             for run in watched:
                 try:
                     run.sample()
