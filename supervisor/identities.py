@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import fcntl
 import os
-import signal
 import tempfile
 
-from . import procs
 from .errors import DeadstopError
-from ..worker.platform import process_uid
+from ..worker.platform import kill_uids
 
 DEFAULT_UID_RANGE = (2_100_000_000, 65_536)
 BLOCK = 4096
@@ -53,7 +51,7 @@ class IdentityPool:
         self.size = min(BLOCK, count)
         self._free = list(range(self.first + self.size - 1, self.first - 1, -1))
         self._used: set[int] = set()
-        self.swept = _kill_holders(range(self.first, self.first + self.size))
+        self.swept = kill_uids(range(self.first, self.first + self.size))  # leftovers of a dead owner
 
     @staticmethod
     def _claim(start: int, count: int) -> tuple[int, int]:
@@ -86,15 +84,3 @@ class IdentityPool:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
-
-
-def processes_of(uids: range) -> list[int]:
-    """Every live process whose real uid is in `uids` (a full /proc scan)."""
-    return [int(e) for e in os.listdir("/proc") if e.isdigit() and process_uid(int(e)) in uids]
-
-
-def _kill_holders(uids: range) -> list[int]:
-    """SIGKILL every process whose uid is in `uids` (through pidfds); returns their pids."""
-    found = processes_of(uids)
-    procs.signal_members(found, signal.SIGKILL, lambda: {pid for pid in found if process_uid(pid) in uids})
-    return found

@@ -12,6 +12,7 @@ import ctypes.util
 import errno
 import os
 import sys
+from typing import Callable
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
@@ -94,6 +95,33 @@ def process_uid(pid: int) -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def kill_checked(pid: int, still_ours: "Callable[[int], bool]") -> bool:
+    """SIGKILL `pid` through a pidfd opened before the final `still_ours` check, so a
+    recycled pid is never hit. True if the signal was sent."""
+    import signal
+
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return False
+    try:
+        if still_ours(pid):
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+            return True
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return False
+
+
+def kill_uids(uids: range) -> list[int]:
+    """SIGKILL every process whose real uid is in `uids` (a full /proc scan); their pids."""
+    in_range = lambda pid: process_uid(pid) in uids  # noqa: E731
+    return [int(e) for e in os.listdir("/proc")
+            if e.isdigit() and in_range(int(e)) and kill_checked(int(e), in_range)]
 
 
 def rewrite_exec_env(name: str, value: str) -> bool:

@@ -364,19 +364,8 @@ class Spawner:
             if pid in self.leaders or pid == self.watchdog or self._is_live_run(pid, self.live_runs):
                 continue
             first = seen[pid] = self.strays.get(pid, now)
-            if now - first < STRAY_GRACE:
-                continue
-            try:
-                fd = os.pidfd_open(pid)
-            except OSError:
-                continue
-            try:
-                if pid in platform.direct_children(self.pid):  # our child still: the pidfd names it
-                    signal.pidfd_send_signal(fd, signal.SIGKILL)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
+            if now - first >= STRAY_GRACE:  # still our child when signalled: the pidfd then names it
+                platform.kill_checked(pid, lambda p: p in platform.direct_children(self.pid))
         self.strays = seen
 
     def _is_live_run(self, pid: int, live: set[str]) -> bool:

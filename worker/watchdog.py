@@ -82,7 +82,7 @@ def _watch(ctrl_fd: int, config: dict[str, Any], spawner_pid: int) -> None:
 def _kill_all(config: dict[str, Any], spawner_pid: int) -> None:
     first, count = config.get("uid_block") or (0, 0)
     if count:
-        _kill_uids(range(first, first + count))
+        platform.kill_uids(range(first, first + count))
     _kill_below(spawner_pid)
     root = config.get("cgroup_root")
     if root:
@@ -93,12 +93,6 @@ def _kill_all(config: dict[str, Any], spawner_pid: int) -> None:
             pass
 
 
-def _kill_uids(uids: range) -> None:
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and platform.process_uid(int(entry)) in uids:
-            _kill_checked(int(entry), lambda pid: platform.process_uid(pid) in uids)
-
-
 def _kill_below(root: int) -> None:
     stack = platform.direct_children(root)
     me = os.getpid()
@@ -107,19 +101,4 @@ def _kill_below(root: int) -> None:
         if pid == me:
             continue
         stack.extend(platform.direct_children(pid))
-        _kill_checked(pid, lambda p: True)
-
-
-def _kill_checked(pid: int, still_ours: Any) -> None:
-    """SIGKILL through a pidfd opened before the final check, so a recycled pid is never hit."""
-    try:
-        fd = os.pidfd_open(pid)
-    except OSError:
-        return
-    try:
-        if still_ours(pid):
-            signal.pidfd_send_signal(fd, signal.SIGKILL)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        platform.kill_checked(pid, lambda p: True)
