@@ -299,8 +299,9 @@ def unattributable_orphan(procs_file: str | None) -> None:
             _write_pid(procs_file)
         erase_marker()
         if os.fork() == 0:
-            with open("stray.pid", "w") as f:
+            with open("stray.pid.tmp", "w") as f:  # renamed into place: never seen half-written
                 f.write(str(os.getpid()))
+            os.rename("stray.pid.tmp", "stray.pid")
             _alive_forever("stray")
         os._exit(0)  # the grandchild is an orphan now
 
