@@ -95,7 +95,7 @@ def measure_cli(trials: int) -> tuple[Dist, Dist]:
             samples.append(time.monotonic_ns() - t0)
         return Dist(samples)
 
-    return (timed([sys.executable, "-m", "deadstop.supervisor.cli", "--help"]),
+    return (timed([sys.executable, "-m", "deadstop.supervisor", "--help"]),
             timed([sys.executable, "-c", "import argparse"]))
 
 

@@ -14,21 +14,21 @@ from ._version import __version__
 
 #: public name -> the submodule that defines it
 _EXPORTS = {
-    "AsyncSupervisor": "core", "Event": "core",
+    "AsyncSupervisor": "engine.engine", "Event": "engine.engine",
     "ContainmentDegraded": "errors", "DeadstopError": "errors", "EgressRefused": "errors",
     "InvalidTarget": "errors", "InvalidTransition": "errors", "LimitUnenforceable": "errors",
     "RunFailed": "errors", "RunNotFound": "errors", "RunTimeout": "errors", "SessionNotFound": "errors", "StopIncomplete": "errors",
     "SupervisorClosed": "errors",
-    "StopReport": "report",
-    "AsyncRun": "run", "ExitInfo": "run",
-    "RunState": "states",
-    "Limits": "limits", "Usage": "limits",
-    "AsyncSession": "sessions", "SessionStopped": "sessions",
-    "Run": "sync", "Session": "sync", "Supervisor": "sync",
-    "PolicyDenied": "tools", "ToolCancelled": "tools", "ToolContext": "tools",
-    "IsolationProfile": "isolation",
-    "StateDirInUse": "statelock",
-    "StateView": "inspect",
+    "StopReport": "store.report",
+    "AsyncRun": "engine.run", "ExitInfo": "engine.run",
+    "RunState": "engine.states",
+    "Limits": "mechanisms.limits", "Usage": "mechanisms.limits",
+    "AsyncSession": "sessions.session", "SessionStopped": "sessions.session",
+    "Run": "facades.sync", "Session": "facades.sync", "Supervisor": "facades.sync",
+    "PolicyDenied": "egress.tools", "ToolCancelled": "egress.tools", "ToolContext": "egress.tools",
+    "IsolationProfile": "mechanisms.isolation",
+    "StateDirInUse": "mechanisms.statelock",
+    "StateView": "facades.inspect",
 }
 
 __all__ = [
@@ -81,17 +81,17 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what static checkers and IDEs see
-    from .core import AsyncSupervisor, Event
+    from .engine.engine import AsyncSupervisor, Event
     from .errors import (ContainmentDegraded, DeadstopError, EgressRefused, InvalidTarget, InvalidTransition,
                          LimitUnenforceable, RunFailed, RunNotFound, RunTimeout, SessionNotFound, StopIncomplete,
                          SupervisorClosed)
-    from .isolation import IsolationProfile
-    from .limits import Limits, Usage
-    from .report import StopReport
-    from .run import AsyncRun, ExitInfo
-    from .sessions import AsyncSession, SessionStopped
-    from .states import RunState
-    from .statelock import StateDirInUse
-    from .inspect import StateView
-    from .sync import Run, Session, Supervisor
-    from .tools import PolicyDenied, ToolCancelled, ToolContext
+    from .mechanisms.isolation import IsolationProfile
+    from .mechanisms.limits import Limits, Usage
+    from .store.report import StopReport
+    from .engine.run import AsyncRun, ExitInfo
+    from .sessions.session import AsyncSession, SessionStopped
+    from .engine.states import RunState
+    from .mechanisms.statelock import StateDirInUse
+    from .facades.inspect import StateView
+    from .facades.sync import Run, Session, Supervisor
+    from .egress.tools import PolicyDenied, ToolCancelled, ToolContext

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from ..ipc.errors import DeadstopError, EgressRefused, ErrorCode
 
 if TYPE_CHECKING:
-    from .report import StopReport
+    from .store.report import StopReport
 
 __all__ = [
     "DeadstopError",

@@ -16,7 +16,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]
 
-from deadstop.supervisor import isolation as iso  # noqa: E402
+from deadstop.supervisor.mechanisms import isolation as iso  # noqa: E402
 from deadstop.worker import platform, sandbox  # noqa: E402
 
 UID = 65534

@@ -20,7 +20,7 @@ LEAK_WAIT = 5.0
 
 
 def _cgroup_v2_writable() -> bool:
-    from deadstop.supervisor.cgroups import CgroupTree
+    from deadstop.supervisor.mechanisms.cgroups import CgroupTree
 
     tree, _why = CgroupTree.create("probe" + str(os.getpid()))
     if tree is None:

@@ -93,7 +93,7 @@ def test_usage_shows_cpu_and_memory_without_any_limit(workspace) -> None:
 
 
 def test_a_slow_subscriber_gets_a_counted_gap_not_unbounded_memory(monkeypatch, workspace) -> None:
-    import deadstop.supervisor.core as core
+    import deadstop.supervisor.engine.engine as core
 
     monkeypatch.setattr(core, "SUBSCRIBER_BACKLOG", 5)
     with Supervisor() as sup:
@@ -114,7 +114,7 @@ def test_a_slow_subscriber_gets_a_counted_gap_not_unbounded_memory(monkeypatch, 
 
 
 def test_stop_sources_are_a_closed_list(workspace) -> None:
-    from deadstop.supervisor.stop import RevokeSource
+    from deadstop.supervisor.engine.stop import RevokeSource
 
     with Supervisor() as sup:
         run = sup.start(behaviours.victim)

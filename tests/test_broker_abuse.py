@@ -32,9 +32,9 @@ import behaviours
 from deadstop.ipc import framing
 from deadstop.ipc.errors import ErrorCode
 from deadstop.supervisor import Supervisor
-from deadstop.supervisor.broker import MAX_HELD, MAX_HELD_BYTES, REFUSAL_BURST
-from deadstop.supervisor.journal import REFUSAL_ROWS
-from deadstop.supervisor.sync import _value
+from deadstop.supervisor.egress.broker import MAX_HELD, MAX_HELD_BYTES, REFUSAL_BURST
+from deadstop.supervisor.store.journal import REFUSAL_ROWS
+from deadstop.supervisor.facades.sync import _value
 
 WAIT = 30.0
 #: Test identities, inside no range a host or deadstop's default would use.

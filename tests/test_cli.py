@@ -8,7 +8,7 @@ import sys
 
 
 def test_demo_stops_every_misbehaving_run(layer) -> None:
-    out = subprocess.run([sys.executable, "-m", "deadstop.supervisor.cli", "demo", "--containment", layer, "--grace", "0.2"],
+    out = subprocess.run([sys.executable, "-m", "deadstop.supervisor", "demo", "--containment", layer, "--grace", "0.2"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "result: every run is gone and nothing ran after stop" in out.stdout
@@ -18,7 +18,7 @@ def test_demo_stops_every_misbehaving_run(layer) -> None:
 
 
 def test_bad_usage_exits_2() -> None:
-    out = subprocess.run([sys.executable, "-m", "deadstop.supervisor.cli", "demo", "--bogus"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "deadstop.supervisor", "demo", "--bogus"], capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 2 and "unrecognized arguments" in out.stderr
 
@@ -27,16 +27,16 @@ def test_doctor_reports_every_isolation_layer() -> None:
     import json
     import os
 
-    from deadstop.supervisor.isolation import LAYERS
+    from deadstop.supervisor.mechanisms.isolation import LAYERS
 
-    out = subprocess.run([sys.executable, "-m", "deadstop.supervisor.cli", "doctor", "--json", "--strict"],
+    out = subprocess.run([sys.executable, "-m", "deadstop.supervisor", "doctor", "--json", "--strict"],
                          capture_output=True, text=True, timeout=120)
     profile = json.loads(out.stdout)["isolation"]
     assert set(profile["active"]) | set(profile["missing"]) == set(LAYERS)
     assert out.returncode == (1 if profile["missing"] else 0), out.stderr
     if os.geteuid() == 0:
         assert "identity" in profile["active"]
-    text = subprocess.run([sys.executable, "-m", "deadstop.supervisor.cli", "doctor"], capture_output=True, text=True,
+    text = subprocess.run([sys.executable, "-m", "deadstop.supervisor", "doctor"], capture_output=True, text=True,
                           timeout=120)
     assert text.returncode == 0 and all(name in text.stdout for name in LAYERS)
 
@@ -44,7 +44,7 @@ def test_doctor_reports_every_isolation_layer() -> None:
 def test_version_usage_errors_and_a_closed_stdout() -> None:
     from importlib import metadata
 
-    cli = [sys.executable, "-m", "deadstop.supervisor.cli"]
+    cli = [sys.executable, "-m", "deadstop.supervisor"]
     version = subprocess.run([*cli, "--version"], capture_output=True, text=True, timeout=60)
     assert version.returncode == 0 and version.stdout.strip() == f"deadstop {metadata.version('deadstop')}"
     bad = subprocess.run([*cli, "demo", "--grace", "-1"], capture_output=True, text=True, timeout=60)

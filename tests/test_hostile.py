@@ -29,7 +29,7 @@ import pytest
 
 import hostile_agents as H
 from deadstop.supervisor import Supervisor
-from deadstop.supervisor.cgroups import find_cgroup2_mount
+from deadstop.supervisor.mechanisms.cgroups import find_cgroup2_mount
 
 
 async def _value(fn):

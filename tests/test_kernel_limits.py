@@ -25,7 +25,7 @@ import pytest
 import limit_agents
 from procscan import MARKER, marked_processes, wait_gone
 from deadstop.supervisor import Limits, LimitUnenforceable, Supervisor
-from deadstop.supervisor import cgroup_v1
+from deadstop.supervisor.mechanisms import cgroup_v1
 from waiting import Countdown
 
 BOUND = 30.0
@@ -364,7 +364,7 @@ def test_dead_supervisors_v1_groups_are_removed(tmp_path) -> None:
     import signal
     import subprocess
 
-    from deadstop.supervisor import leftovers
+    from deadstop.supervisor.mechanisms import leftovers
 
     roots = cgroup_v1.leftover_roots()
     if not roots:

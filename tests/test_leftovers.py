@@ -27,8 +27,8 @@ import pytest
 
 from conftest import CGROUP_OK
 from procscan import marked_processes, wait_gone
-from deadstop.supervisor import leftovers
-from deadstop.supervisor.cgroups import Cgroup, own_cgroup_dir
+from deadstop.supervisor.mechanisms import leftovers
+from deadstop.supervisor.mechanisms.cgroups import Cgroup, own_cgroup_dir
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 HOST = os.path.join(HERE, "agents_leftovers_host.py")
@@ -144,7 +144,7 @@ def _v1_subtrees(supervisor_id: str) -> list[str]:
     the process's own (shared) v1 cgroups, not the test's private one, so
     only their final state is asserted: another program's supervisor may
     have swept a dead owner's first."""
-    from deadstop.supervisor import cgroup_v1
+    from deadstop.supervisor.mechanisms import cgroup_v1
 
     return sorted(e.path for root in cgroup_v1.leftover_roots() for e in os.scandir(root)
                   if e.name.startswith(f"deadstop-{supervisor_id}-"))
@@ -463,7 +463,7 @@ def _sweep_and_check(root: str, kind: str, **sweep_options) -> None:
 
 def test_cgroup_sweep_of_a_v1_hierarchy() -> None:
     """The hook for the v1 memory/pids subtrees: no cgroup.kill, no cgroup.events."""
-    from deadstop.supervisor import cgroup_v1
+    from deadstop.supervisor.mechanisms import cgroup_v1
 
     own = cgroup_v1.own_dirs()[0].get("pids")
     if own is None or not os.access(own, os.W_OK):

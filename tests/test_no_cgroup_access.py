@@ -17,7 +17,7 @@ import sys
 import pytest
 
 from procscan import marked_processes
-from deadstop.supervisor.cgroups import find_cgroup2_mount
+from deadstop.supervisor.mechanisms.cgroups import find_cgroup2_mount
 
 MOUNT = find_cgroup2_mount()
 pytestmark = pytest.mark.skipif(

@@ -45,7 +45,7 @@ def test_supervisord_and_deadstop_share_an_environment(tmp_path) -> None:
     check = ("import supervisor.states, supervisor.supervisord; "
              "assert hasattr(supervisor.states, 'SupervisorStates'); "
              "from deadstop.supervisor import Supervisor, StopReport; "
-             "from deadstop.supervisor.states import LIVE; print('both')")
+             "from deadstop.supervisor.engine.states import LIVE; print('both')")
     both = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, env=_clean_env(), capture_output=True,
                           text=True, timeout=60)
     assert both.returncode == 0 and both.stdout.strip() == "both", both.stderr[-2000:]

@@ -33,7 +33,7 @@ import psutil
 
 from . import procs
 from .cgroups import Cgroup, InotifyWatcher
-from ..worker.platform import process_uid
+from ...worker.platform import process_uid
 from .timer import sleep_until
 
 CGROUP = "cgroup"
@@ -107,7 +107,7 @@ class RunIdentity:
         """Processes of the run among the spawner's adopted orphans' subtrees, minus `inside`."""
         if self.spawner_pid is None:
             return []
-        from ..worker.platform import direct_children
+        from ...worker.platform import direct_children
 
         skip = self.other_leaders()
         found = []

@@ -35,10 +35,10 @@ from typing import Any, Protocol
 import msgspec
 import zmq
 
-from ..ipc import framing, schema
-from ..ipc.errors import ErrorCode
+from ...ipc import framing, schema
+from ...ipc.errors import ErrorCode
 from .channel import Channel, GenerationCell, RevokeRecord, TokenBucket
-from .journal import Journal
+from ..store.journal import Journal
 from .tools import PolicyDenied, Tool, ToolCancelled, ToolContext, ToolRegistry
 
 log = logging.getLogger("deadstop.broker")

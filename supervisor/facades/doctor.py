@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 from typing import TextIO
 
-from . import isolation as iso
+from ..mechanisms import isolation as iso
 
 
 def run_doctor(out: TextIO, *, as_json: bool = False, strict: bool = False) -> int:
     """Print the report; returns 1 if `strict` and a layer is missing, else 0."""
-    from . import Supervisor
+    from .. import Supervisor
 
     with Supervisor() as sup:
         profile = sup.isolation

@@ -21,9 +21,9 @@ import signal
 import time
 from typing import TYPE_CHECKING
 
-from .report import StopReport
+from ..store.report import StopReport
 from .states import RunState
-from .timer import sleep_until
+from ..mechanisms.timer import sleep_until
 
 if TYPE_CHECKING:
     from .run import AsyncRun

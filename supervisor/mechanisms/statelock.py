@@ -12,7 +12,7 @@ from __future__ import annotations
 import fcntl
 import os
 
-from .errors import DeadstopError
+from ..errors import DeadstopError
 
 
 class StateDirInUse(DeadstopError):

@@ -23,11 +23,11 @@ import subprocess
 from multiprocess import reduction
 from multiprocess.connection import Connection
 
-from ..ipc import framing
-from ..ipc import spawner_wire as wire
+from ...ipc import framing
+from ...ipc import spawner_wire as wire
 
-from .cgroups import Cgroup
-from .errors import DeadstopError
+from ..mechanisms.cgroups import Cgroup
+from ..errors import DeadstopError
 
 
 
@@ -248,7 +248,7 @@ class SpawnerClient:
             if self.pidfd is not None:
                 self.loop.remove_reader(self.pidfd)
         if self.pidfd is not None:
-            from .procs import wait_pidfd
+            from ..mechanisms.procs import wait_pidfd
 
             if not await wait_pidfd(self.pidfd, timeout):
                 try:

@@ -23,30 +23,30 @@ from typing import Any, AsyncIterator, Callable, Sequence
 import cloudpickle
 import psutil
 
-from ..ipc import framing, spawner_wire
-from .broker import Broker
-from .cgroups import CgroupTree, InotifyWatcher
-from .containment import (CGROUP, PGROUP, PGROUP_SUBREAPER, CgroupContainment, Containment,
+from ...ipc import framing, spawner_wire
+from ..egress.broker import Broker
+from ..mechanisms.cgroups import CgroupTree, InotifyWatcher
+from ..mechanisms.containment import (CGROUP, PGROUP, PGROUP_SUBREAPER, CgroupContainment, Containment,
                                     ProcessGroupContainment, RunIdentity)
-from .errors import (ContainmentDegraded, DeadstopError, InvalidTarget, RunNotFound, SupervisorClosed)
-from . import isolation as iso
-from .identities import DEFAULT_UID_RANGE, IdentityPool
-from .journal import Journal
-from .statelock import StateLock
-from .recovery import recover
-from . import leftovers
-from .cgroup_v1 import V1Tree
-from .errors import LimitUnenforceable
-from .limits import TOKEN_KEYS, KernelLimits, Limits, LimitSupport, rlimits_for
-from . import session_tools
-from .registry import SessionRegistry
-from .sessions import AgentSpec, AsyncSession
-from .report import StopReport
+from ..errors import (ContainmentDegraded, DeadstopError, InvalidTarget, RunNotFound, SupervisorClosed)
+from ..mechanisms import isolation as iso
+from ..mechanisms.identities import DEFAULT_UID_RANGE, IdentityPool
+from ..store.journal import Journal
+from ..mechanisms.statelock import StateLock
+from ..host.recovery import recover
+from ..mechanisms import leftovers
+from ..mechanisms.cgroup_v1 import V1Tree
+from ..errors import LimitUnenforceable
+from ..mechanisms.limits import TOKEN_KEYS, KernelLimits, Limits, LimitSupport, rlimits_for
+from ..sessions import tools as session_tools
+from ..sessions.registry import SessionRegistry
+from ..sessions.session import AgentSpec, AsyncSession
+from ..store.report import StopReport
 from .run import AsyncRun
-from .spawner_client import SpawnerClient
+from ..host.spawner_client import SpawnerClient
 from .states import LIVE, RunState
 from .stop import StopRequest
-from .tools import ToolRegistry
+from ..egress.tools import ToolRegistry
 
 log = logging.getLogger("deadstop")
 

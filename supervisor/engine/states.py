@@ -52,7 +52,7 @@ class RunStateMachine:
         self._on_change = on_change
 
     def to(self, new: RunState) -> None:
-        from .errors import InvalidTransition
+        from ..errors import InvalidTransition
 
         old = self.state
         if new not in _ALLOWED.get(old, frozenset()):

@@ -26,6 +26,8 @@ import logging
 import time
 from typing import Any, Iterable
 
+from ..mechanisms.procs import boot_id
+
 log = logging.getLogger("deadstop.journal")
 
 #: Longest a buffered row waits for its transaction. A crash of the
@@ -67,15 +69,6 @@ CREATE TABLE IF NOT EXISTS egress(
 CREATE INDEX IF NOT EXISTS egress_run ON egress(run_id, decision);
 CREATE TABLE IF NOT EXISTS stops(run_id TEXT PRIMARY KEY, t_ns INTEGER, report TEXT);
 """
-
-
-def boot_id() -> str:
-    """Monotonic timestamps are only comparable within one boot; this names it."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
 
 
 class _Window:

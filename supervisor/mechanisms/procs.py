@@ -19,6 +19,16 @@ from typing import Callable, Iterable
 
 import psutil
 
+
+def boot_id() -> str:
+    """Monotonic timestamps are only comparable within one boot; this names it."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
 HAVE_PIDFD = hasattr(os, "pidfd_open") and hasattr(signal, "pidfd_send_signal")
 
 
@@ -161,7 +171,7 @@ def has_marker(pid: int, marker: bytes) -> bool:
 
 def descendants(root: int) -> list[int]:
     """All live descendants of `root`, walking only its own subtree."""
-    from ..worker.platform import direct_children
+    from ...worker.platform import direct_children
 
     out: list[int] = []
     stack = direct_children(root)

@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from ..ipc.errors import DeadstopError, EgressRefused, ErrorCode
+from ...ipc.errors import DeadstopError, EgressRefused, ErrorCode
 
 
 class PolicyDenied(EgressRefused):

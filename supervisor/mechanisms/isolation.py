@@ -22,7 +22,7 @@ import stat
 import sys
 from typing import Any, Iterable
 
-from ..ipc import framing
+from ...ipc import framing
 
 ISOLATION_CHOICES = ("auto", "strict", "off")
 NETWORK_CHOICES = ("none", "host")
@@ -143,7 +143,7 @@ def interpreter_paths() -> list[str]:
     """What a Python run needs to read: the interpreter, its prefixes, sys.path, and
     deadstop's own run-side packages (an editable install maps them from a source
     tree that need not be on sys.path)."""
-    from .. import ipc, worker
+    from ... import ipc, worker
 
     paths = [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
              os.path.dirname(sys.executable), os.path.dirname(os.path.realpath(sys.executable)),

@@ -12,13 +12,13 @@ import json
 import time
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .errors import InvalidTarget, SessionNotFound
-from .limits import Limits, Usage
-from .sessions import AgentSpec, AsyncSession
+from ..errors import InvalidTarget, SessionNotFound
+from ..mechanisms.limits import Limits, Usage
+from .session import AgentSpec, AsyncSession
 
 if TYPE_CHECKING:
-    from .core import AsyncSupervisor
-    from .run import AsyncRun
+    from ..engine.engine import AsyncSupervisor
+    from ..engine.run import AsyncRun
 
 
 class SessionRegistry:

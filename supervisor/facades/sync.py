@@ -13,14 +13,14 @@ import threading
 import time
 from typing import Any, Callable, Iterator, Sequence
 
-from .core import AsyncSupervisor, Event
-from .errors import SupervisorClosed
-from .limits import Usage
-from .sessions import AsyncSession
-from .states import LIVE
-from .report import StopReport
-from .run import AsyncRun, ExitInfo
-from .states import RunState
+from ..engine.engine import AsyncSupervisor, Event
+from ..errors import SupervisorClosed
+from ..mechanisms.limits import Usage
+from ..sessions.session import AsyncSession
+from ..engine.states import LIVE
+from ..store.report import StopReport
+from ..engine.run import AsyncRun, ExitInfo
+from ..engine.states import RunState
 
 
 class Run:

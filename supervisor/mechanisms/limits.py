@@ -43,7 +43,7 @@ import os
 from typing import Any, Callable
 
 from .cgroup_v1 import read_int, read_keyed
-from .errors import LimitUnenforceable
+from ..errors import LimitUnenforceable
 
 
 KERNEL = "kernel"

@@ -14,7 +14,7 @@ import os
 import sqlite3
 from typing import Any
 
-from .errors import DeadstopError
+from ..errors import DeadstopError
 
 
 class StateView:

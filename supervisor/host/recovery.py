@@ -25,11 +25,13 @@ from typing import Any
 
 import psutil
 
-from ..ipc import framing
-from . import leftovers, procs
-from .cgroups import Cgroup
-from .journal import Journal, boot_id
-from .report import StopReport
+from ...ipc import framing
+from ..mechanisms import leftovers
+from ..mechanisms import procs
+from ..mechanisms.cgroups import Cgroup
+from ..store.journal import Journal
+from ..mechanisms.procs import boot_id
+from ..store.report import StopReport
 
 log = logging.getLogger("deadstop.recovery")
 

@@ -22,8 +22,8 @@ import fcntl
 import os
 import tempfile
 
-from .errors import DeadstopError
-from ..worker.platform import kill_uids
+from ..errors import DeadstopError
+from ...worker.platform import kill_uids
 
 DEFAULT_UID_RANGE = (2_100_000_000, 65_536)
 BLOCK = 4096

@@ -11,9 +11,9 @@ import threading
 import time
 from typing import TextIO
 
-from ..ipc import framing
+from ...ipc import framing
 from .sync import Supervisor
-from ..worker import demo_agents
+from ...worker import demo_agents
 
 
 def _alive_with_marker(run_id: str) -> int:

@@ -24,11 +24,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .tools import PolicyDenied, ToolContext
+from ..egress.tools import PolicyDenied, ToolContext
 
 if TYPE_CHECKING:
-    from .core import AsyncSupervisor
-    from .sessions import AsyncSession
+    from ..engine.engine import AsyncSupervisor
+    from .session import AsyncSession
 
 SPAWN, LIST, SEND, STOP = "sessions.spawn", "sessions.list", "sessions.send", "sessions.stop"
 NAMES = (SPAWN, LIST, SEND, STOP)
@@ -107,7 +107,7 @@ def register(sup: "AsyncSupervisor") -> None:
 
 
 def _target(sup: "AsyncSupervisor", key: str) -> "AsyncSession":
-    from .errors import SessionNotFound
+    from ..errors import SessionNotFound
 
     try:
         return sup.get_session(key)

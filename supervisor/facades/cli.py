@@ -58,7 +58,7 @@ def _non_negative(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ._version import __version__
+    from .._version import __version__
 
     parser = argparse.ArgumentParser(prog="deadstop", description="Process-isolated agent runs whose stop really stops.")
     parser.add_argument("--version", action="version", version=f"deadstop {__version__}")
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     if rest and args.verb != "bench":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.rest = rest
-    from .errors import DeadstopError
+    from ..errors import DeadstopError
 
     try:
         return args.func(args)

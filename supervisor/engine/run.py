@@ -17,17 +17,17 @@ import signal
 import time
 from typing import TYPE_CHECKING, Any
 
-from .channel import Channel, RevokeRecord
-from .containment import CgroupContainment, Containment
-from .errors import InvalidTransition, RunFailed, RunTimeout, StopIncomplete
-from . import procs
-from .limits import KernelLimits, Limits, Usage, crossed
-from .report import StopReport
+from ..egress.channel import Channel, RevokeRecord
+from ..mechanisms.containment import CgroupContainment, Containment
+from ..errors import InvalidTransition, RunFailed, RunTimeout, StopIncomplete
+from ..mechanisms import procs
+from ..mechanisms.limits import KernelLimits, Limits, Usage, crossed
+from ..store.report import StopReport
 from .states import RunState, RunStateMachine
 from .stop import KILL_BOUND, StopMode, StopProgress, StopRequest, stop_sequence
 
 if TYPE_CHECKING:
-    from .core import AsyncSupervisor
+    from .engine import AsyncSupervisor
 
 log = logging.getLogger("deadstop.run")
 

@@ -21,16 +21,16 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from .channel import GenerationCell
-from .errors import DeadstopError
-from .limits import Limits, Usage
-from .report import StopReport
-from .stop import StopRequest
-from .states import LIVE, RunState
+from ..egress.channel import GenerationCell
+from ..errors import DeadstopError
+from ..mechanisms.limits import Limits, Usage
+from ..store.report import StopReport
+from ..engine.stop import StopRequest
+from ..engine.states import LIVE, RunState
 
 if TYPE_CHECKING:
-    from .core import AsyncSupervisor
-    from .run import AsyncRun
+    from ..engine.engine import AsyncSupervisor
+    from ..engine.run import AsyncRun
 
 log = logging.getLogger("deadstop.sessions")
 

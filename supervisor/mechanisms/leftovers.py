@@ -77,7 +77,7 @@ from typing import Any, Iterable
 
 from . import procs
 from .cgroups import Cgroup, InotifyWatcher, own_cgroup_dir
-from .journal import boot_id
+from .procs import boot_id
 
 log = logging.getLogger("deadstop.leftovers")
 
@@ -224,7 +224,7 @@ def make_runtime_dir(supervisor_id: str) -> str:
     Falls back to an unswept temporary directory (ipc.framing's) where no
     candidate base is usable, and says so in the log.
     """
-    from ..ipc import framing
+    from ...ipc import framing
 
     problems = []
     for base in runtime_bases():

@@ -1,0 +1,3 @@
+"""Sessions on top of the engine: agents, generations, takeover, tree stop, the
+session registry and the `sessions.*` tools a run may call.
+"""
