@@ -14,7 +14,8 @@ from ._version import __version__
 
 #: public name -> the submodule that defines it
 _EXPORTS = {
-    "AsyncSupervisor": "engine.engine", "Event": "engine.engine",
+    "AsyncSupervisor": "facades.async_supervisor", "Event": "engine.events",
+    "ControlAPI": "control.api", "Principal": "control.policy", "ControlFault": "control.api", "Fault": "control.api",
     "ContainmentDegraded": "errors", "DeadstopError": "errors", "EgressRefused": "errors",
     "InvalidTarget": "errors", "InvalidTransition": "errors", "LimitUnenforceable": "errors",
     "RunFailed": "errors", "RunNotFound": "errors", "RunTimeout": "errors", "SessionNotFound": "errors", "StopIncomplete": "errors",
@@ -34,6 +35,8 @@ _EXPORTS = {
 __all__ = [
     "__version__",
     "AsyncRun",
+    "ControlAPI",
+    "ControlFault",
     "AsyncSession",
     "AsyncSupervisor",
     "ContainmentDegraded",
@@ -41,12 +44,14 @@ __all__ = [
     "EgressRefused",
     "Event",
     "ExitInfo",
+    "Fault",
     "InvalidTarget",
     "InvalidTransition",
     "IsolationProfile",
     "LimitUnenforceable",
     "Limits",
     "PolicyDenied",
+    "Principal",
     "Run",
     "RunFailed",
     "RunNotFound",
@@ -81,7 +86,10 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what static checkers and IDEs see
-    from .engine.engine import AsyncSupervisor, Event
+    from .control.api import ControlAPI, ControlFault, Fault
+    from .control.policy import Principal
+    from .engine.events import Event
+    from .facades.async_supervisor import AsyncSupervisor
     from .errors import (ContainmentDegraded, DeadstopError, EgressRefused, InvalidTarget, InvalidTransition,
                          LimitUnenforceable, RunFailed, RunNotFound, RunTimeout, SessionNotFound, StopIncomplete,
                          SupervisorClosed)

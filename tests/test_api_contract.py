@@ -93,7 +93,7 @@ def test_usage_shows_cpu_and_memory_without_any_limit(workspace) -> None:
 
 
 def test_a_slow_subscriber_gets_a_counted_gap_not_unbounded_memory(monkeypatch, workspace) -> None:
-    import deadstop.supervisor.engine.engine as core
+    import deadstop.supervisor.engine.events as core
 
     monkeypatch.setattr(core, "SUBSCRIBER_BACKLOG", 5)
     with Supervisor() as sup:

@@ -182,7 +182,7 @@ def _refusals(journal: str, run_id: str | None) -> tuple[int, int]:
 
 
 def _core_run(sup: Supervisor, run):
-    return sup.core.runs[run.id]
+    return sup.core.get_run(run.id)
 
 
 @pytest.fixture

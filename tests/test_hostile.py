@@ -309,7 +309,7 @@ def test_a_stolen_credential_authenticates_nothing(ready_sup) -> None:
         sup.register_tool("whoami", lambda ctx: callers.append(ctx.run_id) or ctx.run_id)
         victim = sup.start(H.cgroup_escaper, [], tools=["ready", "whoami"], cwd=str(work), grace=0.3)
         assert ready.wait(30)
-        stolen = sup.core.runs[victim.id].channel._credential.decode()  # as if read from its memory
+        stolen = sup.core.get_run(victim.id).channel._credential.decode()  # as if read from its memory
         out = sup.start(H.stolen_credential_caller, victim.id, stolen, tools=["whoami"],
                         cwd=str(work)).result(timeout=30)
         assert out["reply"] is not None and out["reply"]["ok"] is False

@@ -148,7 +148,7 @@ def test_hostile_frames_are_refused_with_their_code_and_journaled(tmp_path, case
         seen = run.result(timeout=WAIT)
         journal = sup.journal_path
         # A run with an identity of its own is the kernel-attested sender of what it forged.
-        sender = run.id if sup.core.runs[run.id].uid is not None else None
+        sender = run.id if sup.core.get_run(run.id).uid is not None else None
 
     assert [summary(r) for r in seen] == replies
     if case == "wrong-credential":

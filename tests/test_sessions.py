@@ -159,7 +159,7 @@ def test_pause_holds_egress_and_resume_releases_it_in_order(tmp_path) -> None:
             paused = asyncio.Event()
 
             async def pause_me(ctx) -> None:
-                await sup.runs[ctx.run_id].session.pause()  # holds egress first, in this very step
+                await sup.runs[ctx.run_id].owner.pause()  # holds egress first, in this very step
                 paused.set()
 
             async def seq(i: int) -> int:

@@ -1,6 +1,8 @@
-"""AsyncSupervisor: the asyncio core. Everything else is a thin wrapper.
+"""The run engine: starts runs, routes the broker's callbacks to them, publishes events.
 
-It owns, for its lifetime: a runtime directory (sockets, mode 0700), the
+It knows runs, not sessions: a run's owner (a session, or nothing) is a
+`RunOwner`, and the session layer builds on the engine from above
+(facades/async_supervisor.py). The engine owns, for its lifetime: a runtime directory (sockets, mode 0700), the
 journal, the egress broker, the spawner process and, where cgroup v2 is
 writable, a cgroup subtree. Containment is probed once here and the chosen
 layer is named in every report.
@@ -10,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import logging
 import os
 import secrets
@@ -38,11 +39,9 @@ from ..mechanisms import leftovers
 from ..mechanisms.cgroup_v1 import V1Tree
 from ..errors import LimitUnenforceable
 from ..mechanisms.limits import TOKEN_KEYS, KernelLimits, Limits, LimitSupport, rlimits_for
-from ..sessions import tools as session_tools
-from ..sessions.registry import SessionRegistry
-from ..sessions.session import AgentSpec, AsyncSession
 from ..store.report import StopReport
-from .run import AsyncRun
+from .events import Event, Subscription
+from .run import AsyncRun, RunOwner, RunServices
 from ..host.spawner_client import SpawnerClient
 from .states import LIVE, RunState
 from .stop import StopRequest
@@ -52,79 +51,16 @@ log = logging.getLogger("deadstop")
 
 CONTAINMENT_CHOICES = ("auto", CGROUP, "process-group")
 
-
-@dataclasses.dataclass(frozen=True)
-class Event:
-    """Something a run emitted (or a lifecycle change), as delivered to subscribers."""
-
-    run_id: str
-    kind: str
-    data: Any
-    t_ns: int
-    session: str | None = None
-    generation: int = 0
+#: Ended runs kept as objects, newest first out, so that a caller who just saw a
+#: run end can still read its result from it; every older run is only its
+#: stored record (ControlAPI.run_info). Memory is O(live runs + this).
+ENDED_RETAINED = 256
 
 
-#: Events a subscriber may have waiting before newer ones are dropped (counted).
-SUBSCRIBER_BACKLOG = 10_000
-
-
-class _Gap:
-    """Where a slow subscriber's backlog overflowed: how many events it missed there."""
-
-    __slots__ = ("count",)
-
-    def __init__(self) -> None:
-        self.count = 1
-
-
-class _Subscription:
-    """One subscriber's backlog: bounded; what overflowed is counted in place, in order."""
-
-    def __init__(self, session: str | None):
-        self.session = session
-        self._items: collections.deque[Event | _Gap] = collections.deque()
-        self._events = 0  # Events (not gaps) in _items
-        self._wake = asyncio.Event()
-        self._closed = False
-
-    def offer(self, event: Event) -> None:
-        if self._events >= SUBSCRIBER_BACKLOG and event.kind != "run.ended":
-            last = self._items[-1] if self._items else None
-            if isinstance(last, _Gap):
-                last.count += 1
-            else:
-                self._items.append(_Gap())
-        else:
-            self._items.append(event)
-            self._events += 1
-        self._wake.set()
-
-    def close(self) -> None:
-        self._closed = True
-        self._wake.set()
-
-    def backlog(self) -> int:
-        """Events waiting to be handed out."""
-        return self._events
-
-    async def get(self) -> Event | None:
-        while not self._items:
-            if self._closed:
-                return None
-            self._wake.clear()
-            await self._wake.wait()
-        item = self._items.popleft()
-        if isinstance(item, _Gap):
-            return Event("", "events.dropped", {"count": item.count}, time.monotonic_ns(), self.session)
-        self._events -= 1
-        return item
-
-
-class AsyncSupervisor:
+class Engine:
     """Start runs, broker their egress, stop them for good.
 
-    Use as ``async with AsyncSupervisor() as sup:``. Options:
+    Options (AsyncSupervisor passes its own through):
 
     state_dir     where the journal lives (default: a temporary directory
                   removed at close); pass one to keep the journal.
@@ -162,9 +98,9 @@ class AsyncSupervisor:
         self._max_request_bytes = max_request_bytes
         self._tool_threads = tool_threads
         self.tools = ToolRegistry()
-        self.runs: dict[str, AsyncRun] = {}
-        self.registry = SessionRegistry(self)
-        self._subscribers: list[_Subscription] = []
+        self.runs: dict[str, AsyncRun] = {}  # live runs (starting, running, paused, stopping)
+        self._ended: collections.OrderedDict[str, AsyncRun] = collections.OrderedDict()
+        self._subscribers: list[Subscription] = []
         self._sampler: asyncio.Task | None = None
         self._sampled: dict[str, AsyncRun] = {}  # live runs whose limits need sampling
         self.sample_interval = sample_interval
@@ -173,7 +109,7 @@ class AsyncSupervisor:
         self.containment_degraded_reason = ""
 
     # -- lifecycle -------------------------------------------------------------
-    async def open(self) -> "AsyncSupervisor":
+    async def open(self) -> "Engine":
         self.loop = asyncio.get_running_loop()
         self.state_dir = self._state_dir_arg or tempfile.mkdtemp(prefix="deadstop-state-")
         os.makedirs(self.state_dir, exist_ok=True)
@@ -188,7 +124,7 @@ class AsyncSupervisor:
         except BaseException:
             self._state_lock.release()
             raise
-        self.registry.load()
+        self._loaded()
         self.cgroups: CgroupTree | None = None
         self.watcher: InotifyWatcher | None = None
         if self._containment_choice != "process-group":
@@ -209,7 +145,6 @@ class AsyncSupervisor:
         self.limit_support = LimitSupport(self.cgroups, self.containment_degraded_reason, self.v1)
         self.broker = Broker(self.loop, framing.ipc_address(self.runtime_dir, "egress"), self.journal, self.tools,
                              self, max_request_bytes=self._max_request_bytes, tool_threads=self._tool_threads)
-        session_tools.register(self)
         isolated = self._isolation_choice != "off"
         self.spawner = await SpawnerClient.launch(self.cgroups.child("spawner") if self.cgroups else None,
                                                   env=iso.spawner_environment() if isolated else None,
@@ -236,16 +171,12 @@ class AsyncSupervisor:
             self.containment = CGROUP
         else:
             self.containment = PGROUP_SUBREAPER if self.spawner.subreaper else PGROUP
+        self._services = RunServices(self.loop, self.journal, self.broker, self.spawner, self.watcher,
+                                     self.run_finished)
         me = psutil.Process()
         self.journal.supervisor_started(self.id, me.pid, me.create_time(), self.containment)
         self._opened = True
         return self
-
-    async def __aenter__(self) -> "AsyncSupervisor":
-        return await self.open()
-
-    async def __aexit__(self, *exc: Any) -> None:
-        await self.close()
 
     async def close(self) -> None:
         """Kill every live run (revoke first), stop the spawner, remove sockets and cgroups."""
@@ -254,10 +185,7 @@ class AsyncSupervisor:
         self.closed = True
         if not self._opened:
             return
-        for s in self.registry.by_key.values():  # queued messages will never start now
-            s._drop_inbox("supervisor closing")
-            if s._driver is not None and not s._driver.done():
-                s._driver.cancel()
+        self._closing()
         live = [r for r in self.runs.values() if r.state in LIVE and r.containment is not None]
         results = await asyncio.gather(
             *(r.kill(source="supervisor", reason="supervisor closing") for r in live), return_exceptions=True)
@@ -280,6 +208,16 @@ class AsyncSupervisor:
         self.journal.supervisor_ended(self.id)
         self.journal.close()
         self._cleanup_dirs()
+
+    def _loaded(self) -> None:
+        """Hook: the journal is open and recovered (the session layer rebuilds its sessions here)."""
+
+    def _closing(self) -> None:
+        """Hook: close() began and nothing new may start (the session layer drops its queues here)."""
+
+    def owner_of(self, key: str) -> RunOwner | None:
+        """The owner named `key` (its events are fenced by its generation), if any."""
+        return None
 
     async def _probe_isolation(self) -> None:
         """Find which isolation layers this host gives (once), and refuse if strict and any is missing."""
@@ -333,7 +271,7 @@ class AsyncSupervisor:
         self.tools.register(name, fn)
 
     # -- runs ----------------------------------------------------------------------------
-    def _check_open(self) -> None:
+    def check_open(self) -> None:
         if self.closed:
             raise SupervisorClosed("supervisor is closed")
         if not self._opened:
@@ -342,7 +280,7 @@ class AsyncSupervisor:
             raise SupervisorClosed(f"{self.spawner.lost_reason}: every run was killed; open a new supervisor")
 
     @staticmethod
-    def _prepare_target(target: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[str, str, bytes | None, list[str] | None]:
+    def prepare_target(target: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[str, str, bytes | None, list[str] | None]:
         if callable(target):
             try:
                 blob = cloudpickle.dumps((target, tuple(args), dict(kwargs)))
@@ -373,13 +311,14 @@ class AsyncSupervisor:
         unless network="host", and with a private /tmp if private_tmp (the
         default under isolation="strict").
         """
-        self._check_open()
-        kind, desc, blob, argv = self._prepare_target(target, args, kwargs or {})
-        return await self._launch(kind, desc, blob, argv, list(tools), grace, env, cwd,
+        self.check_open()
+        kind, desc, blob, argv = self.prepare_target(target, args, kwargs or {})
+        return await self.launch(kind, desc, blob, argv, list(tools), grace, env, cwd,
                                   limits=Limits.coerce(limits), network=network, private_tmp=private_tmp)
 
-    def _check_run_options(self, cwd: str | None, network: str) -> None:
+    def check_run_options(self, tools: Sequence[str], cwd: str | None, network: str) -> None:
         """Refuse what no run could use, at registration instead of at the first message."""
+        self._check_tools(tools)
         if network not in iso.NETWORK_CHOICES:
             raise ValueError(f"network must be one of {iso.NETWORK_CHOICES}, not {network!r}")
         if cwd is not None and not os.path.isdir(cwd):
@@ -390,15 +329,15 @@ class AsyncSupervisor:
             if name not in self.tools:
                 raise InvalidTarget(f"tool {name!r} is not registered (registered: {self.tools.names()})")
 
-    async def _launch(self, kind: str, desc: str, blob: bytes | None, argv: list[str] | None, tools: list[str],
-                      grace: float | None, env: dict[str, str] | None, cwd: str | None, *,
-                      limits: Limits | None = None, session: AsyncSession | None = None,
-                      inbox: dict[str, Any] | None = None, network: str = "none",
-                      private_tmp: bool | None = None) -> AsyncRun:
-        self._check_tools(tools)
+    async def launch(self, kind: str, desc: str, blob: bytes | None, argv: list[str] | None, tools: list[str],
+                     grace: float | None, env: dict[str, str] | None, cwd: str | None, *,
+                     limits: Limits | None = None, owner: RunOwner | None = None,
+                     inbox: dict[str, Any] | None = None, network: str = "none",
+                     private_tmp: bool | None = None) -> AsyncRun:
+        """Start a prepared target (see prepare_target) as a run of `owner` (a session, or none)."""
         if grace is not None and grace < 0:
             raise ValueError("grace must be >= 0")
-        self._check_run_options(cwd, network)
+        self.check_run_options(tools, cwd, network)
         plan = self.check_limits(limits)  # LimitUnenforceable before anything exists
         run_id = secrets.token_hex(framing.RUN_ID_CHARS // 2)
         try:
@@ -428,15 +367,15 @@ class AsyncSupervisor:
                 if uid is not None:
                     self.identities.release(uid)
                 raise LimitUnenforceable(f"run {run_id}: cannot set its kernel limits {plan}: {exc}") from exc
-        generation = session.generation if session is not None else 0
+        generation = owner.generation if owner is not None else 0
         self.journal.run_created(run_id, self.id, kind, desc, tools, self.containment, cgroup.path if cgroup else None,
-                                 session.key if session else None, generation)
+                                 owner.key if owner else None, generation)
         channel = self.broker.open_channel(run_id, credential, frozenset(tools), generation,
-                                           session.gen if session is not None else None,
+                                           owner.gen if owner is not None else None,
                                            limits.tool_calls if limits else None,
                                            peer_uid=uid, peer_gid=uid, endpoint_dir=confined.endpoint_dir)
-        run = AsyncRun(self, run_id, kind, desc, tools, self.grace if grace is None else grace, channel,
-                       session=session, limits=limits, inbox=inbox)
+        run = AsyncRun(self._services, run_id, kind, desc, tools, self.grace if grace is None else grace, channel,
+                       owner=owner, limits=limits, inbox=inbox)
         run.uid = uid
         run.kernel_limits, run.limits_enforcement = kernel, plan
         run.isolation = confined.summary
@@ -472,6 +411,7 @@ class AsyncSupervisor:
             if kernel is not None:
                 kernel.cleanup()  # kills a child forked before the cancel, removes the v1 groups
             self._forget_confinement(run)
+            self._retire(run)
             if isinstance(exc, (DeadstopError, asyncio.CancelledError)):
                 raise
             raise DeadstopError(f"run {run_id} could not be started: {exc}") from exc
@@ -557,34 +497,56 @@ class AsyncSupervisor:
         live = [r for r in self.runs.values() if r.state in LIVE and r.containment is not None]
         return list(await asyncio.gather(*(r.stop(grace, source=source, reason=reason) for r in live)))
 
+    def find_run(self, run_id: str) -> AsyncRun | None:
+        """The run if it is in memory: live, or among the ENDED_RETAINED newest ended ones."""
+        return self.runs.get(run_id) or self._ended.get(run_id)
+
     def get_run(self, run_id: str) -> AsyncRun:
-        try:
-            return self.runs[run_id]
-        except KeyError:
-            raise RunNotFound(f"no run {run_id!r} in supervisor {self.id}") from None
+        run = self.find_run(run_id)
+        if run is None:
+            raise RunNotFound(f"no run {run_id!r} in memory of supervisor {self.id} (an ended run's record "
+                              "stays in the store: ControlAPI.run_info / Supervisor.run_records)")
+        return run
+
+    def runs_in_memory(self) -> list[AsyncRun]:
+        """The retained ended runs (oldest first), then the live ones."""
+        return list(self._ended.values()) + list(self.runs.values())
+
+    def forget_runs(self, run_ids: Sequence[str]) -> None:
+        """Drop ended runs whose records were removed (session cleanup)."""
+        for run_id in run_ids:
+            self._ended.pop(run_id, None)
+
+    def _retire(self, run: AsyncRun) -> None:
+        """The run's report is stored: it leaves the live table; only the newest few stay as objects."""
+        self.runs.pop(run.id, None)
+        self._ended[run.id] = run
+        while len(self._ended) > ENDED_RETAINED:
+            self._ended.popitem(last=False)
 
     def run_finished(self, run: AsyncRun) -> None:
+        self._retire(run)
         self._sampled.pop(run.id, None)
         self.broker.close_channel(run.id)
         self.spawner.run_ended(run.id)
         if run.report is not None and run.report.survivors:
             run.uid = None  # quarantined: a uid is reused only once nothing of its run lives
         self._forget_confinement(run)
-        if run.session is not None:
-            run.session.run_ended(run)
+        if run.owner is not None:
+            run.owner.run_ended(run)
         self._publish(Event(run.id, "run.ended", {"state": run.state.value}, time.monotonic_ns(),
-                            run.session.key if run.session else None, run.generation))
+                            run.owner.key if run.owner else None, run.generation))
 
     # -- BrokerSink --------------------------------------------------------------------------
     def _stale(self, run: AsyncRun | None) -> bool:
-        return run is not None and run.session is not None and not run.session.is_current(run.generation)
+        return run is not None and run.owner is not None and not run.owner.is_current(run.generation)
 
     def on_event(self, run_id: str, kind: str, data: Any, t_ns: int) -> None:
         run = self.runs.get(run_id)
         if self._stale(run):
             self.journal.fenced(run_id, t_ns, "emit", f"event {kind!r} of generation {run.generation}")
             return
-        self._publish(Event(run_id, kind, data, t_ns, run.session.key if run and run.session else None,
+        self._publish(Event(run_id, kind, data, t_ns, run.owner.key if run and run.owner else None,
                             run.generation if run else 0))
 
     def on_result(self, run_id: str, value: Any) -> None:
@@ -592,9 +554,9 @@ class AsyncSupervisor:
         if run is None:
             return
         run.set_result(value)
-        if run.session is not None and not run.session.offer_answer(run, value):
+        if run.owner is not None and not run.owner.offer_answer(run, value):
             self.journal.fenced(run_id, time.monotonic_ns(), "result",
-                                f"result of generation {run.generation}; session is at {run.session.generation}")
+                                f"result of generation {run.generation}; its owner is at {run.owner.generation}")
 
     def on_failure(self, run_id: str, type_name: str, message: str, traceback: str) -> None:
         run = self.runs.get(run_id)
@@ -637,7 +599,7 @@ class AsyncSupervisor:
             if sub.session is None or sub.session == event.session:
                 sub.offer(event)
 
-    async def subscribe(self, session: str | None = None) -> AsyncIterator[Event]:
+    async def events(self, session: str | None = None) -> AsyncIterator[Event]:
         """Events emitted by runs (of one session, or all), plus run.ended, until close.
 
         Stale output fence: an event is checked again as it is handed out; if
@@ -649,14 +611,14 @@ class AsyncSupervisor:
         `events.dropped` event whose data says how many it missed, so the
         supervisor's memory does not grow with a slow reader.
         """
-        entry = _Subscription(session)
+        entry = Subscription(session)
         self._subscribers.append(entry)
         try:
             while True:
                 event = await entry.get()
                 if event is None:
                     return
-                owner = self.registry.by_key.get(event.session) if event.session else None
+                owner = self.owner_of(event.session) if event.session else None
                 if owner is not None and event.kind not in ("run.ended", "events.dropped") \
                         and not owner.is_current(event.generation):
                     self.journal.fenced(event.run_id, time.monotonic_ns(), "emit",
@@ -665,50 +627,6 @@ class AsyncSupervisor:
                 yield event
         finally:
             self._subscribers.remove(entry)
-
-    # -- sessions (see supervisor/registry.py) ------------------------------------------------
-    def register_agent(self, name: str, target: Any, *, tools: Sequence[str] = (), limits: Limits | None = None,
-                       grace: float | None = None, may_stop_sessions: bool = False,
-                       peers: Sequence[str] = (), cwd: str | None = None, env: dict[str, str] | None = None,
-                       network: str = "none", private_tmp: bool | None = None) -> None:
-        """Name an agent that sessions (and sub-agents, via sessions.spawn) can run.
-
-        cwd, env, network, private_tmp: as for start(), for every run of the agent.
-
-        may_stop_sessions: a sub-agent of this kind may use `sessions.stop`
-        (top-level runs may always stop sessions they spawned).
-        peers: agents whose sessions runs of this one may send to or stop
-        without having spawned them (the agent-to-agent allow-list).
-        """
-        self.registry.register_agent(name, target, tools=tools, limits=limits, grace=grace,
-                                     may_stop_sessions=may_stop_sessions, peers=peers, cwd=cwd, env=env,
-                                     network=network, private_tmp=private_tmp)
-
-    @property
-    def agents(self) -> dict[str, AgentSpec]:
-        return self.registry.agents
-
-    def session(self, key: str, agent: Any = None, *, parent: AsyncSession | None = None,
-                label: str | None = None) -> AsyncSession:
-        """Create or get the session `key`. A new session needs an agent."""
-        return self.registry.session(key, agent, parent=parent, label=label)
-
-    def get_session(self, key: str) -> AsyncSession:
-        return self.registry.get(key)
-
-    def sessions(self, active: bool | None = None, min_tokens: int | None = None) -> list[AsyncSession]:
-        """Sessions, optionally only (in)active ones or those that used at least `min_tokens`."""
-        return self.registry.find(active=active, min_tokens=min_tokens)
-
-    async def cleanup(self, older_than: float = 3600) -> list[str]:
-        """Remove idle sessions unchanged for `older_than` seconds, with every record of their runs."""
-        return await self.registry.cleanup(older_than)
-
-    def store_session(self, s: AsyncSession) -> None:
-        self.registry.store(s)
-
-    async def _start_session_run(self, session: AsyncSession, message: Any, messages: list[Any]) -> AsyncRun:
-        return await self.registry.start_run(session, message, messages)
 
     # -- sampling ---------------------------------------------------------------------------------
     def _ensure_sampler(self) -> None:

@@ -15,24 +15,56 @@ import logging
 import os
 import signal
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable, Protocol
 
-from ..egress.channel import Channel, RevokeRecord
+from ..egress.broker import Broker
+from ..egress.channel import Channel, GenerationCell, RevokeRecord
 from ..mechanisms.containment import CgroupContainment, Containment
 from ..errors import InvalidTransition, RunFailed, RunTimeout, StopIncomplete
 from ..mechanisms import procs
 from ..mechanisms.limits import KernelLimits, Limits, Usage, crossed
+from ..host.spawner_client import SpawnerClient
+from ..mechanisms.cgroups import InotifyWatcher
+from ..store.journal import Journal
 from ..store.report import StopReport
 from .states import RunState, RunStateMachine
 from .stop import KILL_BOUND, StopMode, StopProgress, StopRequest, stop_sequence
-
-if TYPE_CHECKING:
-    from .engine import AsyncSupervisor
 
 log = logging.getLogger("deadstop.run")
 
 #: live_usage() measures again when its last look is older than this.
 FRESH_USAGE = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class RunServices:
+    """What a run may use of its engine, and nothing else: its loop, the journal it
+    writes, the broker that holds its channel, the host that reaps its leader, the
+    cgroup watcher, and the one callback that hands its end back to the engine."""
+
+    loop: asyncio.AbstractEventLoop
+    journal: Journal
+    broker: Broker
+    spawner: SpawnerClient
+    watcher: InotifyWatcher | None
+    finished: Callable[["AsyncRun"], None]
+
+
+class RunOwner(Protocol):
+    """Who a run serves (a session): the engine asks it, never the other way round,
+    whether a run's generation is still current and whether its result counts."""
+
+    key: str
+    gen: GenerationCell
+
+    @property
+    def generation(self) -> int: ...
+
+    def is_current(self, generation: int) -> bool: ...
+
+    def offer_answer(self, run: "AsyncRun", value: Any) -> bool: ...
+
+    def run_ended(self, run: "AsyncRun") -> None: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,11 +77,11 @@ class ExitInfo:
 
 
 class AsyncRun:
-    def __init__(self, sup: "AsyncSupervisor", run_id: str, kind: str, target: str, tools: list[str],
-                 grace: float, channel: Channel, *, session: Any = None, limits: Limits | None = None,
+    def __init__(self, services: RunServices, run_id: str, kind: str, target: str, tools: list[str],
+                 grace: float, channel: Channel, *, owner: RunOwner | None = None, limits: Limits | None = None,
                  inbox: dict[str, Any] | None = None):
-        self._sup = sup
-        self.session = session  # the AsyncSession this run serves, if any
+        self._services = services
+        self.owner = owner  # the session this run serves, if any
         self.generation = channel.generation
         self.limits = limits
         self.usage = Usage()
@@ -90,21 +122,21 @@ class AsyncRun:
         return self.machine.state
 
     def _journal_transition(self, old: RunState, new: RunState, t_ns: int) -> None:
-        self._sup.journal.transition(self.id, old.value, new.value, t_ns)
+        self._services.journal.transition(self.id, old.value, new.value, t_ns)
 
     def attach(self, pid: int, create_time: float, pidfd: int | None, containment: Containment) -> None:
         """The spawner forked the leader: watch it and mark the run running."""
         self.pid, self.create_time, self.pidfd, self.containment = pid, create_time, pidfd, containment
         if self.kernel_limits is not None:
-            self.kernel_limits.watch(self._sup.loop, getattr(self._sup, "watcher", None), self.check_kernel_limits)
-        self._sup.journal.run_started(self.id, pid, create_time)
+            self.kernel_limits.watch(self._services.loop, self._services.watcher, self.check_kernel_limits)
+        self._services.journal.run_started(self.id, pid, create_time)
         if self.machine.state is RunState.STARTING:
             self.machine.to(RunState.RUNNING)
             self._clock_start()
         if pidfd is not None:
-            self._sup.loop.add_reader(pidfd, self._on_leader_exit)
+            self._services.loop.add_reader(pidfd, self._on_leader_exit)
         else:  # no pidfd (macOS): a thread waits on psutil for us
-            self._sup.loop.run_in_executor(None, self._wait_leader_psutil)
+            self._services.loop.run_in_executor(None, self._wait_leader_psutil)
 
     def _wait_leader_psutil(self) -> None:
         import psutil
@@ -113,13 +145,13 @@ class AsyncRun:
             psutil.Process(self.pid).wait()
         except psutil.Error:
             pass
-        self._sup.loop.call_soon_threadsafe(self._on_leader_exit)
+        self._services.loop.call_soon_threadsafe(self._on_leader_exit)
 
     def _on_leader_exit(self) -> None:
         if self.leader_exited.is_set():
             return
         if self.pidfd is not None:
-            self._sup.loop.remove_reader(self.pidfd)
+            self._services.loop.remove_reader(self.pidfd)
         self.leader_exited.set()
         if self.containment is not None:
             self.containment.changed()
@@ -141,11 +173,11 @@ class AsyncRun:
     # -- the one end -----------------------------------------------------------------
     def revoke(self, source: str, reason: str, *, commit: bool = True) -> RevokeRecord:
         """Close the run's egress now (idempotent); the first call's record wins."""
-        return self._sup.broker.revoke(self.channel, source, reason, commit=commit)
+        return self._services.broker.revoke(self.channel, source, reason, commit=commit)
 
     def disconnect(self) -> None:
         """Close the revoked run's endpoint and the connections accepted through it."""
-        self._sup.broker.disconnect(self.channel)
+        self._services.broker.disconnect(self.channel)
 
     def _begin(self, req: StopRequest, limit: str | None = None) -> asyncio.Task:
         if self._stop_task is None:
@@ -157,7 +189,7 @@ class AsyncRun:
             # Revoke in the caller's own loop step, not in the task's first
             # step: nothing the run sends after this line is dispatched.
             self.revoke(req.source, req.reason)
-            self._stop_task = self._sup.loop.create_task(self._finish(req), name=f"deadstop-stop-{self.id}")
+            self._stop_task = self._services.loop.create_task(self._finish(req), name=f"deadstop-stop-{self.id}")
         return self._stop_task
 
     async def _finish(self, req: StopRequest) -> StopReport:
@@ -179,10 +211,10 @@ class AsyncRun:
         self.usage.tool_calls = self.channel.calls
         self.report = report
         self.machine.to(RunState(report.outcome))
-        self._sup.journal.run_ended(self.id, report.outcome, report.reaped_at, report.exit_code,
+        self._services.journal.run_ended(self.id, report.outcome, report.reaped_at, report.exit_code,
                                     report.exit_signal, report.to_dict(), self.usage.to_dict())
         self._release_handles()
-        self._sup.run_finished(self)
+        self._services.finished(self)
         return report
 
     def _last_resort_kill(self) -> None:
@@ -223,7 +255,7 @@ class AsyncRun:
         if not left:
             return
         found = set(left)
-        loop = self._sup.loop
+        loop = self._services.loop
         deadline = loop.time() + KILL_BOUND
         while left and loop.time() < deadline:
             procs.signal_members(left, signal.SIGKILL, k.v1.members)
@@ -246,7 +278,7 @@ class AsyncRun:
             self._retry_kernel_cleanup(0.05)
         if self.pidfd is not None:
             if not self.leader_exited.is_set():
-                self._sup.loop.remove_reader(self.pidfd)
+                self._services.loop.remove_reader(self.pidfd)
             os.close(self.pidfd)
             self.pidfd = None
 
@@ -260,7 +292,7 @@ class AsyncRun:
                 self._retry_kernel_cleanup(delay * 2)
             else:
                 log.warning("run %s: its v1 cgroups are still busy; the supervisor removes them at close", self.id)
-        self._sup.loop.call_later(delay, retry)
+        self._services.loop.call_later(delay, retry)
 
     async def release_leader(self) -> int | None:
         """Wait for the leader to be gone, then let the spawner reap it (unpins the pgid)."""
@@ -273,7 +305,7 @@ class AsyncRun:
             return None
         try:
             pinned = not isinstance(self.containment, CgroupContainment)
-            return await asyncio.wait_for(self._sup.spawner.release(self.pid, pinned), KILL_BOUND)
+            return await asyncio.wait_for(self._services.spawner.release(self.pid, pinned), KILL_BOUND)
         except Exception:  # spawner gone: the leader was reaped elsewhere
             return None
 
@@ -282,7 +314,7 @@ class AsyncRun:
         self._active_since = time.monotonic()
         if self.limits is not None and self.limits.wall_clock is not None:
             remaining = self.limits.wall_clock - self.usage.wall_clock
-            self._deadline = self._sup.loop.call_later(max(0.0, remaining), self.quota, "wall_clock")
+            self._deadline = self._services.loop.call_later(max(0.0, remaining), self.quota, "wall_clock")
 
     def _clock_stop(self) -> None:
         if self._active_since is not None:
@@ -378,7 +410,7 @@ class AsyncRun:
             return True
         if self.machine.state is not RunState.RUNNING:
             raise InvalidTransition(f"run {self.id} is {self.state.value}; only a running run can be paused")
-        self._sup.broker.hold(self.channel)
+        self._services.broker.hold(self.channel)
         self.machine.to(RunState.PAUSED)
         self._clock_stop()
         assert self.containment is not None
@@ -398,7 +430,7 @@ class AsyncRun:
             return thawed  # stopped meanwhile: the stop sequence owns it now
         self.machine.to(RunState.RUNNING)
         self._clock_start()
-        self._sup.broker.release(self.channel)
+        self._services.broker.release(self.channel)
         return thawed
 
     def final_state(self, mode: str, exit_code: int | None) -> RunState:

@@ -13,7 +13,11 @@ import threading
 import time
 from typing import Any, Callable, Iterator, Sequence
 
-from ..engine.engine import AsyncSupervisor, Event
+from ...ipc.control import Health, RunInfo
+from ..control.api import ControlAPI
+from ..control.policy import LIBRARY
+from ..engine.events import Event
+from .async_supervisor import AsyncSupervisor
 from ..errors import SupervisorClosed
 from ..mechanisms.limits import Usage
 from ..sessions.session import AsyncSession
@@ -108,8 +112,10 @@ class Session:
 
     @property
     def runs(self) -> list[Run]:
+        """Handles on this session's runs still in memory (live, and the newest ended ones);
+        `Supervisor.run_records(key)` has every one of them from the store."""
         core = self._sup._core
-        found = self._sup._call(_value(lambda: [core.runs[r] for r in self._core.runs if r in core.runs]))
+        found = self._sup._call(_value(lambda: [r for r in map(core.find_run, self._core.runs) if r is not None]))
         return [Run(self._sup, r) for r in found]
 
     @property
@@ -127,21 +133,27 @@ class Session:
     def info(self) -> dict[str, Any]:
         return self._sup._call(_value(self._core.info))
 
+    # The verbs go through the control API, as any other caller's do.
     def send(self, message: Any) -> Run:
         """Start a run with `message`; takes over an active run (see AsyncSession.send)."""
-        return Run(self._sup, self._sup._call(self._core.send(message)))
+        return Run(self._sup, self._sup._call(self._control.send(LIBRARY, self.key, message)))
 
     def stop(self, grace: float | None = None) -> list[StopReport]:
-        return self._sup._call(self._core.stop(grace))
+        return self._sup._call(self._control.stop_session(LIBRARY, self.key, grace))
 
     def kill(self) -> list[StopReport]:
-        return self._sup._call(self._core.kill())
+        return self._sup._call(self._control.kill_session(LIBRARY, self.key))
 
     def pause(self) -> bool:
-        return self._sup._call(self._core.pause())
+        """Hold egress and freeze the session's tree; False if nothing was running."""
+        return self._sup._call(self._control.pause_session(LIBRARY, self.key))
 
     def resume(self) -> bool:
-        return self._sup._call(self._core.resume())
+        return self._sup._call(self._control.resume_session(LIBRARY, self.key))
+
+    @property
+    def _control(self) -> ControlAPI:
+        return self._sup._core.control
 
     def __repr__(self) -> str:
         return f"<Session {self.key} gen={self.generation} {self.state}>"
@@ -239,7 +251,16 @@ class Supervisor:
         return Run(self, self._core.get_run(run_id))
 
     def runs(self) -> list[Run]:
-        return [Run(self, r) for r in list(self._core.runs.values())]
+        """Handles on the runs in memory: live ones, and the newest ended ones."""
+        return [Run(self, r) for r in self._call(_value(self._core.runs_in_memory))]
+
+    def run_records(self, session: str | None = None, *, active: bool | None = None,
+                    limit: int = 1000) -> list[RunInfo]:
+        """Every run the store knows, oldest first (ControlAPI's runs.list)."""
+        return self._call(_value(lambda: self._core.run_records(session, active=active, limit=limit)))
+
+    def health(self) -> Health:
+        return self._call(_value(lambda: self._core.control.health(LIBRARY)))
 
     def subscribe(self, session: str | None = None) -> Iterator[Event]:
         """Blocking iterator over events (of one session, or all); ends when the supervisor closes."""

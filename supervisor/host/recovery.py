@@ -29,6 +29,7 @@ from ...ipc import framing
 from ..mechanisms import leftovers
 from ..mechanisms import procs
 from ..mechanisms.cgroups import Cgroup
+from ..store import queries
 from ..store.journal import Journal
 from ..mechanisms.procs import boot_id
 from ..store.report import StopReport
@@ -69,16 +70,12 @@ async def recover(journal: Journal, own_id: str) -> list[dict[str, Any]]:
     db = journal.db
     this_boot = boot_id()
     dead: dict[str, dict[str, Any]] = {}
-    for sid, pid, ctime, boot in db.execute(
-            "SELECT id, pid, pid_create_time, boot_id FROM supervisors WHERE ended_wall IS NULL AND id != ?",
-            (own_id,)):
+    for sid, pid, ctime, boot in queries.unended_supervisors(db, own_id):
         if boot != this_boot or not _alive(pid, ctime):
             dead[sid] = {"boot": boot}
     if not dead:
         return []
-    placeholders = ",".join("?" * len(dead))
-    runs = db.execute(f"SELECT id, supervisor_id, pid, pid_create_time, cgroup, session FROM runs"
-                      f" WHERE ended_ns IS NULL AND supervisor_id IN ({placeholders})", tuple(dead)).fetchall()
+    runs = queries.unended_runs_of(db, list(dead))
     records = []
     killed_pids: list[int] = []
     same_boot = {sid for sid, info in dead.items() if info["boot"] == this_boot}
@@ -136,8 +133,8 @@ async def recover(journal: Journal, own_id: str) -> list[dict[str, Any]]:
 
 def _remove_dead_tree(db: Any, sid: str) -> None:
     """Remove the dead supervisor's cgroup subtree (deadstop-<id>-<owner>), now empty."""
-    for (path,) in db.execute("SELECT cgroup FROM runs WHERE supervisor_id = ? AND cgroup IS NOT NULL LIMIT 1",
-                              (sid,)):
+    path = queries.a_cgroup_of(db, sid)
+    if path is not None:
         root = os.path.dirname(path)
         if leftovers.is_subtree_of(os.path.basename(root), sid) and os.path.isdir(root):
             tree = Cgroup(root)

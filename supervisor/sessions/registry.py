@@ -1,29 +1,27 @@
 """Agents and sessions of one supervisor, and their rows in the store.
 
-The supervisor owns one SessionRegistry; AsyncSupervisor's session verbs
-(`register_agent`, `session`, `sessions`, `cleanup`) are thin wrappers over
-it. Sessions themselves (generation, takeover, tree stop) live in
-supervisor/sessions.py.
+AsyncSupervisor owns one SessionRegistry over its engine; the control API's
+session verbs reach sessions through it. Sessions themselves (generation,
+takeover, tree stop) live in session.py; what is read back from the store is
+in store/queries.py.
 """
 
 from __future__ import annotations
 
-import json
 import time
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
+from ..engine.engine import Engine
+from ..engine.run import AsyncRun
 from ..errors import InvalidTarget, SessionNotFound
 from ..mechanisms.limits import Limits, Usage
+from ..store import queries
 from .session import AgentSpec, AsyncSession
-
-if TYPE_CHECKING:
-    from ..engine.engine import AsyncSupervisor
-    from ..engine.run import AsyncRun
 
 
 class SessionRegistry:
-    def __init__(self, sup: "AsyncSupervisor"):
-        self._sup = sup
+    def __init__(self, engine: Engine):
+        self.engine = engine
         self.agents: dict[str, AgentSpec] = {}
         self._adhoc_agents: dict[str, AgentSpec] = {}  # callables given directly to session()
         self.by_key: dict[str, AsyncSession] = {}
@@ -35,11 +33,10 @@ class SessionRegistry:
         """See AsyncSupervisor.register_agent. Checks the target and tools now, not at the first message."""
         if not isinstance(name, str) or not name:
             raise ValueError("agent name must be a non-empty string")
-        self._sup._prepare_target(target, (), {})
-        self._sup._check_tools(tools)
+        self.engine.prepare_target(target, (), {})
         limits = Limits.coerce(limits)
-        self._sup.check_limits(limits)  # LimitUnenforceable now, not at the first message
-        self._sup._check_run_options(cwd, network)
+        self.engine.check_limits(limits)  # LimitUnenforceable now, not at the first message
+        self.engine.check_run_options(tools, cwd, network)
         self.agents[name] = AgentSpec(name, target, tuple(tools), limits, grace, may_stop_sessions,
                                       frozenset(peers), cwd, dict(env) if env else None, network, private_tmp)
 
@@ -59,7 +56,7 @@ class SessionRegistry:
     def session(self, key: str, agent: Any = None, *, parent: AsyncSession | None = None,
                 label: str | None = None) -> AsyncSession:
         """Create or get the session `key`. A new session needs an agent."""
-        self._sup._check_open()
+        self.engine.check_open()
         existing = self.by_key.get(key)
         if existing is not None:
             if agent is not None:
@@ -73,7 +70,7 @@ class SessionRegistry:
         spec = self.agent_spec(agent)
         if spec.name not in self.agents:
             self._adhoc_agents[spec.name] = spec
-        s = AsyncSession(self._sup, key, spec.name, parent=parent, label=label)
+        s = AsyncSession(self, key, spec.name, parent=parent, label=label)
         if parent is not None:
             parent.children.append(s)
         self.by_key[key] = s
@@ -96,7 +93,7 @@ class SessionRegistry:
             out.append(s)
         return out
 
-    async def start_run(self, session: AsyncSession, message: Any, messages: list[Any]) -> "AsyncRun":
+    async def start_run(self, session: AsyncSession, message: Any, messages: list[Any]) -> AsyncRun:
         spec = self.agents.get(session.agent) or self._adhoc_agents.get(session.agent)
         if spec is None:
             raise InvalidTarget(f"session {session.key!r}: agent {session.agent!r} is not registered "
@@ -105,12 +102,12 @@ class SessionRegistry:
                    "parent": session.parent.key if session.parent else None, "label": session.label}
         inbox = {"message": message, "messages": messages, "context": context}
         if callable(spec.target):
-            kind, desc, blob, argv = self._sup._prepare_target(spec.target, (message,), context)
+            kind, desc, blob, argv = self.engine.prepare_target(spec.target, (message,), context)
         else:
-            kind, desc, blob, argv = self._sup._prepare_target(spec.target, (), {})
-        run = await self._sup._launch(kind, desc, blob, argv, list(spec.tools), spec.grace, spec.env, spec.cwd,
-                                      limits=spec.limits, session=session, inbox=inbox, network=spec.network,
-                                      private_tmp=spec.private_tmp)
+            kind, desc, blob, argv = self.engine.prepare_target(spec.target, (), {})
+        run = await self.engine.launch(kind, desc, blob, argv, list(spec.tools), spec.grace, spec.env, spec.cwd,
+                                       limits=spec.limits, owner=session, inbox=inbox, network=spec.network,
+                                       private_tmp=spec.private_tmp)
         session.active_run = run
         session.runs.append(run.id)
         self.store(session)
@@ -118,25 +115,18 @@ class SessionRegistry:
 
     def load(self) -> None:
         """Sessions survive restarts: rebuild them (idle) from the store."""
-        rows = self._sup.journal.db.execute(
-            "SELECT key, agent, parent, label, generation, created_wall, updated_wall, last_outcome,"
-            " aborted_last_run, answer, answer_generation, usage FROM sessions ORDER BY created_wall").fetchall()
-        runs_of: dict[str, list[str]] = {}
-        for run_id, key in self._sup.journal.db.execute(
-                "SELECT id, session FROM runs WHERE session IS NOT NULL ORDER BY created_ns"):
-            runs_of.setdefault(key, []).append(run_id)
-        for (key, agent, parent, label, generation, created, updated, outcome, aborted, answer, answer_gen,
-             usage) in rows:
-            s = AsyncSession(self._sup, key, agent, parent=self.by_key.get(parent), label=label,
-                             generation=generation or 0)
+        runs_of = queries.session_runs(self.engine.journal.db)
+        for row in queries.sessions(self.engine.journal.db):
+            s = AsyncSession(self, row.key, row.agent, parent=self.by_key.get(row.parent) if row.parent else None,
+                             label=row.label, generation=row.generation)
             if s.parent is not None:
                 s.parent.children.append(s)
-            s.created_wall, s.updated_wall = created, updated
-            s.last_outcome, s.aborted_last_run = outcome, bool(aborted)
-            s.answer, s.answer_generation = (json.loads(answer) if answer else None), answer_gen
-            s.ended_usage = Usage.from_dict(json.loads(usage) if usage else None)
-            s.runs = runs_of.get(key, [])
-            self.by_key[key] = s
+            s.created_wall, s.updated_wall = row.created_wall, row.updated_wall
+            s.last_outcome, s.aborted_last_run = row.last_outcome, row.aborted_last_run
+            s.answer, s.answer_generation = row.answer, row.answer_generation
+            s.ended_usage = Usage.from_dict(row.usage)
+            s.runs = runs_of.get(row.key, [])
+            self.by_key[row.key] = s
 
     async def cleanup(self, older_than: float = 3600) -> list[str]:
         """Remove sessions that are idle, whose whole subtree is idle, and that
@@ -153,19 +143,16 @@ class SessionRegistry:
         if not gone:
             return []
         keys = [s.key for s in gone]
-        self._sup.journal.forget(keys)
+        self.engine.journal.forget(keys)
         for s in gone:
             self.by_key.pop(s.key, None)
-            for run_id in s.runs:
-                run = self._sup.runs.pop(run_id, None)
-                if run is not None:
-                    self._sup.broker.channels.pop(run_id, None)
+            self.engine.forget_runs(s.runs)
             if s.parent is not None and s.parent not in gone:
                 s.parent.children.remove(s)
         return keys
 
     def store(self, s: AsyncSession) -> None:
-        self._sup.journal.session({
+        self.engine.journal.session({
             "key": s.key, "agent": s.agent, "parent": s.parent.key if s.parent else None, "label": s.label,
             "generation": s.generation, "created_wall": s.created_wall, "updated_wall": s.updated_wall,
             "last_run": s.runs[-1] if s.runs else None, "last_outcome": s.last_outcome,

@@ -29,8 +29,8 @@ from ..engine.stop import StopRequest
 from ..engine.states import LIVE, RunState
 
 if TYPE_CHECKING:
-    from ..engine.engine import AsyncSupervisor
     from ..engine.run import AsyncRun
+    from .registry import SessionRegistry
 
 log = logging.getLogger("deadstop.sessions")
 
@@ -73,9 +73,9 @@ def combine(messages: list[Any]) -> Any:
 
 
 class AsyncSession:
-    def __init__(self, sup: "AsyncSupervisor", key: str, agent: str, *, parent: "AsyncSession | None" = None,
+    def __init__(self, registry: "SessionRegistry", key: str, agent: str, *, parent: "AsyncSession | None" = None,
                  label: str | None = None, generation: int = 0):
-        self._sup = sup
+        self._registry = registry
         self.key = key
         self.agent = agent
         self.parent = parent
@@ -154,7 +154,7 @@ class AsyncSession:
         """New generation: every output and request of older runs is stale from now on."""
         self.gen.value += 1
         self.updated_wall = time.time()
-        self._sup.store_session(self)
+        self._registry.store(self)
         return self.gen.value
 
     def is_current(self, generation: int) -> bool:
@@ -169,12 +169,12 @@ class AsyncSession:
         every message that arrived meanwhile, combined in order. Returns the
         run that received this message.
         """
-        self._sup._check_open()
+        self._registry.engine.check_open()
         fut = asyncio.get_running_loop().create_future()
         self.bump()
         self._inbox.append((message, fut))
         self._on_behalf_of = on_behalf_of
-        self._sup.journal.message(self.key, self.generation, message)
+        self._registry.engine.journal.message(self.key, self.generation, message)
         self._end_tree(mode="stop", source="takeover", reason="a new message superseded the run",
                        include_self=True, bump=False, clear_inbox=False)
         if self._driver is None or self._driver.done():
@@ -200,7 +200,7 @@ class AsyncSession:
                                                          "was stopped or superseded before it started"))
                 continue
             try:
-                run = await self._sup._start_session_run(self, combine(messages), messages)
+                run = await self._registry.start_run(self, combine(messages), messages)
                 if self._sender_superseded():  # the sender ended while this child was starting
                     self._end_tree(mode="kill", source="parent", reason="the sending run was stopped",
                                    include_self=True, bump=True, clear_inbox=True)
@@ -243,10 +243,16 @@ class AsyncSession:
         runs = [s.active_run for s in sessions if s.active_run is not None and s.active_run.state in LIVE]
         for run in runs:
             run.revoke(source, reason, commit=False)
-        self._sup.journal.commit_now()  # the whole tree's revocations, on record before any signal
+        self._registry.engine.journal.commit_now()  # the whole tree's revocations, on record before any signal
         tasks = [run.begin_end(mode, source, reason, grace) for run in runs]
         self._ending.extend(tasks)
         return tasks
+
+    def close_inbox(self, reason: str) -> None:
+        """Nothing queued will start (the supervisor is closing): fail the queued messages, stop driving."""
+        self._drop_inbox(reason)
+        if self._driver is not None and not self._driver.done():
+            self._driver.cancel()
 
     def _drop_inbox(self, reason: str) -> None:
         inbox, self._inbox = self._inbox, []
@@ -286,7 +292,7 @@ class AsyncSession:
             return False
         for run in runs:  # egress first, for the whole tree, before any freeze
             if run.state is RunState.RUNNING:
-                self._sup.broker.hold(run.channel)
+                self._registry.engine.broker.hold(run.channel)
         results = await asyncio.gather(*(r.pause() for r in runs if r.state in (RunState.RUNNING,
                                                                                   RunState.PAUSED)))
         return all(results)
@@ -307,13 +313,13 @@ class AsyncSession:
         if run is self.active_run:
             self.last_outcome = run.state.value
             self.aborted_last_run = run.state in (RunState.STOPPED, RunState.KILLED)
-        self._sup.store_session(self)
+        self._registry.store(self)
 
     def offer_answer(self, run: "AsyncRun", value: Any) -> bool:
         """The run's return value becomes the answer only if its generation is current."""
         if not self.is_current(run.generation):
             return False
         self.answer, self.answer_generation = value, run.generation
-        self._sup.store_session(self)
+        self._registry.store(self)
         return True
 

@@ -1,0 +1,77 @@
+"""What runs emit, as subscribers receive it, and each subscriber's bounded backlog."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import time
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """Something a run emitted (or a lifecycle change), as delivered to subscribers."""
+
+    run_id: str
+    kind: str
+    data: Any
+    t_ns: int
+    session: str | None = None
+    generation: int = 0
+
+
+#: Events a subscriber may have waiting before newer ones are dropped (counted).
+SUBSCRIBER_BACKLOG = 10_000
+
+
+class _Gap:
+    """Where a slow subscriber's backlog overflowed: how many events it missed there."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 1
+
+
+class Subscription:
+    """One subscriber's backlog: bounded; what overflowed is counted in place, in order."""
+
+    def __init__(self, session: str | None):
+        self.session = session
+        self._items: collections.deque[Event | _Gap] = collections.deque()
+        self._events = 0  # Events (not gaps) in _items
+        self._wake = asyncio.Event()
+        self._closed = False
+
+    def offer(self, event: Event) -> None:
+        if self._events >= SUBSCRIBER_BACKLOG and event.kind != "run.ended":
+            last = self._items[-1] if self._items else None
+            if isinstance(last, _Gap):
+                last.count += 1
+            else:
+                self._items.append(_Gap())
+        else:
+            self._items.append(event)
+            self._events += 1
+        self._wake.set()
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+
+    def backlog(self) -> int:
+        """Events waiting to be handed out."""
+        return self._events
+
+    async def get(self) -> Event | None:
+        while not self._items:
+            if self._closed:
+                return None
+            self._wake.clear()
+            await self._wake.wait()
+        item = self._items.popleft()
+        if isinstance(item, _Gap):
+            return Event("", "events.dropped", {"count": item.count}, time.monotonic_ns(), self.session)
+        self._events -= 1
+        return item
