@@ -4,7 +4,7 @@ A caller (the library in-process, an operator at the command line, a gateway
 over RPC, a run through its `sessions.*` tools) names a verb and sends its
 request struct; it gets the verb's reply struct or a `ControlFault` with a
 numbered `Fault`. The numbers and verb names are part of the protocol
-(docs/protocol.md) and never change meaning; fields may be added with
+(docs/control.md) and never change meaning; fields may be added with
 defaults.
 
 Each verb needs one scope: `read` verbs change nothing, `write` verbs start or
@@ -283,7 +283,7 @@ def request_from(verb: str, args: dict[str, Any]) -> AnyRequest:
     if entry is None:
         raise ControlFault(Fault.UNKNOWN_VERB, f"unknown verb {verb!r}; verbs: {', '.join(VERBS)}")
     try:
-        return msgspec.convert(args, entry.request)  # type: ignore[no-any-return]
+        return msgspec.convert(args, entry.request)
     except msgspec.ValidationError as exc:
         raise ControlFault(Fault.BAD_ARGUMENTS, f"{verb}: {exc}") from None
 

@@ -199,3 +199,24 @@ def test_calls_sharing_a_request_id_are_all_cancelled(tmp_path) -> None:
         report = run.stop()
     assert report.handlers_cancelled == 2
     assert effects == []
+
+
+def test_a_failing_stop_sequence_still_ends_the_tree_and_reports_it(tmp_path) -> None:
+    """A host failure in the middle of the sequence (here: SIGTERM cannot be sent) must not
+    leave the run half-stopped: the fail-safe kills and sweeps the layer, and the report says so."""
+    async def main() -> None:
+        async with AsyncSupervisor() as sup:
+            run = await _started(sup, behaviours.tree, str(tmp_path), 5)
+            assert len(marked_processes(run.id)) >= 6
+
+            def broken_signal(sig: int) -> None:
+                raise OSError(5, "the host failed under the stop")
+            run.containment.signal = broken_signal  # the fault injected; the fail-safe is what is tested
+            report = await run.stop(grace=30)
+            assert report.ended_by == "failsafe" and "the host failed under the stop" in report.failure, report
+            assert report.outcome == "killed" and report.survivors == 0, report
+            assert report.revoked_at <= report.kill_sent_at, report
+            assert marked_processes(run.id) == {}, "the fail-safe left processes of the run alive"
+            assert run.state.value == "killed"
+
+    asyncio.run(main())

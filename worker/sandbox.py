@@ -19,7 +19,7 @@ fails closed instead of running a half-confined run:
    syscalls it denies.
 
 The plan (which namespaces, which mounts, which uid) is computed by the
-supervisor (supervisor/isolation.py) and arrives in the start message; this
+supervisor (supervisor/mechanisms/isolation.py) and arrives in the start message; this
 module only carries it out. Nothing here imports beyond the standard library
 and worker.platform, so a run pays for no import it does not need.
 """

@@ -17,6 +17,7 @@ any path, so nothing the tree sends after the call is dispatched.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import TYPE_CHECKING, Any, AsyncIterator
@@ -44,6 +45,9 @@ _FAULTS: list[tuple[type[BaseException], Fault]] = [
     (InvalidTarget, Fault.INVALID_TARGET), (SupervisorClosed, Fault.SHUTTING_DOWN),
     (StopIncomplete, Fault.STOP_INCOMPLETE), (ValueError, Fault.BAD_ARGUMENTS), (DeadstopError, Fault.FAILED),
 ]
+
+
+_REPORT_FIELDS = frozenset(f.name for f in dataclasses.fields(StopReport))
 
 
 def fault_of(exc: BaseException) -> ControlFault:
@@ -202,20 +206,29 @@ class ControlAPI:
         return infos[-limit:]
 
     async def stop_run(self, who: Principal, run_id: str, grace: float | None = None) -> StopReport:
-        run = self._live_for_stop(who, run_id, "runs.stop")
+        """Stop one run; idempotent: a run that already ended answers with its report."""
+        run = self._for_stop(who, run_id, "runs.stop")
+        if isinstance(run, StopReport):
+            return run
         return await run.stop(grace, source=who.source, reason=self._reason(who, "stop requested"))
 
     async def kill_run(self, who: Principal, run_id: str) -> StopReport:
-        run = self._live_for_stop(who, run_id, "runs.kill")
+        run = self._for_stop(who, run_id, "runs.kill")
+        if isinstance(run, StopReport):
+            return run
         return await run.kill(source=who.source, reason=self._reason(who, "kill requested"))
 
-    def _live_for_stop(self, who: Principal, run_id: str, verb: str) -> AsyncRun:
+    def _for_stop(self, who: Principal, run_id: str, verb: str) -> AsyncRun | StopReport:
+        """The run to end, or the stored report of one that ended and left memory."""
         self._verb(who, verb)
         run = self._engine.find_run(run_id)
         if run is None:
-            if queries.run(self._engine.journal.db, run_id) is not None:
-                raise InvalidTransition(f"run {run_id} has already ended; its report: runs.show")
-            raise RunNotFound(f"no run {run_id!r} in supervisor {self._engine.id}")
+            row = queries.run(self._engine.journal.db, run_id)
+            if row is None or not self._run_visible(who, row.session):
+                raise RunNotFound(f"no run {run_id!r} in this state directory")
+            if row.report is None:
+                raise InvalidTransition(f"run {run_id} belongs to supervisor {row.supervisor_id}, not this one")
+            return StopReport(**{k: v for k, v in row.report.items() if k in _REPORT_FIELDS})
         if who.kind == "run":
             self.policy.check_may_stop(who)
             owner = self._registry.by_key.get(run.owner.key) if run.owner else None
@@ -260,6 +273,9 @@ class ControlAPI:
         if isinstance(r, wire.SessionsShow):
             return session_info(self.session(who, r.key))
         if isinstance(r, wire.SessionsSend):
+            if r.agent is not None and r.agent not in self._registry.agents:
+                raise ControlFault(Fault.NO_SUCH_AGENT, f"agent {r.agent!r} is not registered "
+                                                        f"(registered: {sorted(self._registry.agents)})")
             run = await self.send(who, r.key, r.message, agent=r.agent)
             return wire.SendReply(key=r.key, run_id=run.id, generation=run.generation)
         if isinstance(r, wire.SessionsSpawn):

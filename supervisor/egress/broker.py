@@ -291,11 +291,11 @@ class Broker:
     # -- pause ---------------------------------------------------------------------
     def hold(self, chan: Channel) -> None:
         """From now on requests of the run queue up instead of being dispatched."""
-        chan.paused = True
+        if chan.held is None:
+            chan.held = []
 
     def release(self, chan: Channel) -> None:
         """Dispatch what was held, in arrival order, re-checking each request."""
-        chan.paused = False
         for ident, req, _arrived in chan.take_held():  # journaled at release time, in arrival order
             t = time.monotonic_ns()
             if chan.revocation is not None:
@@ -309,6 +309,7 @@ class Broker:
 
     def _hold(self, ident: bytes, chan: Channel, req: schema.Request, size: int, t: int) -> None:
         """Queue a paused run's request, within MAX_HELD requests and MAX_HELD_BYTES of bodies."""
+        assert chan.held is not None
         if len(chan.held) >= MAX_HELD or chan.held_bytes + size > MAX_HELD_BYTES:
             self._refuse(ident, chan, req.id, _verb(req), _name(req), ErrorCode.QUEUE_FULL,
                          f"run {chan.run_id} is paused and holds {len(chan.held)} requests ({chan.held_bytes} "
@@ -478,7 +479,7 @@ class Broker:
                          f"event kind {req.kind!r} is the supervisor's own ({', '.join(schema.RESERVED_KIND_PREFIXES)}"
                          f"*); a run may not emit it", t)
             return
-        if chan.paused and not isinstance(req, schema.Ping):
+        if chan.held is not None and not isinstance(req, schema.Ping):
             self._hold(ident, chan, req, len(body), t)
             return
         self._dispatch(ident, chan, req, t)

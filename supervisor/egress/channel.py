@@ -73,7 +73,7 @@ class TokenBucket:
 class Channel:
     __slots__ = ("run_id", "_credential", "_digest", "allowed", "generation", "current", "revocation", "gate",
                  "in_flight", "refused_after_revoke", "cancelled_at_revoke", "calls", "max_calls", "held",
-                 "held_bytes", "paused", "address", "endpoint", "peer_uid", "peer_gid", "peers", "budget",
+                 "held_bytes", "address", "endpoint", "peer_uid", "peer_gid", "peers", "budget",
                  "abused")
 
     def __init__(self, run_id: str, credential: bytes, allowed: frozenset[str], generation: int = 0,
@@ -94,11 +94,12 @@ class Channel:
         self.generation = generation  # the run's own generation (what its frames must carry)
         self.current = current or GenerationCell(generation)  # its session's, now
         self.max_calls = max_calls
-        self.paused = False
-        self.held: list[tuple[bytes, Any, int]] = []  # requests held while paused, in arrival order
+        #: None while requests flow; while the run is paused, the requests held, in arrival order.
+        #: (The queue's existence is the pause: there is no separate flag to disagree with it.)
+        self.held: list[tuple[bytes, Any, int]] | None = None
         self.held_bytes = 0  # their body sizes, summed
         self.revocation: RevokeRecord | None = None
-        # Taken by revoke() and by every ToolContext.check(); see supervisor/tools.py.
+        # Taken by revoke() and by every ToolContext.check(); see supervisor/egress/tools.py.
         self.gate = threading.Lock()
         self.in_flight: dict[int, Any] = {}  # broker call sequence -> (asyncio handle, ToolContext)
         self.refused_after_revoke = 0
@@ -119,9 +120,13 @@ class Channel:
                 del peers[next(iter(peers))]
             peers[ident] = None
 
-    def take_held(self) -> list[tuple[bytes, Any, int]]:
+    @property
+    def holding(self) -> bool:
+        return self.held is not None
+
+    def take_held(self, *, keep_holding: bool = False) -> list[tuple[bytes, Any, int]]:
         """Empty the held queue, returning what it held in arrival order."""
-        held, self.held, self.held_bytes = self.held, [], 0
+        held, self.held, self.held_bytes = self.held or [], [] if keep_holding else None, 0
         return held
 
     @property

@@ -39,12 +39,11 @@ from ..mechanisms import leftovers
 from ..mechanisms.cgroup_v1 import V1Tree
 from ..errors import LimitUnenforceable
 from ..mechanisms.limits import TOKEN_KEYS, KernelLimits, Limits, LimitSupport, rlimits_for
-from ..store.report import StopReport
 from .events import Event, Subscription
 from .run import AsyncRun, RunOwner, RunServices
 from ..host.spawner_client import SpawnerClient
 from .states import LIVE, RunState
-from .stop import StopRequest
+from .stop import StopRequest, abort_start
 from ..egress.tools import ToolRegistry
 
 log = logging.getLogger("deadstop")
@@ -392,21 +391,11 @@ class Engine:
             started = await self.spawner.start(msg, cred_fd)
         except BaseException as exc:
             why = "start cancelled" if isinstance(exc, asyncio.CancelledError) else f"start failed: {exc}"
-            rec = self.broker.revoke(channel, "supervisor", why)
+            layer = CgroupContainment(cgroup, self.watcher, self.cgroups.has_kill) if cgroup is not None else None
+            report = abort_start(run, layer, why)
             self.broker.close_channel(run_id)
-            run.machine.to(RunState.FAILED)
-            report = StopReport(run_id=run_id, containment=self.containment, outcome=RunState.FAILED.value,
-                                ended_by="never-started", requested_at=rec.at, revoked_at=rec.at,
-                                revoke_source=rec.source, revoke_reason=why, isolation=confined.summary)
             if cgroup is not None:
-                left = cgroup.pids()
-                if left:  # forked before the cancel reached us: the layer's kill, as a stop would
-                    report.kill_sent_at = time.monotonic_ns()
-                    CgroupContainment(cgroup, self.watcher, self.cgroups.has_kill).kill()
-                    report.swept = len(left)
                 cgroup.remove()  # if still populated, close() removes the subtree after the spawner is gone
-            report.reaped_at = time.monotonic_ns()
-            run.report = report
             self.journal.run_ended(run_id, RunState.FAILED.value, report.reaped_at, None, None, report.to_dict())
             if kernel is not None:
                 kernel.cleanup()  # kills a child forked before the cancel, removes the v1 groups

@@ -92,7 +92,7 @@ class AsyncRun:
         self._measured_at = 0.0  # monotonic seconds of the last look at CPU and memory
         self.uid: int | None = None  # its own identity, under isolation
         self.isolation: dict[str, Any] = {}  # the layers it runs under (also in its report)
-        #: the kernel side of its memory_bytes / processes limits (supervisor/limits.py), if any
+        #: the kernel side of its memory_bytes / processes limits (supervisor/mechanisms/limits.py), if any
         self.kernel_limits: KernelLimits | None = None
         #: limit -> what enforces it: broker, timer, sampled, cgroup-v2:memory, cgroup-v1:pids, ...
         self.limits_enforcement: dict[str, str] = {}
@@ -108,7 +108,7 @@ class AsyncRun:
         self.containment: Containment | None = None
         self.leader_exited = asyncio.Event()
         self.report: StopReport | None = None
-        #: its stop, once one began (supervisor/stop.py StopProgress); None while it is not ending
+        #: its stop, once one began (supervisor/engine/stop.py StopProgress); None while it is not ending
         self.progress: StopProgress | None = None
         self._done = asyncio.Event()
         self._stop_task: asyncio.Task | None = None
@@ -194,11 +194,7 @@ class AsyncRun:
 
     async def _finish(self, req: StopRequest) -> StopReport:
         try:
-            report = await stop_sequence(self, req)
-        except BaseException:
-            log.exception("run %s: stop sequence failed; killing what is left", self.id)
-            self._last_resort_kill()
-            raise
+            report = await stop_sequence(self, req)  # raises only if cancelled: a failure is its "failsafe" report
         finally:
             self._done.set()
         self._final_kernel_counts()
@@ -216,15 +212,6 @@ class AsyncRun:
         self._release_handles()
         self._services.finished(self)
         return report
-
-    def _last_resort_kill(self) -> None:
-        try:
-            self.revoke("supervisor", "stop sequence failed")
-            if self.containment is not None:
-                self.containment.kill()
-                self.containment.sweep()
-        except Exception:
-            log.exception("run %s: last-resort kill failed", self.id)
 
     def _final_kernel_counts(self) -> None:
         """The kernel's peaks, read once more before the groups go (usage is then final)."""

@@ -2,7 +2,12 @@
 
 It is the only code that ends a run, whatever asked for the end: stop(),
 kill(), the leader exiting by itself (its leftovers are still swept), the
-supervisor closing, or the spawner dying. Each caller only picks the mode.
+supervisor closing, the spawner dying, or a start aborted half-way
+(`abort_start`). Each caller only picks the mode; each way out is a
+StopReport. If the sequence itself fails, it does not raise past the run:
+it kills and sweeps the layer anyway and reports `ended_by="failsafe"` with
+the failure. (A restarted supervisor's recovery, host/recovery.py, writes
+its StopReports for runs of a supervisor that no longer exists.)
 
 Guarantees kept here (docs/guarantees.md):
 G1 the channel is revoked and the revocation committed to the journal before
@@ -17,16 +22,20 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
+import logging
 import signal
 import time
 from typing import TYPE_CHECKING
 
-from ..store.report import StopReport
-from .states import RunState
+from ..mechanisms.containment import Containment
 from ..mechanisms.timer import sleep_until
+from ..store.report import EndedBy, StopReport
+from .states import RunState
 
 if TYPE_CHECKING:
     from .run import AsyncRun
+
+log = logging.getLogger("deadstop.stop")
 
 #: After SIGKILL the kernel still has to tear processes down (large address
 #: spaces, D-state I/O). Past this bound the stop reports survivors.
@@ -95,7 +104,7 @@ class StopProgress:
 
 async def _wait_empty_or_escalate(run: "AsyncRun", term_sent_at: int, grace: float) -> bool:
     """Wait for the layer to empty; give up when the grace period counted from
-    SIGTERM ends (to the microsecond, see supervisor/timer.py) or when kill()
+    SIGTERM ends (to the microsecond, see supervisor/mechanisms/timer.py) or when kill()
     escalates."""
     deadline = term_sent_at + int(grace * 1e9)
     empty = asyncio.ensure_future(run.containment.wait_empty(grace + 1.0))
@@ -122,10 +131,33 @@ async def stop_sequence(run: "AsyncRun", req: StopRequest) -> StopReport:
     if run.state is not RunState.STOPPING:
         run.machine.to(RunState.STOPPING)
 
+    try:
+        await _signal_and_sweep(run, req, layer, report)
+    except Exception as exc:  # a bug, or the host failing under us: the run still ends, here
+        log.exception("run %s: stop sequence failed; killing and sweeping its layer", run.id)
+        await _failsafe(run, layer, report, exc)
+
+    run.progress.phase = "reap"
+    # 4. Reap the leader; until now its zombie pinned the process group id.
+    #    A leader still alive after the kill bound (its pidfd never fired) is
+    #    a survivor whatever the layer's own view says.
+    left = report.survivor_pids
+    status = await run.release_leader()
+    if run.pid is not None and not run.leader_exited.is_set() and run.pid not in left:
+        left.append(run.pid)
+    report.survivors = len(left)
+    report.reaped_at = time.monotonic_ns()
+    report.exit_code, report.exit_signal = _decode_status(status)
+    report.refused_after_revoke = run.channel.refused_after_revoke
+    report.outcome = run.final_state(req.mode, report.exit_code).value
+    return report
+
+
+async def _signal_and_sweep(run: "AsyncRun", req: StopRequest, layer: Containment, report: StopReport) -> None:
     # 2. Signal the layer; right after the first signal, close the run's
     #    endpoint and its connections (physical revocation: see Broker.disconnect).
     if req.mode == "exit":
-        report.ended_by = "exited"
+        report.ended_by = EndedBy.EXITED
         run.disconnect()
         if layer.members():  # the leader left children behind: they go too
             report.kill_sent_at = time.monotonic_ns()
@@ -135,7 +167,7 @@ async def stop_sequence(run: "AsyncRun", req: StopRequest) -> StopReport:
         report.kill_sent_at = time.monotonic_ns()
         layer.kill()
         run.disconnect()
-        report.ended_by = "sigkill"
+        report.ended_by = EndedBy.SIGKILL
         await layer.wait_empty(KILL_BOUND)
     else:
         report.term_sent_at = time.monotonic_ns()
@@ -145,11 +177,11 @@ async def stop_sequence(run: "AsyncRun", req: StopRequest) -> StopReport:
             layer.thaw()  # a paused run must be able to act on SIGTERM
         run.progress.phase = "grace"
         if await _wait_empty_or_escalate(run, report.term_sent_at, req.grace):
-            report.ended_by = "sigterm"
+            report.ended_by = EndedBy.SIGTERM
         else:
             report.kill_sent_at = time.monotonic_ns()
             layer.kill()
-            report.ended_by = "sigkill"
+            report.ended_by = EndedBy.SIGKILL
             await layer.wait_empty(KILL_BOUND)
 
     run.progress.phase = "sweep"
@@ -159,25 +191,55 @@ async def stop_sequence(run: "AsyncRun", req: StopRequest) -> StopReport:
     left: list[int] = []  # the sweep's own look found nothing: no second walk of the tree
     if swept:
         report.swept = swept
-        report.ended_by = "swept" if req.mode != "exit" else report.ended_by
+        report.ended_by = EndedBy.SWEPT if req.mode != "exit" else report.ended_by
         await layer.wait_all_gone(KILL_BOUND)
         left = layer.survivors()
     report.escaped_pids = list(getattr(layer, "escaped", []))
     report.escaped = len(report.escaped_pids)
-
-    run.progress.phase = "reap"
-    # 4. Reap the leader; until now its zombie pinned the process group id.
-    #    A leader still alive after the kill bound (its pidfd never fired) is
-    #    a survivor whatever the layer's own view says.
-    status = await run.release_leader()
-    if run.pid is not None and not run.leader_exited.is_set() and run.pid not in left:
-        left.append(run.pid)
-    report.survivors = len(left)
     report.survivor_pids = left
+
+
+async def _failsafe(run: "AsyncRun", layer: Containment, report: StopReport, exc: Exception) -> None:
+    """The sequence raised: kill and sweep the layer (each step on its own), then report what is left."""
+    report.failure = f"{type(exc).__name__}: {exc}"
+    report.ended_by = EndedBy.FAILSAFE
+    run.progress.kill_requested = True  # the outcome is "killed", whatever was asked
+    run.progress.phase = "sweep"
+    for step in (run.disconnect, layer.kill, layer.sweep):
+        try:
+            step()
+        except Exception:
+            log.exception("run %s: fail-safe step %s failed", run.id, getattr(step, "__name__", step))
+    if report.kill_sent_at is None:
+        report.kill_sent_at = time.monotonic_ns()
+    try:
+        await layer.wait_all_gone(KILL_BOUND)
+        report.survivor_pids = layer.survivors()
+    except Exception:
+        log.exception("run %s: cannot tell whether its layer is empty", run.id)
+        report.survivor_pids = sorted(layer.members())
+
+
+def abort_start(run: "AsyncRun", layer: Containment | None, why: str) -> StopReport:
+    """End a run whose start failed or was cancelled before it was attached.
+
+    The channel is revoked first (nothing it could send counts); whatever the
+    host forked before the failure reached us is killed through the layer, as
+    a stop would; the run is FAILED with ended_by "never-started".
+    """
+    rec = run.revoke("supervisor", why)
+    run.machine.to(RunState.FAILED)
+    report = StopReport(run_id=run.id, containment=layer.name if layer else "none", outcome=RunState.FAILED.value,
+                        ended_by=EndedBy.NEVER_STARTED, requested_at=rec.at, revoked_at=rec.at,
+                        revoke_source=rec.source, revoke_reason=why, isolation=run.isolation)
+    if layer is not None:
+        left = layer.members()
+        if left:  # forked before the cancel reached us
+            report.kill_sent_at = time.monotonic_ns()
+            layer.kill()
+            report.swept = len(left)
     report.reaped_at = time.monotonic_ns()
-    report.exit_code, report.exit_signal = _decode_status(status)
-    report.refused_after_revoke = run.channel.refused_after_revoke
-    report.outcome = run.final_state(req.mode, report.exit_code).value
+    run.report = report
     return report
 
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from typing import Any, AsyncIterator, Sequence
 
+from ...ipc import control as wire
 from ...ipc.control import RunInfo
 from ..control import run_tools
 from ..control.api import ControlAPI
-from ..control.policy import LIBRARY
+from ..control.policy import LIBRARY, Principal
 from ..engine.engine import Engine
 from ..engine.events import Event
 from ..mechanisms.limits import Limits
@@ -42,7 +43,7 @@ class AsyncSupervisor(Engine):
                   that it is declared lost and every run is killed through
                   its cgroup.
 
-    Coroutines: open, close, start, stop_all, cleanup. Plain methods (they
+    Coroutines: open, close, start, stop_all, cleanup, call. Plain methods (they
     neither wait nor touch a process): register_tool, register_agent,
     session, get_session, sessions, get_run, run_records, check_limits.
     subscribe is an async iterator.
@@ -130,3 +131,14 @@ class AsyncSupervisor(Engine):
         """
         async for event in self.control.subscribe(LIBRARY, session):
             yield event
+
+    async def call(self, request: "wire.Request | bytes | str", principal: Principal = LIBRARY) -> Any:
+        """One verb of the control table (ipc/control.py), as `principal`: a request struct, or its JSON.
+
+        Returns the verb's reply struct; raises ControlFault (a numbered Fault)
+        for anything refused. This is the same path an RPC or the command line
+        takes.
+        """
+        if isinstance(request, (bytes, str)):
+            request = wire.decode_request(request.encode() if isinstance(request, str) else request)
+        return await self.control.call(principal, request)

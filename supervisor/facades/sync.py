@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from ...ipc.control import Health, RunInfo
 from ..control.api import ControlAPI
-from ..control.policy import LIBRARY
+from ..control.policy import LIBRARY, Principal
 from ..engine.events import Event
 from .async_supervisor import AsyncSupervisor
 from ..errors import SupervisorClosed
@@ -212,7 +212,7 @@ class Supervisor:
 
     @property
     def isolation(self):
-        """The isolation layers runs get here, and why any is missing (see supervisor/isolation.py)."""
+        """The isolation layers runs get here, and why any is missing (see supervisor/mechanisms/isolation.py)."""
         return self._core.isolation
 
     def register_tool(self, name: str, fn: Callable[..., Any]) -> None:
@@ -258,6 +258,10 @@ class Supervisor:
                     limit: int = 1000) -> list[RunInfo]:
         """Every run the store knows, oldest first (ControlAPI's runs.list)."""
         return self._call(_value(lambda: self._core.run_records(session, active=active, limit=limit)))
+
+    def call(self, request: Any, principal: Principal = LIBRARY) -> Any:
+        """One verb of the control table as `principal` (see AsyncSupervisor.call); blocks for its reply."""
+        return self._call(self._core.call(request, principal))
 
     def health(self) -> Health:
         return self._call(_value(lambda: self._core.control.health(LIBRARY)))

@@ -10,7 +10,7 @@ keeps a per-supervisor subtree in each:
     <own v1 cgroup>/deadstop-<supervisor id>-<pid>-<start ticks>-<pid ns>/
         run-<run id>/            one per run that has a limit enforced here
 
-The owner is in the name (supervisor/leftovers.py `cgroup_name`, the same as
+The owner is in the name (supervisor/mechanisms/leftovers.py `cgroup_name`, the same as
 for the v2 subtree), so the next supervisor tells a dead owner's leftovers
 (it was SIGKILLed and could not clean up) from a live one's without a
 journal, kills what is left in them and removes them (`leftover_roots`).
@@ -38,7 +38,7 @@ cannot move out again.
 
 v1 has no cgroup.kill, and the freezer is a hierarchy of its own, so
 killing what is left in a group signals the listed pids through pidfds,
-checked against a fresh read of the membership (supervisor/procs.py), until
+checked against a fresh read of the membership (supervisor/mechanisms/procs.py), until
 the group is empty or the bound is reached.
 """
 
@@ -136,7 +136,7 @@ def own_dirs() -> tuple[dict[str, str], dict[str, str]]:
 
 def leftover_roots() -> list[str]:
     """Our own v1 cgroups, whose children may be dead supervisors' subtrees
-    (swept by supervisor/leftovers.py at open, by the owner in the name)."""
+    (swept by supervisor/mechanisms/leftovers.py at open, by the owner in the name)."""
     dirs, _why = own_dirs()
     return sorted(set(dirs.values()))
 
@@ -361,7 +361,7 @@ class V1Tree:
         """Make our subtree in each hierarchy that has the controller; say why not where not.
 
         Subtrees of dead supervisors beside ours were removed before
-        (supervisor/leftovers.py, through leftover_roots()).
+        (supervisor/mechanisms/leftovers.py, through leftover_roots()).
         """
         from .leftovers import cgroup_name  # leftovers imports this module lazily
 

@@ -13,7 +13,7 @@ Layout, below the supervisor's own cgroup:
 
 The subtree's name carries its owner (the supervisor's pid, start time and
 pid namespace) so that the next supervisor can remove it if its owner died
-without cleaning up (supervisor/leftovers.py).
+without cleaning up (supervisor/mechanisms/leftovers.py).
 
 Waiting is done on inotify events of cgroup.events (the kernel signals a
 change of `populated` / `frozen` as a file modification), never by polling.

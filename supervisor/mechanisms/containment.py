@@ -2,7 +2,7 @@
 
 Each layer is a small class behind one protocol, chosen once per supervisor
 (strongest available first) and named in every report. The stop policy
-(revoke, SIGTERM, grace, SIGKILL, sweep) lives in supervisor/stop.py and
+(revoke, SIGTERM, grace, SIGKILL, sweep) lives in supervisor/engine/stop.py and
 does not know which layer it drives.
 
 * `cgroup`: the run's own cgroup v2. `members` is cgroup.procs, `kill` is

@@ -499,7 +499,7 @@ async def _remove_subtree(cg: Cgroup, owner: dict[str, Any], why: str, *, v2: bo
 def v1_roots() -> list[str]:
     """This process's own cgroups in the v1 hierarchies where deadstop puts
     per-run memory/pids cgroups; the v1 part of the sweep is a no-op until
-    supervisor/cgroup_v1.py provides discovery and names its subtrees with
+    supervisor/mechanisms/cgroup_v1.py provides discovery and names its subtrees with
     `cgroup_name` (deadstop-<id>-<pid>-<ticks>-<pidns>): a subtree named
     without its owner is never removed, since its owner cannot be judged."""
     try:

@@ -12,7 +12,7 @@ the mechanism is named in every StopReport (`report.limits_enforcement`):
   memory.swap.max 0) where the memory controller is delegated,
   "cgroup-v2:memory"; else the v1 memory controller of a hybrid host
   (memory.limit_in_bytes, and memsw where swap is accounted; see
-  supervisor/cgroup_v1.py), "cgroup-v1:memory". Memory is counted as the
+  supervisor/mechanisms/cgroup_v1.py), "cgroup-v1:memory". Memory is counted as the
   kernel counts it: anonymous memory, page cache, shmem and memfd alike.
   At the limit the kernel reclaims, then its OOM killer kills inside the
   run's group; the supervisor notices (OOM eventfd, memory.events, and the

@@ -7,14 +7,31 @@ process, so they compare directly with the caller's own monotonic clock.
 from __future__ import annotations
 
 import dataclasses
+import enum
 from typing import Any
+
+
+class EndedBy(str, enum.Enum):
+    """What ended the run's processes (StopReport.ended_by); compares equal to its string."""
+
+    EXITED = "exited"  # the leader exited by itself (its leftovers were still killed)
+    SIGTERM = "sigterm"  # the tree left within the grace after SIGTERM
+    SIGKILL = "sigkill"  # the layer's SIGKILL (kill(), or the grace ran out)
+    SWEPT = "swept"  # the sweep had to kill what the layer's signal did not reach
+    FAILSAFE = "failsafe"  # the sequence itself failed (`failure` says how): layer kill and sweep anyway
+    NEVER_STARTED = "never-started"  # the start was aborted; anything forked was killed
+    RECOVERED = "recovered"  # a restarted supervisor killed what a dead one left
+
+    def __str__(self) -> str:
+        return self.value
+
 
 @dataclasses.dataclass
 class StopReport:
     run_id: str
     containment: str
     outcome: str = ""  # final RunState value: stopped | killed | exited | failed
-    ended_by: str = ""  # exited | sigterm | sigkill | swept; never-started (an aborted start), recovered (by a restart)
+    ended_by: str = ""  # an EndedBy value
     requested_at: int = 0  # stop()/kill() called, or leader exit noticed
     revoked_at: int = 0
     revoke_source: str = ""  # api | exit | supervisor | spawner | quota | ...
@@ -42,5 +59,10 @@ class StopReport:
     #: the isolation layers the run had: {"mode", "active", "missing", "network", ...}
     isolation: dict[str, Any] = dataclasses.field(default_factory=dict)
 
+    #: set when the stop sequence itself raised: what went wrong (ended_by is then "failsafe")
+    failure: str | None = None
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        out["ended_by"] = str(self.ended_by)
+        return out
