@@ -15,7 +15,7 @@ from ._version import __version__
 #: public name -> the submodule that defines it
 _EXPORTS = {
     "AsyncSupervisor": "facades.async_supervisor", "Event": "engine.events",
-    "ControlAPI": "control.api", "Principal": "control.policy", "ControlFault": "control.api", "Fault": "control.api",
+    "ControlAPI": "control.api", "Principal": "control.policy", "ControlFault": ".ipc.control", "Fault": ".ipc.control",
     "ContainmentDegraded": "errors", "DeadstopError": "errors", "EgressRefused": "errors",
     "InvalidTarget": "errors", "InvalidTransition": "errors", "LimitUnenforceable": "errors",
     "RunFailed": "errors", "RunNotFound": "errors", "RunTimeout": "errors", "SessionNotFound": "errors", "StopIncomplete": "errors",
@@ -86,7 +86,8 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what static checkers and IDEs see
-    from .control.api import ControlAPI, ControlFault, Fault
+    from ..ipc.control import ControlFault, Fault
+    from .control.api import ControlAPI
     from .control.policy import Principal
     from .engine.events import Event
     from .facades.async_supervisor import AsyncSupervisor

@@ -110,10 +110,12 @@ def _exec_argv(spec: wire.Start, env: dict[str, str]) -> NoReturn:
     for sig in (signal.SIGPIPE, signal.SIGXFSZ):  # as subprocess's restore_signals does
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    argv = spec.argv
+    assert argv, "an argv run has an argv (the supervisor checked it)"
     try:
-        os.execvpe(spec.argv[0], spec.argv, env)
+        os.execvpe(argv[0], argv, env)
     except OSError as exc:
-        os.write(2, f"deadstop: cannot exec {spec.argv[0]!r}: {exc}\n".encode())
+        os.write(2, f"deadstop: cannot exec {argv[0]!r}: {exc}\n".encode())
         os._exit(EXIT_EXEC_FAILED)
 
 

@@ -121,7 +121,7 @@ def _peer_uid(frame: zmq.Frame) -> int | None:
     process that connected, which no frame content can change.
     """
     try:
-        fields = frame.get("Peer-Address").rsplit(":", 3)
+        fields = str(frame.get("Peer-Address")).rsplit(":", 3)
     except zmq.ZMQError:  # not a connection that has the property
         return None
     return int(fields[1]) if len(fields) == 4 and fields[1].isdigit() else None
@@ -161,7 +161,7 @@ class Broker:
             # The supervisor's own uid only, whatever the umask: runs with an
             # identity of their own use their own endpoints.
             os.chmod(address[len(_IPC):], 0o600)
-        self._fd = self.sock.getsockopt(zmq.FD)
+        self._fd: int = self.sock.getsockopt(zmq.FD)  # type: ignore[assignment]
         self._drain_scheduled = False
         self._call_seq = itertools.count()
         loop.add_reader(self._fd, self._drain)
@@ -377,7 +377,7 @@ class Broker:
             return  # peer gone or queue full: the run is dead or flooding
         # The ZeroMQ fd is edge-triggered; a send can swallow the edge of an
         # arrival, so look for pending input after every send.
-        if self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        if int(self.sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
             self._schedule_drain()
 
     def _reply(self, ident: bytes, reply: schema.Reply) -> None:

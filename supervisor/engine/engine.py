@@ -26,7 +26,7 @@ import psutil
 
 from ...ipc import framing, spawner_wire
 from ..egress.broker import Broker
-from ..mechanisms.cgroups import CgroupTree, InotifyWatcher
+from ..mechanisms.cgroups import Cgroup, CgroupTree, InotifyWatcher
 from ..mechanisms.containment import (CGROUP, PGROUP, PGROUP_SUBREAPER, CgroupContainment, Containment,
                                     ProcessGroupContainment, RunIdentity)
 from ..errors import (ContainmentDegraded, DeadstopError, InvalidTarget, RunNotFound, SupervisorClosed)
@@ -39,11 +39,12 @@ from ..mechanisms import leftovers
 from ..mechanisms.cgroup_v1 import V1Tree
 from ..errors import LimitUnenforceable
 from ..mechanisms.limits import TOKEN_KEYS, KernelLimits, Limits, LimitSupport, rlimits_for
+from ..store.report import StopReport
 from .events import Event, Subscription
 from .run import AsyncRun, RunOwner, RunServices
 from ..host.spawner_client import SpawnerClient
 from .states import LIVE, RunState
-from .stop import StopRequest, abort_start
+from .stop import RevokeSource, StopMode, StopRequest, abort_start
 from ..egress.tools import ToolRegistry
 
 log = logging.getLogger("deadstop")
@@ -230,8 +231,7 @@ class Engine:
         try:
             results = await self.spawner.probe(iso.probe_plan(probe_uid))
         finally:
-            if probe_uid is not None:
-                self.identities.release(probe_uid)
+            self._release_uid(probe_uid)
         self.isolation = iso.profile_from_probe(mode, results)
         if mode == "strict" and self.isolation.missing:
             raise ContainmentDegraded(f"isolation='strict' but these layers are missing: {self.isolation.missing}")
@@ -343,12 +343,11 @@ class Engine:
             kernel = KernelLimits.create(run_id, limits, plan, self.v1)  # v1 groups, limits written
         except OSError as exc:
             raise LimitUnenforceable(f"run {run_id}: cannot set its kernel limits {plan}: {exc}") from exc
-        uid = self.identities.allocate() if self.isolation.has("identity") else None
+        uid = self.identities.allocate() if self.identities is not None and self.isolation.has("identity") else None
         try:
             confined = self._confinement(run_id, uid, argv, cwd, env, network, private_tmp)
         except BaseException:
-            if uid is not None:
-                self.identities.release(uid)
+            self._release_uid(uid)
             if kernel is not None:
                 kernel.cleanup()
             raise
@@ -363,8 +362,7 @@ class Engine:
                 kernel.cleanup()
                 if confined.endpoint_dir:
                     shutil.rmtree(confined.endpoint_dir, ignore_errors=True)
-                if uid is not None:
-                    self.identities.release(uid)
+                self._release_uid(uid)
                 raise LimitUnenforceable(f"run {run_id}: cannot set its kernel limits {plan}: {exc}") from exc
         generation = owner.generation if owner is not None else 0
         self.journal.run_created(run_id, self.id, kind, desc, tools, self.containment, cgroup.path if cgroup else None,
@@ -391,7 +389,7 @@ class Engine:
             started = await self.spawner.start(msg, cred_fd)
         except BaseException as exc:
             why = "start cancelled" if isinstance(exc, asyncio.CancelledError) else f"start failed: {exc}"
-            layer = CgroupContainment(cgroup, self.watcher, self.cgroups.has_kill) if cgroup is not None else None
+            layer = self._cgroup_layer(cgroup) if cgroup is not None else None
             report = abort_start(run, layer, why)
             self.broker.close_channel(run_id)
             if cgroup is not None:
@@ -445,6 +443,14 @@ class Engine:
             summary["active"] = [n for n in summary["active"] if n != "namespace:network"]
         return iso.Confinement(plan, iso.run_environment(env, workdir), True, workdir, endpoint_dir, summary)
 
+    def _release_uid(self, uid: int | None) -> None:
+        if uid is not None and self.identities is not None:
+            self.identities.release(uid)
+
+    def _cgroup_layer(self, cgroup: Cgroup, identity: RunIdentity | None = None) -> CgroupContainment:
+        assert self.watcher is not None and self.cgroups is not None  # a run has a cgroup only then
+        return CgroupContainment(cgroup, self.watcher, self.cgroups.has_kill, identity)
+
     def _forget_confinement(self, run: AsyncRun) -> None:
         """Give back what the run's confinement held: its endpoint directory, then its uid."""
         endpoint_dir = os.path.join(self.runtime_dir, f"r-{run.id}")
@@ -454,8 +460,7 @@ class Engine:
             pass
         except OSError:
             shutil.rmtree(endpoint_dir, ignore_errors=True)
-        if run.uid is not None and self.identities is not None:
-            self.identities.release(run.uid)
+        self._release_uid(run.uid)
 
     def check_limits(self, limits: Limits | None) -> dict[str, str]:
         """How each limit would be enforced here (limit -> mechanism); raises
@@ -470,18 +475,17 @@ class Engine:
         """memory_bytes / processes -> the kernel mechanism this host offers, or "sampled only: <why>"."""
         return self.limit_support.describe()
 
-    def _containment_for(self, run_id: str, pid: int, cgroup, uid: int | None) -> Containment:
+    def _containment_for(self, run_id: str, pid: int, cgroup: Cgroup | None, uid: int | None) -> Containment:
         if cgroup is not None:
-            assert self.watcher is not None and self.cgroups is not None
             identity = RunIdentity(uid, f"{framing.ENV_MARKER}={run_id}".encode(),
                                    self.spawner.pid if self.spawner.subreaper else None,
                                    lambda: {r.pid for r in self.runs.values() if r.pid is not None and r.pid != pid})
-            return CgroupContainment(cgroup, self.watcher, self.cgroups.has_kill, identity)
+            return self._cgroup_layer(cgroup, identity)
         return ProcessGroupContainment(pid, f"{framing.ENV_MARKER}={run_id}", self.spawner.pid, self.spawner.subreaper,
                                        uid=uid)
 
     async def stop_all(self, grace: float | None = None, *, source: str = "api",
-                       reason: str = "stop all") -> list:
+                       reason: str = "stop all") -> list[StopReport]:
         """Stop every live run at once (concurrently); returns their reports in start order."""
         live = [r for r in self.runs.values() if r.state in LIVE and r.containment is not None]
         return list(await asyncio.gather(*(r.stop(grace, source=source, reason=reason) for r in live)))
@@ -532,7 +536,7 @@ class Engine:
 
     def on_event(self, run_id: str, kind: str, data: Any, t_ns: int) -> None:
         run = self.runs.get(run_id)
-        if self._stale(run):
+        if run is not None and self._stale(run):
             self.journal.fenced(run_id, t_ns, "emit", f"event {kind!r} of generation {run.generation}")
             return
         self._publish(Event(run_id, kind, data, t_ns, run.owner.key if run and run.owner else None,
@@ -572,7 +576,7 @@ class Engine:
         """
         run = self.runs.get(run_id)
         if run is not None and run.machine.live and run._stop_task is None and run.containment is not None:
-            run._begin(StopRequest("stop", "abuse", detail, run.grace, time.monotonic_ns()))
+            run._begin(StopRequest(StopMode.STOP, RevokeSource.ABUSE, detail, run.grace, time.monotonic_ns()))
 
     def inbox_of(self, run_id: str) -> Any:
         run = self.runs.get(run_id)

@@ -28,7 +28,7 @@ from ..mechanisms.cgroups import InotifyWatcher
 from ..store.journal import Journal
 from ..store.report import StopReport
 from .states import RunState, RunStateMachine
-from .stop import KILL_BOUND, StopMode, StopProgress, StopRequest, stop_sequence
+from .stop import KILL_BOUND, RevokeSource, StopMode, StopProgress, StopRequest, stop_sequence
 
 log = logging.getLogger("deadstop.run")
 
@@ -111,7 +111,7 @@ class AsyncRun:
         #: its stop, once one began (supervisor/engine/stop.py StopProgress); None while it is not ending
         self.progress: StopProgress | None = None
         self._done = asyncio.Event()
-        self._stop_task: asyncio.Task | None = None
+        self._stop_task: asyncio.Task[StopReport] | None = None
         self._result: Any = None
         self._has_result = False
         self._failure: tuple[str, str, str] | None = None
@@ -161,7 +161,7 @@ class AsyncRun:
             # fork was refused) ended by crossing a limit, not by itself.
             self.check_kernel_limits()
         if self._stop_task is None:
-            self._begin(StopRequest("exit", "exit", "the run's leader process exited", 0.0, time.monotonic_ns()))
+            self._begin(StopRequest(StopMode.EXIT, RevokeSource.EXIT, "the run's leader process exited", 0.0, time.monotonic_ns()))
 
     # -- results reported over egress ----------------------------------------------
     def set_result(self, value: Any) -> None:
@@ -179,7 +179,7 @@ class AsyncRun:
         """Close the revoked run's endpoint and the connections accepted through it."""
         self._services.broker.disconnect(self.channel)
 
-    def _begin(self, req: StopRequest, limit: str | None = None) -> asyncio.Task:
+    def _begin(self, req: StopRequest, limit: str | None = None) -> asyncio.Task[StopReport]:
         if self._stop_task is None:
             self.progress = StopProgress(req, limit=limit, was_paused=self.machine.state is RunState.PAUSED,
                                          kill_requested=req.mode is StopMode.KILL)
@@ -383,7 +383,7 @@ class AsyncRun:
         if self._stop_task is not None or not self.machine.live:
             return
         value = getattr(self.limits, limit, None)
-        self._begin(StopRequest("stop", "quota", f"{limit} limit ({value}) crossed", self.grace,
+        self._begin(StopRequest(StopMode.STOP, RevokeSource.QUOTA, f"{limit} limit ({value}) crossed", self.grace,
                                 time.monotonic_ns()), limit=limit)
 
     # -- pause / resume -------------------------------------------------------------------
@@ -430,7 +430,7 @@ class AsyncRun:
 
     # -- verbs ---------------------------------------------------------------------------
     def begin_end(self, mode: str, source: str, reason: str, grace: float | None = None,
-                  requested_at: int | None = None) -> asyncio.Task:
+                  requested_at: int | None = None) -> asyncio.Task[StopReport]:
         """Start ending the run without waiting: revoke now, signal when the task runs.
 
         The one entry of every verb that ends a run. A kill while a stop is in
@@ -438,8 +438,8 @@ class AsyncRun:
         ends a whole tree by calling this for every run first (all revoked in
         one loop step) and awaiting the tasks afterwards.
         """
-        req = StopRequest(mode, source, reason, 0.0 if mode == StopMode.KILL else
-                          (self.grace if grace is None else grace), requested_at or time.monotonic_ns())
+        req = StopRequest.of(mode, source, reason, 0.0 if mode == StopMode.KILL else
+                             (self.grace if grace is None else grace), requested_at or time.monotonic_ns())
         if req.mode is StopMode.KILL and self.progress is not None:  # a stop is under way: cut it short
             self.progress.kill_requested = True
             self.progress.escalated.set()
@@ -459,7 +459,7 @@ class AsyncRun:
         """Revoke and SIGKILL at once; escalates a stop already in progress."""
         return await self._await_end(self.begin_end(StopMode.KILL, source, reason, requested_at=requested_at))
 
-    async def _await_end(self, task: asyncio.Task) -> StopReport:
+    async def _await_end(self, task: asyncio.Task[StopReport]) -> StopReport:
         report = await asyncio.shield(task)
         if report.survivors:
             raise StopIncomplete(report)

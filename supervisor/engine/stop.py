@@ -75,16 +75,19 @@ class StopRequest:
     grace: float
     requested_at: int
 
-    def __post_init__(self) -> None:
-        # Plain strings are accepted at the API; an unknown one is an error here, not a silent label.
+    @classmethod
+    def of(cls, mode: StopMode | str, source: RevokeSource | str, reason: str, grace: float,
+           requested_at: int) -> "StopRequest":
+        """From the API's plain strings: an unknown mode or source is an error here, not a silent label."""
         try:
-            object.__setattr__(self, "mode", StopMode(self.mode))
+            mode = StopMode(mode)
         except ValueError:
-            raise ValueError(f"unknown stop mode {self.mode!r}; one of {[m.value for m in StopMode]}") from None
+            raise ValueError(f"unknown stop mode {mode!r}; one of {[m.value for m in StopMode]}") from None
         try:
-            object.__setattr__(self, "source", RevokeSource(self.source))
+            source = RevokeSource(source)
         except ValueError:
-            raise ValueError(f"unknown stop source {self.source!r}; one of {[s.value for s in RevokeSource]}") from None
+            raise ValueError(f"unknown stop source {source!r}; one of {[s.value for s in RevokeSource]}") from None
+        return cls(mode, source, reason, grace, requested_at)
 
 
 @dataclasses.dataclass
@@ -106,9 +109,11 @@ async def _wait_empty_or_escalate(run: "AsyncRun", term_sent_at: int, grace: flo
     """Wait for the layer to empty; give up when the grace period counted from
     SIGTERM ends (to the microsecond, see supervisor/mechanisms/timer.py) or when kill()
     escalates."""
+    layer, progress = run.containment, run.progress
+    assert layer is not None and progress is not None
     deadline = term_sent_at + int(grace * 1e9)
-    empty = asyncio.ensure_future(run.containment.wait_empty(grace + 1.0))
-    others = [asyncio.ensure_future(run.progress.escalated.wait()), asyncio.ensure_future(sleep_until(deadline))]
+    empty = asyncio.ensure_future(layer.wait_empty(grace + 1.0))
+    others = [asyncio.ensure_future(progress.escalated.wait()), asyncio.ensure_future(sleep_until(deadline))]
     try:
         await asyncio.wait({empty, *others}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -119,7 +124,8 @@ async def _wait_empty_or_escalate(run: "AsyncRun", term_sent_at: int, grace: flo
 
 
 async def stop_sequence(run: "AsyncRun", req: StopRequest) -> StopReport:
-    layer = run.containment
+    layer, progress = run.containment, run.progress
+    assert layer is not None and progress is not None, "a stop begins (the revoke) with both"
     report = StopReport(run_id=run.id, containment=layer.name, requested_at=req.requested_at)
 
     # 1. Revoke (already done by whoever began the stop; idempotent). Nothing
@@ -137,7 +143,7 @@ async def stop_sequence(run: "AsyncRun", req: StopRequest) -> StopReport:
         log.exception("run %s: stop sequence failed; killing and sweeping its layer", run.id)
         await _failsafe(run, layer, report, exc)
 
-    run.progress.phase = "reap"
+    progress.phase = "reap"
     # 4. Reap the leader; until now its zombie pinned the process group id.
     #    A leader still alive after the kill bound (its pidfd never fired) is
     #    a survivor whatever the layer's own view says.
@@ -154,6 +160,8 @@ async def stop_sequence(run: "AsyncRun", req: StopRequest) -> StopReport:
 
 
 async def _signal_and_sweep(run: "AsyncRun", req: StopRequest, layer: Containment, report: StopReport) -> None:
+    progress = run.progress
+    assert progress is not None
     # 2. Signal the layer; right after the first signal, close the run's
     #    endpoint and its connections (physical revocation: see Broker.disconnect).
     if req.mode == "exit":
@@ -163,7 +171,7 @@ async def _signal_and_sweep(run: "AsyncRun", req: StopRequest, layer: Containmen
             report.kill_sent_at = time.monotonic_ns()
             layer.kill()
             await layer.wait_empty(KILL_BOUND)
-    elif req.mode == "kill" or run.progress.escalated.is_set():
+    elif req.mode == "kill" or progress.escalated.is_set():
         report.kill_sent_at = time.monotonic_ns()
         layer.kill()
         run.disconnect()
@@ -173,9 +181,9 @@ async def _signal_and_sweep(run: "AsyncRun", req: StopRequest, layer: Containmen
         report.term_sent_at = time.monotonic_ns()
         layer.signal(signal.SIGTERM)
         run.disconnect()
-        if run.progress.was_paused:
+        if progress.was_paused:
             layer.thaw()  # a paused run must be able to act on SIGTERM
-        run.progress.phase = "grace"
+        progress.phase = "grace"
         if await _wait_empty_or_escalate(run, report.term_sent_at, req.grace):
             report.ended_by = EndedBy.SIGTERM
         else:
@@ -184,7 +192,7 @@ async def _signal_and_sweep(run: "AsyncRun", req: StopRequest, layer: Containmen
             report.ended_by = EndedBy.SIGKILL
             await layer.wait_empty(KILL_BOUND)
 
-    run.progress.phase = "sweep"
+    progress.phase = "sweep"
     # 3. Sweep: whatever the layer's signals could not reach (setsid escapers
     #    outside the process group, processes that raced the kill).
     swept = layer.sweep()
@@ -201,10 +209,12 @@ async def _signal_and_sweep(run: "AsyncRun", req: StopRequest, layer: Containmen
 
 async def _failsafe(run: "AsyncRun", layer: Containment, report: StopReport, exc: Exception) -> None:
     """The sequence raised: kill and sweep the layer (each step on its own), then report what is left."""
+    progress = run.progress
+    assert progress is not None
     report.failure = f"{type(exc).__name__}: {exc}"
     report.ended_by = EndedBy.FAILSAFE
-    run.progress.kill_requested = True  # the outcome is "killed", whatever was asked
-    run.progress.phase = "sweep"
+    progress.kill_requested = True  # the outcome is "killed", whatever was asked
+    progress.phase = "sweep"
     for step in (run.disconnect, layer.kill, layer.sweep):
         try:
             step()

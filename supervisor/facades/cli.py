@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..errors import DeadstopError
 
     try:
-        return args.func(args)
+        return int(args.func(args))
     except DeadstopError as exc:
         print(f"deadstop {args.verb}: {exc}", file=sys.stderr)
         return EXIT_ERROR

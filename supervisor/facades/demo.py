@@ -12,8 +12,9 @@ import time
 from typing import TextIO
 
 from ...ipc import framing
-from .sync import Supervisor
 from ...worker import demo_agents
+from ..egress.tools import ToolContext
+from .sync import Supervisor
 
 
 def _alive_with_marker(run_id: str) -> int:
@@ -48,11 +49,11 @@ def run_demo(out: TextIO, containment: str = "auto", grace: float = 0.5) -> int:
             if pending["n"] == 0:
                 ready.set()
 
-    async def send_email(to: str, ctx) -> str:
+    async def send_email(to: str, ctx: ToolContext) -> str:
         effects.append((ctx.run_id, time.monotonic_ns()))
         return f"sent to {to}"
 
-    async def search(q: str, ctx) -> list[str]:
+    async def search(q: str, ctx: ToolContext) -> list[str]:
         effects.append((ctx.run_id, time.monotonic_ns()))
         return [q]
 

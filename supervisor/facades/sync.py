@@ -11,20 +11,22 @@ import asyncio
 import atexit
 import threading
 import time
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Coroutine, Iterator, Sequence, TypeVar
 
 from ...ipc.control import Health, RunInfo
 from ..control.api import ControlAPI
 from ..control.policy import LIBRARY, Principal
 from ..engine.events import Event
-from .async_supervisor import AsyncSupervisor
+from ..engine.run import AsyncRun, ExitInfo
+from ..engine.states import LIVE, RunState
 from ..errors import SupervisorClosed
+from ..mechanisms.isolation import IsolationProfile
 from ..mechanisms.limits import Usage
 from ..sessions.session import AsyncSession
-from ..engine.states import LIVE
 from ..store.report import StopReport
-from ..engine.run import AsyncRun, ExitInfo
-from ..engine.states import RunState
+from .async_supervisor import AsyncSupervisor
+
+T = TypeVar("T")
 
 
 class Run:
@@ -159,7 +161,7 @@ class Session:
         return f"<Session {self.key} gen={self.generation} {self.state}>"
 
 
-async def _value(fn: Callable[[], Any]) -> Any:
+async def _value(fn: Callable[[], T]) -> T:
     """Read core state on the loop thread, where it is only ever changed."""
     return fn()
 
@@ -179,7 +181,7 @@ class Supervisor:
             raise
         atexit.register(self.close)
 
-    def _call(self, coro: Any, timeout: float | None = None) -> Any:
+    def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         if threading.current_thread() is self._thread:
             coro.close()
             raise RuntimeError("blocking Supervisor method called from a tool handler on the loop thread; "
@@ -211,7 +213,7 @@ class Supervisor:
         return self._core.journal.path
 
     @property
-    def isolation(self):
+    def isolation(self) -> IsolationProfile:
         """The isolation layers runs get here, and why any is missing (see supervisor/mechanisms/isolation.py)."""
         return self._core.isolation
 
@@ -269,8 +271,12 @@ class Supervisor:
     def subscribe(self, session: str | None = None) -> Iterator[Event]:
         """Blocking iterator over events (of one session, or all); ends when the supervisor closes."""
         agen = self._core.subscribe(session)
+
+        async def next_event() -> Event:
+            return await agen.__anext__()
         # Register the subscriber before returning so no event is missed.
-        first = asyncio.run_coroutine_threadsafe(agen.__anext__(), self._loop)
+        first = asyncio.run_coroutine_threadsafe(next_event(), self._loop)
+
         def gen() -> Iterator[Event]:
             fut = first
             while True:
@@ -278,7 +284,7 @@ class Supervisor:
                     yield fut.result()
                 except StopAsyncIteration:
                     return
-                fut = asyncio.run_coroutine_threadsafe(agen.__anext__(), self._loop)
+                fut = asyncio.run_coroutine_threadsafe(next_event(), self._loop)
         return gen()
 
     def close(self) -> None:

@@ -66,6 +66,7 @@ class SpawnerClient:
         self.answer_timeout = ANSWER_TIMEOUT
         self._reaps: dict[int, asyncio.Future] = {}
         self.on_lost: Any = None
+        self.proc: subprocess.Popen[bytes] | None = None  # set by launch()
         self.pidfd = os.pidfd_open(pid) if hasattr(os, "pidfd_open") else None
         # A stopped spawner must not wedge the event loop in a blocking write
         # of a large start message: the write fails instead, and the spawner
@@ -260,6 +261,7 @@ class SpawnerClient:
                 await wait_pidfd(self.pidfd, 5)
             os.close(self.pidfd)
             self.pidfd = None
-        self.proc.wait()
+        if self.proc is not None:
+            self.proc.wait()
         self.conn.close()
         self.sock.close()

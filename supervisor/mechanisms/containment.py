@@ -181,8 +181,9 @@ class CgroupContainment:
         out = self.escapees(set(left))
         if out:  # left the cgroup: kill each through a pidfd, re-checked as still the run's
             self.escaped += [pid for pid in out if pid not in self.escaped]
-            assert self.identity is not None
-            procs.signal_members(out, signal.SIGKILL, lambda: {p for p in out if self.identity.owns(p)})
+            identity = self.identity
+            assert identity is not None
+            procs.signal_members(out, signal.SIGKILL, lambda: {p for p in out if identity.owns(p)})
         return len(left) + len(out)
 
     async def _wait_for(self, predicate, timeout: float) -> bool:
@@ -231,8 +232,9 @@ class CgroupContainment:
         out = self.escapees()
         if out:
             self.escaped += [pid for pid in out if pid not in self.escaped]
-            assert self.identity is not None
-            procs.signal_members(out, sig, lambda: {p for p in out if self.identity.owns(p)})
+            identity = self.identity
+            assert identity is not None
+            procs.signal_members(out, sig, lambda: {p for p in out if identity.owns(p)})
 
     def _escapees_stopped(self, frozen: bool) -> bool:
         states = [(procs.read_stat(pid) or ("Z", 0))[0] for pid in self.escaped]

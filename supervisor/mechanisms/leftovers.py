@@ -503,7 +503,7 @@ def v1_roots() -> list[str]:
     `cgroup_name` (deadstop-<id>-<pid>-<ticks>-<pidns>): a subtree named
     without its owner is never removed, since its owner cannot be judged."""
     try:
-        from . import cgroup_v1  # type: ignore[attr-defined]
+        from . import cgroup_v1
     except ImportError:
         return []
     roots = getattr(cgroup_v1, "leftover_roots", None)

@@ -245,9 +245,11 @@ class KernelLimits:
             v1 = v1_tree.run_groups(run_id, [KERNEL_LIMITS[n] for n in v1_used])
             try:
                 if "memory_bytes" in v1_used:
+                    assert limits.memory_bytes is not None  # the plan names only limits that are set
                     v1.limit_memory(int(limits.memory_bytes))
                     v1.watch_oom()
                 if "processes" in v1_used:
+                    assert limits.processes is not None
                     v1.limit_pids(int(limits.processes))
             except BaseException:
                 v1.remove()
@@ -263,12 +265,14 @@ class KernelLimits:
             return
         if cgroup is None:
             raise OSError(f"{', '.join(v2_used)}: the run has no v2 cgroup to enforce them in")
+        limits = self._limits
+        assert limits is not None  # create() set them: a plan names only limits that are set
         if "memory_bytes" in v2_used:
-            cgroup.write("memory.max", str(int(self._limits.memory_bytes)))
+            cgroup.write("memory.max", str(int(limits.memory_bytes or 0)))
             if cgroup.has("memory.swap.max"):
                 cgroup.write("memory.swap.max", "0")  # swap is no way past the limit
         if "processes" in v2_used:
-            cgroup.write("pids.max", str(int(self._limits.processes)))
+            cgroup.write("pids.max", str(int(limits.processes or 0)))
         self.v2 = cgroup
 
     def join_files(self) -> list[str]:
@@ -355,7 +359,7 @@ class KernelLimits:
         removed now."""
         self._unwatch()
         if self.v1 is not None:
-            return self.v1.remove(kill_bound=0)
+            return bool(self.v1.remove(kill_bound=0))
         return True
 
 

@@ -47,18 +47,23 @@ async def sleep_until(deadline_ns: int) -> None:
     remaining = deadline_ns - time.monotonic_ns()
     if remaining <= 0:
         return
-    fd = _libc.timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC) if _libc else -1
-    if fd < 0:
+    libc = _libc
+    fd = libc.timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC) if libc is not None else -1
+    if libc is None or fd < 0:
         await asyncio.sleep(remaining / 1e9)
         return
     try:
         spec = _Itimerspec(it_value=_Timespec(deadline_ns // 1_000_000_000, deadline_ns % 1_000_000_000))
-        if _libc.timerfd_settime(fd, TFD_TIMER_ABSTIME, ctypes.byref(spec), None) != 0:
+        if libc.timerfd_settime(fd, TFD_TIMER_ABSTIME, ctypes.byref(spec), None) != 0:
             await asyncio.sleep(remaining / 1e9)
             return
         loop = asyncio.get_running_loop()
-        fired = loop.create_future()
-        loop.add_reader(fd, lambda: fired.done() or fired.set_result(None))
+        fired: asyncio.Future[None] = loop.create_future()
+
+        def fire() -> None:
+            if not fired.done():
+                fired.set_result(None)
+        loop.add_reader(fd, fire)
         try:
             await fired
         finally:

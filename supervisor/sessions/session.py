@@ -92,9 +92,9 @@ class AsyncSession:
         self.aborted_last_run = False
         self.created_wall = time.time()
         self.updated_wall = self.created_wall
-        self._inbox: list[tuple[Any, asyncio.Future]] = []
-        self._driver: asyncio.Task | None = None
-        self._ending: list[asyncio.Task] = []
+        self._inbox: list[tuple[Any, asyncio.Future[AsyncRun]]] = []
+        self._driver: asyncio.Task[None] | None = None
+        self._ending: list[asyncio.Task[StopReport]] = []
         self._on_behalf_of: tuple[AsyncSession, int] | None = None  # who sent the queued messages
 
     # -- reading ---------------------------------------------------------------
@@ -225,14 +225,14 @@ class AsyncSession:
 
     # -- ending ------------------------------------------------------------------------
     def _end_tree(self, *, mode: str, source: str, reason: str, include_self: bool, bump: bool,
-                  clear_inbox: bool, grace: float | None = None) -> list[asyncio.Task]:
+                  clear_inbox: bool, grace: float | None = None) -> list[asyncio.Task[StopReport]]:
         """Revoke every live run of this session's tree in one step, then start their stops.
 
         Descendants first in the revocation order does not matter (one loop
         step, no await between); signals go out when the stop tasks run,
         after every channel of the tree is closed.
         """
-        StopRequest(mode, source, reason, 0.0, 0)  # an unknown mode or source fails here, before any revoke
+        StopRequest.of(mode, source, reason, 0.0, 0)  # an unknown mode or source fails here, before any revoke
         sessions = ([self] if include_self else []) + self.descendants()
         for s in sessions:
             s.last_stop_source = source  # a run of it still starting is ended with the same source
@@ -273,7 +273,7 @@ class AsyncSession:
         return await self._await_reports(tasks)
 
     @staticmethod
-    async def _await_reports(tasks: list[asyncio.Task]) -> list[StopReport]:
+    async def _await_reports(tasks: list[asyncio.Task[StopReport]]) -> list[StopReport]:
         results = await asyncio.gather(*(asyncio.shield(t) for t in tasks), return_exceptions=True)
         reports = [r for r in results if isinstance(r, StopReport)]
         for r in results:

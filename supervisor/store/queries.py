@@ -99,7 +99,8 @@ def run(db: sqlite3.Connection, run_id: str) -> RunRow | None:
 def runs(db: sqlite3.Connection, *, session: str | None = None, ended: bool | None = None,
          limit: int | None = None) -> list[RunRow]:
     """Runs oldest first, optionally of one session, only ended (or only unended) ones, the newest `limit`."""
-    where, args = [], []
+    where: list[str] = []
+    args: list[Any] = []
     if session is not None:
         where.append("r.session = ?")
         args.append(session)
