@@ -75,3 +75,28 @@ def test_nothing_of_deadstop_is_installed_outside_its_namespace(tmp_path) -> Non
 
     stray = [f for f in files if not f.startswith("..") and not ours(f)]  # ../bin: the console script
     assert stray == [], f"files installed outside the deadstop namespace: {stray}"
+
+
+def _modules_after(statement: str, tmp_path) -> set[str]:
+    code = f"import sys, json; {statement}; print(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=_clean_env(), capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return set(json.loads(out.stdout))
+
+
+def test_the_spawner_loads_nothing_of_the_control_side(tmp_path) -> None:
+    """Every module in the spawner is memory each run inherits and must unmap when it is killed:
+    it pre-warms what every run needs (zmq, cloudpickle, the egress client), nothing of the control side."""
+    loaded = _modules_after("import deadstop.worker.spawner", tmp_path)
+    assert {"zmq", "cloudpickle", "deadstop.worker.egress"} <= loaded
+    unwanted = {"deadstop.ipc.control", "zmq.auth", "zmq.asyncio", "asyncio", "deadstop.supervisor"}
+    assert not loaded & unwanted, sorted(loaded & unwanted)
+
+
+def test_a_control_client_pays_for_the_verb_table_only(tmp_path) -> None:
+    """A CLI or console that only talks to a supervisor imports the verbs, not the engine."""
+    loaded = _modules_after("import deadstop.ipc.control", tmp_path)
+    assert "msgspec" in loaded
+    heavy = {"zmq", "psutil", "cloudpickle", "multiprocess", "deadstop.supervisor", "deadstop.worker"}
+    assert not loaded & heavy, sorted(loaded & heavy)
