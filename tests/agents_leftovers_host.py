@@ -33,7 +33,7 @@ def main(layer: str, cgroup: str, out_dir: str, mode: str) -> None:
     core = sup.core
     info = {"pid": os.getpid(), "id": sup.id, "runtime_dir": core.runtime_dir,
             "cgroup": core.cgroups.root.path if core.cgroups else None, "spawner": core.spawner.pid,
-            "v1": sorted(getattr(getattr(core, "v1", None), "roots", {}).values()),
+            "v1": sorted(core.host.v1.roots.values()),
             "removed": core.leftovers_removed, "runs": [], "leaders": []}
     if mode == "sweep":
         sup.close()

@@ -2,10 +2,11 @@
 
 It knows runs, not sessions: a run's owner (a session, or nothing) is a
 `RunOwner`, and the session layer builds on the engine from above
-(facades/async_supervisor.py). The engine owns, for its lifetime: a runtime directory (sockets, mode 0700), the
-journal, the egress broker, the spawner process and, where cgroup v2 is
-writable, a cgroup subtree. Containment is probed once here and the chosen
-layer is named in every report.
+(facades/async_supervisor.py). Nor does it touch the operating system: the
+host (host/local.py) provisions, launches, contains and releases each run.
+The engine owns, for its lifetime: the state directory's lock, the journal,
+a runtime directory (sockets; mode 0700, 0711 under per-run identities), the
+egress broker, and its host.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import logging
 import os
 import secrets
 import shutil
-import sys
 import tempfile
 import time
 from typing import Any, AsyncIterator, Callable, Sequence
@@ -24,32 +24,27 @@ from typing import Any, AsyncIterator, Callable, Sequence
 import cloudpickle
 import psutil
 
-from ...ipc import framing, spawner_wire
+from ...ipc import framing
 from ..egress.broker import Broker
-from ..mechanisms.cgroups import Cgroup, CgroupTree, InotifyWatcher
-from ..mechanisms.containment import (CGROUP, PGROUP, PGROUP_SUBREAPER, CgroupContainment, Containment,
-                                    ProcessGroupContainment, RunIdentity)
-from ..errors import (ContainmentDegraded, DeadstopError, InvalidTarget, RunNotFound, SupervisorClosed)
-from ..mechanisms import isolation as iso
-from ..mechanisms.identities import DEFAULT_UID_RANGE, IdentityPool
-from ..store.journal import Journal
-from ..mechanisms.statelock import StateLock
+from ..egress.tools import ToolRegistry
+from ..errors import DeadstopError, InvalidTarget, RunNotFound, SupervisorClosed
+from ..host.local import LocalHost
 from ..host.recovery import recover
+from ..host.spawner_client import SpawnerClient
+from ..mechanisms import isolation as iso
 from ..mechanisms import leftovers
-from ..mechanisms.cgroup_v1 import V1Tree
-from ..errors import LimitUnenforceable
-from ..mechanisms.limits import TOKEN_KEYS, KernelLimits, Limits, LimitSupport, rlimits_for
+from ..mechanisms.cgroups import CgroupTree
+from ..mechanisms.identities import DEFAULT_UID_RANGE
+from ..mechanisms.limits import TOKEN_KEYS, Limits
+from ..mechanisms.statelock import StateLock
+from ..store.journal import Journal
 from ..store.report import StopReport
 from .events import Event, Subscription
 from .run import AsyncRun, RunOwner, RunServices
-from ..host.spawner_client import SpawnerClient
 from .states import LIVE, RunState
 from .stop import RevokeSource, StopMode, StopRequest, abort_start
-from ..egress.tools import ToolRegistry
 
 log = logging.getLogger("deadstop")
-
-CONTAINMENT_CHOICES = ("auto", CGROUP, "process-group")
 
 #: Ended runs kept as objects, newest first out, so that a caller who just saw a
 #: run end can still read its result from it; every older run is only its
@@ -81,19 +76,12 @@ class Engine:
                  max_request_bytes: int = framing.MAX_REQUEST_BYTES, tool_threads: int = 32,
                  sample_interval: float = 0.1, isolation: str = "auto",
                  uid_range: tuple[int, int] = DEFAULT_UID_RANGE, spawner_timeout: float = 10.0):
-        if containment not in CONTAINMENT_CHOICES:
-            raise ValueError(f"containment must be one of {CONTAINMENT_CHOICES}, not {containment!r}")
-        if isolation not in iso.ISOLATION_CHOICES:
-            raise ValueError(f"isolation must be one of {iso.ISOLATION_CHOICES}, not {isolation!r}")
-        self._isolation_choice = isolation
-        self._spawner_timeout = spawner_timeout
-        self._uid_range = uid_range
-        self.identities: IdentityPool | None = None
         if grace < 0:
             raise ValueError("grace must be >= 0")
         self.id = secrets.token_hex(4)
+        self.host = LocalHost(self.id, containment=containment, isolation=isolation, uid_range=uid_range,
+                              spawner_timeout=spawner_timeout)
         self._state_dir_arg = state_dir
-        self._containment_choice = containment
         self.grace = grace
         self._max_request_bytes = max_request_bytes
         self._tool_threads = tool_threads
@@ -106,7 +94,6 @@ class Engine:
         self.sample_interval = sample_interval
         self.closed = False
         self._opened = False
-        self.containment_degraded_reason = ""
 
     # -- lifecycle -------------------------------------------------------------
     async def open(self) -> "Engine":
@@ -125,53 +112,15 @@ class Engine:
             self._state_lock.release()
             raise
         self._loaded()
-        self.cgroups: CgroupTree | None = None
-        self.watcher: InotifyWatcher | None = None
-        if self._containment_choice != "process-group":
-            self.cgroups, why = CgroupTree.create(self.id)
-            if self.cgroups is None:
-                if self._containment_choice == CGROUP:
-                    self._cleanup_dirs()
-                    raise ContainmentDegraded(f"cgroup containment required but unavailable: {why}")
-                self.containment_degraded_reason = why
-                log.warning("deadstop: cgroup v2 not usable (%s); using process groups", why)
-            else:
-                self.watcher = InotifyWatcher(self.loop)
-        else:
-            self.containment_degraded_reason = "process-group containment forced by configuration"
-        # Kernel limits: v2 controllers where delegated, else v1 memory/pids
-        # hierarchies (hybrid hosts), whatever the containment layer.
-        self.v1 = V1Tree.create(self.id)
-        self.limit_support = LimitSupport(self.cgroups, self.containment_degraded_reason, self.v1)
-        self.broker = Broker(self.loop, framing.ipc_address(self.runtime_dir, "egress"), self.journal, self.tools,
-                             self, max_request_bytes=self._max_request_bytes, tool_threads=self._tool_threads)
-        isolated = self._isolation_choice != "off"
-        self.spawner = await SpawnerClient.launch(self.cgroups.child("spawner") if self.cgroups else None,
-                                                  env=iso.spawner_environment() if isolated else None,
-                                                  isolated=isolated)
-        self.spawner.on_lost = self._spawner_lost
-        self.spawner.answer_timeout = self._spawner_timeout
         try:
-            await self._probe_isolation()
-            # What the spawner (and its watchdog) must kill should we die.
-            self.spawner.configure(spawner_wire.Config(
-                cgroup_root=self.cgroups.root.path if self.cgroups else None,
-                home_procs=self.cgroups.home_procs if self.cgroups else None,
-                uid_block=[self.identities.first, self.identities.size] if self.identities else None))
+            await self.host.open(self.loop, self.runtime_dir, self._spawner_lost)
         except BaseException:
-            await self.spawner.shutdown()
-            self.broker.close()
-            if self.cgroups is not None:
-                self.cgroups.remove()
-            self.v1.remove()
             self.journal.close()
             self._cleanup_dirs()
             raise
-        if self.cgroups is not None:
-            self.containment = CGROUP
-        else:
-            self.containment = PGROUP_SUBREAPER if self.spawner.subreaper else PGROUP
-        self._services = RunServices(self.loop, self.journal, self.broker, self.spawner, self.watcher,
+        self.broker = Broker(self.loop, framing.ipc_address(self.runtime_dir, "egress"), self.journal, self.tools,
+                             self, max_request_bytes=self._max_request_bytes, tool_threads=self._tool_threads)
+        self._services = RunServices(self.loop, self.journal, self.broker, self.host.spawner, self.host.watcher,
                                      self.run_finished)
         me = psutil.Process()
         self.journal.supervisor_started(self.id, me.pid, me.create_time(), self.containment)
@@ -192,19 +141,12 @@ class Engine:
         for r, res in zip(live, results):
             if isinstance(res, BaseException):
                 log.error("run %s: kill at close failed: %s", r.id, res)
-        await self.spawner.shutdown()
+        await self.host.close()
         self.broker.close()
         for sub in self._subscribers:
             sub.close()
         if self._sampler is not None:
             self._sampler.cancel()
-        if self.watcher is not None:
-            self.watcher.close()
-        if self.cgroups is not None:
-            self.cgroups.remove()
-        self.v1.remove()
-        if self.identities is not None:
-            self.identities.close()
         self.journal.supervisor_ended(self.id)
         self.journal.close()
         self._cleanup_dirs()
@@ -219,35 +161,28 @@ class Engine:
         """The owner named `key` (its events are fenced by its generation), if any."""
         return None
 
-    async def _probe_isolation(self) -> None:
-        """Find which isolation layers this host gives (once), and refuse if strict and any is missing."""
-        mode = self._isolation_choice
-        if mode == "off":
-            self.isolation = iso.profile_from_probe(mode, {})
-            return
-        if os.geteuid() == 0:
-            self.identities = IdentityPool(self._uid_range)
-        probe_uid = self.identities.allocate() if self.identities else None
-        try:
-            results = await self.spawner.probe(iso.probe_plan(probe_uid))
-        finally:
-            self._release_uid(probe_uid)
-        self.isolation = iso.profile_from_probe(mode, results)
-        if mode == "strict" and self.isolation.missing:
-            raise ContainmentDegraded(f"isolation='strict' but these layers are missing: {self.isolation.missing}")
-        if self.isolation.missing:
-            log.warning("deadstop: isolation degraded: %s", self.isolation)
-        if self.isolation.has("identity"):
-            os.chmod(self.runtime_dir, 0o711)  # runs traverse it to their own endpoint, and list nothing
-        self._voids = iso.make_voids(self.runtime_dir)
-        paths = iso.interpreter_paths()
-        if probe_uid is not None:
-            run_uid, run_gid = probe_uid, probe_uid  # any run uid sees the host as every other does
-        else:
-            run_uid, run_gid = os.geteuid(), os.getegid()
-        self._planners = {tmp: iso.base_planner(run_uid, run_gid, tmp, paths) for tmp in (False, True)}
-        essential = {sys.prefix, sys.base_prefix, os.path.dirname(os.path.realpath(sys.executable))}
-        self._unreadable_interpreter = iso.unreadable(sorted(essential), run_uid, run_gid) if probe_uid else []
+    # -- what the host set up, for callers and reports ----------------------------------------
+    @property
+    def containment(self) -> str:
+        """The containment layer every run gets here: cgroup, process-group(+subreaper), ..."""
+        return self.host.containment
+
+    @property
+    def containment_degraded_reason(self) -> str:
+        return self.host.containment_degraded_reason
+
+    @property
+    def isolation(self) -> iso.IsolationProfile:
+        """The isolation layers runs get here, and why any is missing."""
+        return self.host.isolation
+
+    @property
+    def spawner(self) -> SpawnerClient:
+        return self.host.spawner
+
+    @property
+    def cgroups(self) -> CgroupTree | None:
+        return self.host.cgroups
 
     def _cleanup_dirs(self) -> None:
         self._state_lock.release()
@@ -258,7 +193,7 @@ class Engine:
     def _spawner_lost(self) -> None:
         if self.closed:
             return
-        why = self.spawner.lost_reason
+        why = self.host.lost_reason
         log.error("deadstop: %s; killing every live run through its containment", why)
         for run in list(self.runs.values()):
             if run.state in LIVE and run.containment is not None:
@@ -275,8 +210,8 @@ class Engine:
             raise SupervisorClosed("supervisor is closed")
         if not self._opened:
             raise SupervisorClosed("supervisor is not open: use 'async with AsyncSupervisor()' or await open()")
-        if not self.spawner.alive:
-            raise SupervisorClosed(f"{self.spawner.lost_reason}: every run was killed; open a new supervisor")
+        if not self.host.alive:
+            raise SupervisorClosed(f"{self.host.lost_reason}: every run was killed; open a new supervisor")
 
     @staticmethod
     def prepare_target(target: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[str, str, bytes | None, list[str] | None]:
@@ -318,10 +253,7 @@ class Engine:
     def check_run_options(self, tools: Sequence[str], cwd: str | None, network: str) -> None:
         """Refuse what no run could use, at registration instead of at the first message."""
         self._check_tools(tools)
-        if network not in iso.NETWORK_CHOICES:
-            raise ValueError(f"network must be one of {iso.NETWORK_CHOICES}, not {network!r}")
-        if cwd is not None and not os.path.isdir(cwd):
-            raise InvalidTarget(f"cwd {cwd!r} is not a directory")
+        self.host.check_options(cwd, network)
 
     def _check_tools(self, tools: Sequence[str]) -> None:
         for name in tools:
@@ -339,150 +271,53 @@ class Engine:
         self.check_run_options(tools, cwd, network)
         plan = self.check_limits(limits)  # LimitUnenforceable before anything exists
         run_id = secrets.token_hex(framing.RUN_ID_CHARS // 2)
-        try:
-            kernel = KernelLimits.create(run_id, limits, plan, self.v1)  # v1 groups, limits written
-        except OSError as exc:
-            raise LimitUnenforceable(f"run {run_id}: cannot set its kernel limits {plan}: {exc}") from exc
-        uid = self.identities.allocate() if self.identities is not None and self.isolation.has("identity") else None
-        try:
-            confined = self._confinement(run_id, uid, argv, cwd, env, network, private_tmp)
-        except BaseException:
-            self._release_uid(uid)
-            if kernel is not None:
-                kernel.cleanup()
-            raise
+        prov = self.host.provision(run_id, argv, cwd, env, network, private_tmp, limits, plan,
+                                   masks=self.journal.files() + [self._state_lock.path, self.state_dir])
         credential = framing.new_credential()
-        cgroup = self.cgroups.child(f"run-{run_id}") if self.cgroups else None
-        if kernel is not None:
-            try:
-                kernel.apply_v2(cgroup)
-            except OSError as exc:
-                if cgroup is not None:
-                    cgroup.remove()
-                kernel.cleanup()
-                if confined.endpoint_dir:
-                    shutil.rmtree(confined.endpoint_dir, ignore_errors=True)
-                self._release_uid(uid)
-                raise LimitUnenforceable(f"run {run_id}: cannot set its kernel limits {plan}: {exc}") from exc
         generation = owner.generation if owner is not None else 0
-        self.journal.run_created(run_id, self.id, kind, desc, tools, self.containment, cgroup.path if cgroup else None,
-                                 owner.key if owner else None, generation)
+        self.journal.run_created(run_id, self.id, kind, desc, tools, self.containment,
+                                 prov.cgroup.path if prov.cgroup else None, owner.key if owner else None, generation)
         channel = self.broker.open_channel(run_id, credential, frozenset(tools), generation,
                                            owner.gen if owner is not None else None,
-                                           limits.tool_calls if limits else None,
-                                           peer_uid=uid, peer_gid=uid, endpoint_dir=confined.endpoint_dir)
+                                           limits.tool_calls if limits else None, peer_uid=prov.uid,
+                                           peer_gid=prov.uid, endpoint_dir=prov.confined.endpoint_dir)
         run = AsyncRun(self._services, run_id, kind, desc, tools, self.grace if grace is None else grace, channel,
                        owner=owner, limits=limits, inbox=inbox)
-        run.uid = uid
-        run.kernel_limits, run.limits_enforcement = kernel, plan
-        run.isolation = confined.summary
+        run.uid = prov.uid
+        run.kernel_limits, run.limits_enforcement = prov.kernel, plan
+        run.isolation = prov.confined.summary
         self.runs[run_id] = run
-        msg = spawner_wire.Start(
-            run_id=run_id, blob=blob, argv=argv, env=confined.env, clean_env=confined.clean_env,
-            cwd=confined.cwd, cgroup_procs=cgroup.procs_file if cgroup else None, pin_group=cgroup is None,
-            generation=generation, egress=channel.address, supervisor_pid=os.getpid(),
-            rlimits=rlimits_for(limits, plan), sandbox=confined.plan,
-            # v1 memory/pids groups, joined (as root, before any user code) right after the v2 cgroup
-            join_cgroups=kernel.join_files() if kernel is not None else [])
-        cred_fd = framing.credential_memfd(credential)
+        msg = self.host.start_message(prov, blob=blob, argv=argv, generation=generation, egress=channel.address,
+                                      limits=limits)
         try:
-            started = await self.spawner.start(msg, cred_fd)
+            started = await self.host.launch(msg, credential)
         except BaseException as exc:
             why = "start cancelled" if isinstance(exc, asyncio.CancelledError) else f"start failed: {exc}"
-            layer = self._cgroup_layer(cgroup) if cgroup is not None else None
-            report = abort_start(run, layer, why)
+            report = abort_start(run, self.host.cgroup_layer(prov.cgroup) if prov.cgroup else None, why)
             self.broker.close_channel(run_id)
-            if cgroup is not None:
-                cgroup.remove()  # if still populated, close() removes the subtree after the spawner is gone
             self.journal.run_ended(run_id, RunState.FAILED.value, report.reaped_at, None, None, report.to_dict())
-            if kernel is not None:
-                kernel.cleanup()  # kills a child forked before the cancel, removes the v1 groups
-            self._forget_confinement(run)
+            self.host.abort(prov)
             self._retire(run)
             if isinstance(exc, (DeadstopError, asyncio.CancelledError)):
                 raise
             raise DeadstopError(f"run {run_id} could not be started: {exc}") from exc
-        finally:
-            os.close(cred_fd)
-        run.attach(started.pid, started.create_time, started.pidfd,
-                   self._containment_for(run_id, started.pid, cgroup, uid))
+        others = lambda: {r.pid for r in self.runs.values() if r.pid is not None and r.pid != started.pid}  # noqa: E731
+        run.attach(started.pid, started.create_time, started.pidfd, self.host.containment_for(prov, started.pid, others))
         if limits is not None and (limits.cpu_seconds or limits.memory_bytes or limits.processes):
             self._sampled[run.id] = run
             self._ensure_sampler()
         return run
 
-    def _confinement(self, run_id: str, uid: int | None, argv: list[str] | None, cwd: str | None,
-                     env: dict[str, str] | None, network: str, private_tmp: bool | None) -> iso.Confinement:
-        """The run's sandbox plan, environment and endpoint; InvalidTarget if its cwd is unusable."""
-        if self.isolation.mode == "off":
-            return iso.Confinement(None, dict(env or {}), False, cwd, None, {"mode": "off", "network": "host"})
-        if private_tmp is None:
-            private_tmp = self.isolation.mode == "strict"
-        workdir = os.path.abspath(cwd) if cwd else "/"
-        if uid is not None:
-            why = iso.check_workspace(workdir, uid, uid)
-            if why:
-                raise InvalidTarget(why)
-            blocked = self._unreadable_interpreter + iso.unreadable(
-                [a for a in argv or () if os.path.isabs(a)], uid, uid)
-            if blocked:
-                raise InvalidTarget(f"the run's own uid could not read {', '.join(blocked)} even inside its "
-                                    "namespace (the mode itself refuses others); make it world-readable, "
-                                    "or pass isolation='off' for trusted code")
-        endpoint_dir = None
-        if uid is not None:
-            endpoint_dir = os.path.join(self.runtime_dir, f"r-{run_id}")
-            os.mkdir(endpoint_dir, 0o710)
-            os.chown(endpoint_dir, 0, uid)
-        plan = iso.sandbox_plan(self.isolation, run_id, uid, workdir, argv, network,
-                                self._planners[bool(private_tmp)], endpoint_dir, self._voids,
-                                masks=self.journal.files() + [self._state_lock.path, self.state_dir])
-        summary = {**self.isolation.to_dict(), "network": network, "private_tmp": private_tmp}
-        if network == "host":
-            summary["missing"] = {**summary["missing"], "namespace:network": "network='host': the run is unconfined"}
-            summary["active"] = [n for n in summary["active"] if n != "namespace:network"]
-        return iso.Confinement(plan, iso.run_environment(env, workdir), True, workdir, endpoint_dir, summary)
-
-    def _release_uid(self, uid: int | None) -> None:
-        if uid is not None and self.identities is not None:
-            self.identities.release(uid)
-
-    def _cgroup_layer(self, cgroup: Cgroup, identity: RunIdentity | None = None) -> CgroupContainment:
-        assert self.watcher is not None and self.cgroups is not None  # a run has a cgroup only then
-        return CgroupContainment(cgroup, self.watcher, self.cgroups.has_kill, identity)
-
-    def _forget_confinement(self, run: AsyncRun) -> None:
-        """Give back what the run's confinement held: its endpoint directory, then its uid."""
-        endpoint_dir = os.path.join(self.runtime_dir, f"r-{run.id}")
-        try:
-            os.rmdir(endpoint_dir)  # empty: the broker removed the socket when it closed the endpoint
-        except FileNotFoundError:
-            pass
-        except OSError:
-            shutil.rmtree(endpoint_dir, ignore_errors=True)
-        self._release_uid(run.uid)
-
     def check_limits(self, limits: Limits | None) -> dict[str, str]:
         """How each limit would be enforced here (limit -> mechanism); raises
         LimitUnenforceable for a memory_bytes / processes limit no kernel
         controller can enforce, unless Limits(enforcement="sampled")."""
-        if limits is not None and not isinstance(limits, Limits):
-            raise InvalidTarget(f"limits must be a Limits, not {type(limits).__name__}")
-        return self.limit_support.plan(limits)
+        return self.host.check_limits(limits)
 
     @property
     def limit_enforcement(self) -> dict[str, str]:
         """memory_bytes / processes -> the kernel mechanism this host offers, or "sampled only: <why>"."""
-        return self.limit_support.describe()
-
-    def _containment_for(self, run_id: str, pid: int, cgroup: Cgroup | None, uid: int | None) -> Containment:
-        if cgroup is not None:
-            identity = RunIdentity(uid, f"{framing.ENV_MARKER}={run_id}".encode(),
-                                   self.spawner.pid if self.spawner.subreaper else None,
-                                   lambda: {r.pid for r in self.runs.values() if r.pid is not None and r.pid != pid})
-            return self._cgroup_layer(cgroup, identity)
-        return ProcessGroupContainment(pid, f"{framing.ENV_MARKER}={run_id}", self.spawner.pid, self.spawner.subreaper,
-                                       uid=uid)
+        return self.host.limit_support.describe()
 
     async def stop_all(self, grace: float | None = None, *, source: str = "api",
                        reason: str = "stop all") -> list[StopReport]:
@@ -521,10 +356,9 @@ class Engine:
         self._retire(run)
         self._sampled.pop(run.id, None)
         self.broker.close_channel(run.id)
-        self.spawner.run_ended(run.id)
         if run.report is not None and run.report.survivors:
             run.uid = None  # quarantined: a uid is reused only once nothing of its run lives
-        self._forget_confinement(run)
+        self.host.release(run.id, run.uid)
         if run.owner is not None:
             run.owner.run_ended(run)
         self._publish(Event(run.id, "run.ended", {"state": run.state.value}, time.monotonic_ns(),
