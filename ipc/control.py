@@ -48,6 +48,8 @@ class Fault(enum.IntEnum):
     LIMIT_UNENFORCEABLE = 32
     SHUTTING_DOWN = 40  # the supervisor is closed or closing
     STATE_DIR_IN_USE = 41
+    UNREACHABLE = 42  # (a client's own) no daemon answered where it looked; the message says where
+    TIMED_OUT = 43  # (a client's own) no reply within the caller's timeout; the verb may still have run
     STOP_INCOMPLETE = 50  # the stop ran but something survived it; the reply's report says what
     FAILED = 90  # the verb ran and failed for another reason; the message says why
 
@@ -84,6 +86,8 @@ class SessionInfo(_Info):
     last_outcome: Union[str, None] = None
     aborted_last_run: bool = False
     answer_generation: Union[int, None] = None
+    created_wall: float = 0.0  # wall-clock seconds
+    updated_wall: float = 0.0  # the last message, stop, end or answer
 
 
 class RunInfo(_Info):
@@ -131,10 +135,19 @@ class EventInfo(_Info):
 
 
 class StopReply(_Info):
-    """What a stop or kill ended: one report per run of the tree (empty: nothing was live)."""
+    """What a stop or kill ended: one report per run of the tree that was live.
+
+    already_ended: nothing of the tree was running (a success, said so).
+    waited: false for `wait=false`, where `revoked` lists the runs whose
+    egress is closed and whose stop is under way; their reports follow in
+    runs.show and the event stream (run.ended).
+    """
 
     key: str
     reports: list[dict[str, Any]] = []
+    already_ended: bool = False
+    waited: bool = True
+    revoked: list[str] = []
 
 
 class SendReply(_Info):
@@ -151,6 +164,8 @@ class Request(msgspec.Struct, tag_field="verb", forbid_unknown_fields=True, kw_o
 class SessionsList(Request, tag="sessions.list"):
     active: Union[bool, None] = None
     min_tokens: Union[int, None] = None
+    agent: Union[str, None] = None
+    older_than: Union[float, None] = None  # unchanged for at least this many seconds
 
 
 class SessionsShow(Request, tag="sessions.show"):
@@ -161,6 +176,8 @@ class SessionsSend(Request, tag="sessions.send"):
     key: str
     message: Any
     agent: Union[str, None] = None  # creates the session when it does not exist
+    #: A retried send with the same key returns the first one's reply instead of a second takeover.
+    idempotency_key: Union[str, None] = None
 
 
 class SessionsSpawn(Request, tag="sessions.spawn"):
@@ -174,6 +191,7 @@ class SessionsSpawn(Request, tag="sessions.spawn"):
 class SessionsStop(Request, tag="sessions.stop"):
     key: str
     grace: Union[float, None] = None
+    wait: bool = True  # false: reply once the tree is revoked, not once it is gone
 
 
 class SessionsKill(Request, tag="sessions.kill"):
@@ -190,6 +208,7 @@ class SessionsResume(Request, tag="sessions.resume"):
 
 class SessionsCleanup(Request, tag="sessions.cleanup"):
     older_than: float = 3600.0
+    dry_run: bool = False
 
 
 class RunsList(Request, tag="runs.list"):

@@ -1,5 +1,5 @@
 """`python -m deadstop.supervisor` is the `deadstop` command."""
 
-from .facades.cli import main
+from .cli import main
 
 raise SystemExit(main())

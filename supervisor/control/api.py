@@ -17,6 +17,8 @@ any path, so nothing the tree sends after the call is dispatched.
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import dataclasses
 import os
 import time
@@ -47,6 +49,10 @@ _FAULTS: list[tuple[type[BaseException], Fault]] = [
 ]
 
 
+#: Idempotency keys of sessions.send remembered (the oldest forgotten first). They live as
+#: long as the supervisor: a restarted daemon does not know the keys of the previous one.
+IDEMPOTENCY_KEYS = 10_000
+
 _REPORT_FIELDS = frozenset(f.name for f in dataclasses.fields(StopReport))
 
 
@@ -67,6 +73,9 @@ class ControlAPI:
         self._registry = registry
         self.policy = Policy(registry)
         self._started = time.monotonic()
+        #: (caller kind, caller name, session, idempotency key) -> the first send's reply
+        self._sent: collections.OrderedDict[tuple[str, str, str, str], asyncio.Future[wire.SendReply]] = \
+            collections.OrderedDict()
 
     # -- sessions ---------------------------------------------------------------------------------
     def _verb(self, who: Principal, name: str) -> None:
@@ -79,10 +88,11 @@ class ControlAPI:
             raise SessionNotFound(f"no session {key!r}")
         return session
 
-    def sessions(self, who: Principal = LIBRARY, *, active: bool | None = None,
-                 min_tokens: int | None = None) -> list["AsyncSession"]:
+    def sessions(self, who: Principal = LIBRARY, *, active: bool | None = None, min_tokens: int | None = None,
+                 agent: str | None = None, older_than: float | None = None) -> list["AsyncSession"]:
         self._verb(who, "sessions.list")
-        return [s for s in self._registry.find(active=active, min_tokens=min_tokens) if self.policy.may_see(who, s)]
+        found = self._registry.find(active=active, min_tokens=min_tokens, agent=agent, older_than=older_than)
+        return [s for s in found if self.policy.may_see(who, s)]
 
     def session(self, who: Principal, key: str) -> "AsyncSession":
         self._verb(who, "sessions.show")
@@ -145,6 +155,14 @@ class ControlAPI:
         target = self._stoppable(who, key, "sessions.stop")
         return await target.stop(grace, source=who.source, reason=self._reason(who, "session stop requested"))
 
+    def begin_stop_session(self, who: Principal, key: str, grace: float | None = None) -> list[str]:
+        """Revoke the session's tree and start its stop; returns the revoked run ids without waiting."""
+        target = self._stoppable(who, key, "sessions.stop")
+        live = [s.active_run.id for s in [target, *target.descendants()]
+                if s.active_run is not None and s.active_run.state in LIVE]
+        target.begin_end("stop", source=who.source, reason=self._reason(who, "session stop requested"), grace=grace)
+        return live
+
     async def kill_session(self, who: Principal, key: str) -> list[StopReport]:
         target = self._stoppable(who, key, "sessions.kill")
         return await target.kill(source=who.source, reason=self._reason(who, "session kill requested"))
@@ -157,9 +175,9 @@ class ControlAPI:
         target = self._stoppable(who, key, "sessions.resume")
         return await target.resume()
 
-    async def cleanup(self, who: Principal, older_than: float = 3600) -> list[str]:
+    async def cleanup(self, who: Principal, older_than: float = 3600, *, dry_run: bool = False) -> list[str]:
         self._verb(who, "sessions.cleanup")
-        return await self._registry.cleanup(older_than)
+        return await self._registry.cleanup(older_than, dry_run=dry_run)
 
     # -- runs ---------------------------------------------------------------------------------------
     def _run_visible(self, who: Principal, session_key: str | None) -> bool:
@@ -269,30 +287,31 @@ class ControlAPI:
 
     async def _call(self, who: Principal, r: wire.Request) -> Any:
         if isinstance(r, wire.SessionsList):
-            return [session_info(s) for s in self.sessions(who, active=r.active, min_tokens=r.min_tokens)]
+            return [session_info(s) for s in self.sessions(who, active=r.active, min_tokens=r.min_tokens,
+                                                           agent=r.agent, older_than=r.older_than)]
         if isinstance(r, wire.SessionsShow):
             return session_info(self.session(who, r.key))
         if isinstance(r, wire.SessionsSend):
             if r.agent is not None and r.agent not in self._registry.agents:
                 raise ControlFault(Fault.NO_SUCH_AGENT, f"agent {r.agent!r} is not registered "
                                                         f"(registered: {sorted(self._registry.agents)})")
-            run = await self.send(who, r.key, r.message, agent=r.agent)
-            return wire.SendReply(key=r.key, run_id=run.id, generation=run.generation)
+            return await self._idempotent(who, r)
         if isinstance(r, wire.SessionsSpawn):
             child, run = await self.spawn(who, r.agent, r.message, r.label)
             return wire.SendReply(key=child.key, run_id=run.id, generation=child.generation)
         if isinstance(r, wire.SessionsStop):
-            reports = await self.stop_session(who, r.key, r.grace)
-            return wire.StopReply(key=r.key, reports=[x.to_dict() for x in reports])
+            if not r.wait:
+                revoked = self.begin_stop_session(who, r.key, r.grace)
+                return wire.StopReply(key=r.key, already_ended=not revoked, waited=False, revoked=revoked)
+            return _stop_reply(r.key, await self.stop_session(who, r.key, r.grace))
         if isinstance(r, wire.SessionsKill):
-            reports = await self.kill_session(who, r.key)
-            return wire.StopReply(key=r.key, reports=[x.to_dict() for x in reports])
+            return _stop_reply(r.key, await self.kill_session(who, r.key))
         if isinstance(r, wire.SessionsPause):
             return await self.pause_session(who, r.key)
         if isinstance(r, wire.SessionsResume):
             return await self.resume_session(who, r.key)
         if isinstance(r, wire.SessionsCleanup):
-            return await self.cleanup(who, r.older_than)
+            return await self.cleanup(who, r.older_than, dry_run=r.dry_run)
         if isinstance(r, wire.RunsList):
             return self.runs(who, session=r.session, active=r.active, limit=r.limit)
         if isinstance(r, wire.RunsShow):
@@ -311,6 +330,35 @@ class ControlAPI:
         if isinstance(r, wire.HealthCheck):
             return self.health(who)
         raise ControlFault(Fault.UNKNOWN_VERB, f"verb {type(r).__name__} is not served by call()")
+
+
+    async def _idempotent(self, who: Principal, r: wire.SessionsSend) -> wire.SendReply:
+        """sessions.send, once per idempotency key: a retry gets the first attempt's reply (or waits for it)."""
+        if r.idempotency_key is None:
+            run = await self.send(who, r.key, r.message, agent=r.agent)
+            return wire.SendReply(key=r.key, run_id=run.id, generation=run.generation)
+        slot = (who.kind, who.name, r.key, r.idempotency_key)
+        first = self._sent.get(slot)
+        if first is not None:
+            self._sent.move_to_end(slot)
+            return await asyncio.shield(first)
+        fut: asyncio.Future[wire.SendReply] = asyncio.get_running_loop().create_future()
+        self._sent[slot] = fut
+        while len(self._sent) > IDEMPOTENCY_KEYS:
+            self._sent.popitem(last=False)
+        try:
+            run = await self.send(who, r.key, r.message, agent=r.agent)
+        except BaseException as exc:
+            self._sent.pop(slot, None)  # a failed send may be retried for real
+            fut.set_exception(exc)
+            fut.exception()  # retrieved: a retry that raced this one re-raises it
+            raise
+        fut.set_result(wire.SendReply(key=r.key, run_id=run.id, generation=run.generation))
+        return fut.result()
+
+
+def _stop_reply(key: str, reports: list[StopReport]) -> wire.StopReply:
+    return wire.StopReply(key=key, reports=[x.to_dict() for x in reports], already_ended=not reports)
 
 
 # -- info structs from live objects ----------------------------------------------------------------------

@@ -83,10 +83,17 @@ class SessionRegistry:
         except KeyError:
             raise SessionNotFound(f"no session {key!r}") from None
 
-    def find(self, active: bool | None = None, min_tokens: int | None = None) -> list[AsyncSession]:
+    def find(self, active: bool | None = None, min_tokens: int | None = None, *, agent: str | None = None,
+             older_than: float | None = None) -> list[AsyncSession]:
+        """Sessions by state, tokens used, agent, and time since they last changed (seconds)."""
+        cutoff = time.time() - older_than if older_than is not None else None
         out = []
         for s in self.by_key.values():
             if active is not None and s.active != active:
+                continue
+            if agent is not None and s.agent != agent:
+                continue
+            if cutoff is not None and s.updated_wall > cutoff:
                 continue
             if min_tokens is not None and s.usage.tokens < min_tokens:
                 continue
@@ -128,9 +135,10 @@ class SessionRegistry:
             s.runs = runs_of.get(row.key, [])
             self.by_key[row.key] = s
 
-    async def cleanup(self, older_than: float = 3600) -> list[str]:
+    async def cleanup(self, older_than: float = 3600, *, dry_run: bool = False) -> list[str]:
         """Remove sessions that are idle, whose whole subtree is idle, and that
-        have not changed for `older_than` seconds, with every record of their runs."""
+        have not changed for `older_than` seconds, with every record of their runs.
+        With dry_run, only say which they would be."""
         cutoff = time.time() - older_than
 
         def removable(s: AsyncSession) -> bool:
@@ -143,6 +151,8 @@ class SessionRegistry:
         if not gone:
             return []
         keys = [s.key for s in gone]
+        if dry_run:
+            return keys
         self.engine.journal.forget(keys)
         for s in gone:
             self.by_key.pop(s.key, None)

@@ -147,6 +147,7 @@ class AsyncSession:
             and self.active_run.state in LIVE else None, "runs": list(self.runs), "usage": self.usage.to_dict(),
             "last_outcome": self.last_outcome, "aborted_last_run": self.aborted_last_run,
             "answer_generation": self.answer_generation,
+            "created_wall": self.created_wall, "updated_wall": self.updated_wall,
         }
 
     # -- generation ---------------------------------------------------------------
@@ -260,12 +261,16 @@ class AsyncSession:
             if not fut.done():
                 fut.set_exception(SessionStopped(f"session {self.key}: message dropped ({reason})"))
 
+    def begin_end(self, mode: str, *, source: str, reason: str,
+                  grace: float | None = None) -> list[asyncio.Task[StopReport]]:
+        """Bump, drop queued messages and revoke the whole tree now; the returned tasks finish the stops."""
+        return self._end_tree(mode=mode, source=source, reason=reason, include_self=True, bump=True,
+                              clear_inbox=True, grace=grace)
+
     async def stop(self, grace: float | None = None, *, source: str = "api",
                    reason: str = "session stop requested") -> list[StopReport]:
         """Bump the generation, drop queued messages, revoke the whole descendant tree, stop it."""
-        tasks = self._end_tree(mode="stop", source=source, reason=reason, include_self=True, bump=True,
-                               clear_inbox=True, grace=grace)
-        return await self._await_reports(tasks)
+        return await self._await_reports(self.begin_end("stop", source=source, reason=reason, grace=grace))
 
     async def kill(self, *, source: str = "api", reason: str = "session kill requested") -> list[StopReport]:
         tasks = self._end_tree(mode="kill", source=source, reason=reason, include_self=True, bump=True,

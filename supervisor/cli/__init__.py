@@ -1,11 +1,8 @@
 """The `deadstop` command line.
 
-Exit codes (one table for every verb):
-  0  success
-  1  the verb ran and found a failure (a run survived in the demo; a layer
-     is missing under `doctor --strict`)
-  2  bad usage
-  3  deadstop error (containment unavailable, supervisor failed to start)
+Its verbs that talk to a daemon (sessions, agents, events, daemon) are the
+control verbs, through the blocking client: nothing of the engine is
+imported for them, nor for --help.
 """
 
 from __future__ import annotations
@@ -15,24 +12,34 @@ import os
 import runpy
 import sys
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ERROR = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_FORBIDDEN, EXIT_NO_DAEMON, EXIT_TIMEOUT = 0, 1, 2, 3, 4, 5, 124
+EXIT_CODES = """exit codes (every verb):
+  0    success (a stop of a session with nothing running included)
+  1    the verb ran and found a failure (a run survived its stop, a layer is missing under
+       doctor --strict, the daemon or the supervisor could not start)
+  2    usage: a bad argument, an unknown verb, a malformed request
+  3    no such session, run or agent
+  4    not permitted (the caller's scope or the session policy)
+  5    no daemon reachable (the message says where it looked)
+  124  --timeout expired (the verb may still have run)"""
+REMOTE_VERBS = ("sessions", "agents", "events", "daemon")
 BENCHMARKS = {"kill": "kill_latency.py", "sessions": "session_latency.py"}
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from ..facades.demo import run_demo
 
     return run_demo(sys.stdout, containment=args.containment, grace=args.grace)
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
-    from .doctor import run_doctor
+    from ..facades.doctor import run_doctor
 
     return run_doctor(sys.stdout, as_json=args.json, strict=args.strict)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     script = os.path.join(here, "benchmarks", BENCHMARKS[args.which])
     if not os.path.exists(script):
         print("deadstop bench: benchmarks/ is not installed with the package; "
@@ -45,6 +52,21 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     except SystemExit as exc:
         return int(exc.code or 0)
     return EXIT_OK
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from ..client.locate import default_runtime_dir, default_state_dir
+    from ..daemon import config
+    from ..daemon.server import serve
+
+    if args.check:
+        cfg = config.load(args.config)
+        print(f"{args.config or '(no file)'}: ok: {len(cfg.agents)} agent(s) "
+              f"({', '.join(a.name for a in cfg.agents) or '-'}), {len(cfg.tools)} tool(s) "
+              f"({', '.join(t.name for t in cfg.tools) or '-'})")
+        return EXIT_OK
+    return serve(args.config, state_dir=args.state_dir or default_state_dir(),
+                 runtime_dir=args.runtime_dir or default_runtime_dir(), binds=args.bind)
 
 
 def _non_negative(text: str) -> float:
@@ -60,9 +82,22 @@ def _non_negative(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     from .._version import __version__
 
-    parser = argparse.ArgumentParser(prog="deadstop", description="Process-isolated agent runs whose stop really stops.")
+    from . import parsers
+
+    parser = argparse.ArgumentParser(prog="deadstop", description="Process-isolated agent runs whose stop really stops.",
+                                     epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"deadstop {__version__}")
     sub = parser.add_subparsers(dest="verb", required=True)
+    serve = sub.add_parser("serve", help="run the daemon: one supervisor serving the control verbs over ZeroMQ")
+    serve.add_argument("--config", metavar="PATH", help="the TOML file of agents, tools and defaults")
+    serve.add_argument("--state-dir", metavar="DIR", help="where the journal lives (default: the well-known one)")
+    serve.add_argument("--runtime-dir", metavar="DIR",
+                       help="owner-only directory for its sockets and daemon.json (default: "
+                            "$XDG_RUNTIME_DIR/deadstop, /run/deadstop as root)")
+    serve.add_argument("--bind", action="append", metavar="ENDPOINT", help="also listen here (tcp:// needs CURVE keys)")
+    serve.add_argument("--check", action="store_true", help="check the configuration file and exit")
+    serve.set_defaults(func=_cmd_serve)
+    parsers.add_parsers(sub, parsers.common_options(), _non_negative)
     demo = sub.add_parser("demo", help="start misbehaving runs, stop them, print their stop reports")
     demo.add_argument("--containment", choices=["auto", "cgroup", "process-group"], default="auto")
     demo.add_argument("--grace", type=_non_negative, default=0.5, help="seconds between SIGTERM and SIGKILL")
@@ -85,13 +120,22 @@ def main(argv: list[str] | None = None) -> int:
     if rest and args.verb != "bench":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.rest = rest
+    if args.verb in REMOTE_VERBS:
+        from . import remote
+
+        runner = remote.run
+    else:
+        runner = args.func
     from ..errors import DeadstopError
+    from ...ipc.control import ControlFault
 
     try:
-        return int(args.func(args))
-    except DeadstopError as exc:
+        return int(runner(args))
+    except (DeadstopError, ControlFault) as exc:
         print(f"deadstop {args.verb}: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
     except BrokenPipeError:
         # `deadstop demo | head`: the reader is gone, which is not an error of ours.
         # Point stdout at /dev/null so the interpreter's final flush is quiet too.

@@ -1,0 +1,206 @@
+"""The command line's verbs that talk to a daemon: sessions, agents, events, daemon.
+
+Each is one control verb through the blocking Client (which imports no
+engine); `--json` prints the daemon's reply exactly as it came. Faults map
+to the exit-code table in cli/__init__.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any, Callable, TextIO
+
+import msgspec
+
+from ...ipc.control import ControlFault, Fault
+from ..client.client import Client
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_FORBIDDEN, EXIT_NO_DAEMON, EXIT_TIMEOUT = 0, 1, 2, 3, 4, 5, 124
+
+_EXIT_OF_FAULT = {
+    Fault.UNKNOWN_VERB: EXIT_USAGE, Fault.BAD_ARGUMENTS: EXIT_USAGE, Fault.UNSUPPORTED_VERSION: EXIT_USAGE,
+    Fault.NO_SUCH_SESSION: EXIT_NOT_FOUND, Fault.NO_SUCH_RUN: EXIT_NOT_FOUND, Fault.NO_SUCH_AGENT: EXIT_NOT_FOUND,
+    Fault.FORBIDDEN: EXIT_FORBIDDEN, Fault.POLICY_DENIED: EXIT_FORBIDDEN,
+    Fault.UNREACHABLE: EXIT_NO_DAEMON, Fault.SHUTTING_DOWN: EXIT_NO_DAEMON, Fault.TIMED_OUT: EXIT_TIMEOUT,
+}
+
+
+def exit_of(fault: Fault) -> int:
+    return _EXIT_OF_FAULT.get(fault, EXIT_FAILED)
+
+
+def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    """Run one remote verb; its exit status."""
+    verb: Callable[[Client, argparse.Namespace, TextIO], int] = globals()[f"_{args.remote}"]
+    try:
+        with Client(args.daemon, kind="cli", name="deadstop", timeout=args.timeout) as client:
+            return int(verb(client, args, out))
+    except ControlFault as exc:
+        if args.json:
+            print(json.dumps({"ok": False, "fault": int(exc.fault), "name": exc.fault.name,
+                              "message": exc.args[0], "detail": exc.detail}), file=out)
+        print(f"deadstop {args.verb} {getattr(args, 'action', '')}: {exc}".replace("  ", " "), file=err)
+        return exit_of(exc.fault)
+
+
+def _print(out: TextIO, value: Any) -> None:
+    print(json.dumps(msgspec.to_builtins(value), indent=2, sort_keys=True), file=out)
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def _bytes(n: float) -> str:
+    for unit, size in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return f"{n:.0f}"
+
+
+def _sessions_list(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    found = client.sessions(active=True if args.active else None, min_tokens=args.tokens, agent=args.agent,
+                            older_than=args.age)
+    if args.json:
+        _print(out, found)
+        return EXIT_OK
+    rows = [("KEY", "STATE", "AGENT", "GEN", "TOKENS", "TOOLS", "CPU", "MEM", "PROCS", "AGE", "PARENT")]
+    now = time.time()
+    for s in found:
+        u = s.usage
+        rows.append((s.key, s.state, s.agent, str(s.generation), f"{u.get('tokens', 0):.0f}",
+                     f"{u.get('tool_calls', 0):.0f}", f"{u.get('cpu_seconds', 0):.1f}s",
+                     _bytes(u.get("peak_memory_bytes", 0)), f"{u.get('peak_processes', 0):.0f}",
+                     _age(max(0.0, now - s.created_wall)), s.parent or "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip(), file=out)
+    if len(rows) == 1:
+        print("(no sessions)", file=out)
+    return EXIT_OK
+
+
+def _sessions_show(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    info = client.session(args.key)
+    if args.json:
+        _print(out, info)
+        return EXIT_OK
+    for field, value in msgspec.structs.asdict(info).items():
+        print(f"{field:<18} {value}", file=out)
+    return EXIT_OK
+
+
+def _message(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _sessions_send(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    reply = client.send(args.key, _message(args.message), agent=args.agent, idempotency_key=args.idempotency_key)
+    if args.json:
+        _print(out, reply)
+    else:
+        print(f"{reply.key}: run {reply.run_id} started (generation {reply.generation})", file=out)
+    return EXIT_OK
+
+
+def _report_lines(reply: Any, out: TextIO) -> int:
+    if reply.already_ended:
+        print(f"{reply.key}: nothing was running (already ended)", file=out)
+        return EXIT_OK
+    if not reply.waited:
+        print(f"{reply.key}: revoked {', '.join(reply.revoked)}; their stop goes on "
+              f"(deadstop sessions show {reply.key})", file=out)
+        return EXIT_OK
+    failed = False
+    for r in reply.reports:
+        survivors = r.get("survivors", 0)
+        failed = failed or bool(survivors)
+        ms = (r["reaped_at"] - r["requested_at"]) / 1e6 if r.get("reaped_at") else float("nan")
+        print(f"{reply.key}: run {r['run_id']} {r['outcome']} ({r['ended_by']}) in {ms:.1f} ms, "
+              f"{survivors} survivor(s){' ' + str(r.get('survivor_pids')) if survivors else ''}", file=out)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _stop_exit(reply: Any) -> int:
+    return EXIT_FAILED if any(r.get("survivors") for r in reply.reports) else EXIT_OK
+
+
+def _sessions_stop(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    reply = client.stop(args.key, args.grace, wait=not args.no_wait)
+    if args.json:
+        _print(out, reply)
+        return _stop_exit(reply)
+    return _report_lines(reply, out)
+
+
+def _sessions_kill(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    reply = client.kill(args.key)
+    if args.json:
+        _print(out, reply)
+        return _stop_exit(reply)
+    return _report_lines(reply, out)
+
+
+def _sessions_pause_resume(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    done = client.pause(args.key) if args.action == "pause" else client.resume(args.key)
+    if args.json:
+        _print(out, done)
+    elif args.action == "pause":
+        print(f"{args.key}: {'paused' if done else 'nothing was running: nothing paused'}", file=out)
+    else:
+        print(f"{args.key}: {'resumed' if done else 'not everything could be thawed in time'}", file=out)
+    return EXIT_OK if done or args.action == "pause" else EXIT_FAILED
+
+
+def _sessions_cleanup(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    keys = client.cleanup(args.age, dry_run=args.dry_run)
+    if args.json:
+        _print(out, keys)
+    else:
+        verb = "would remove" if args.dry_run else "removed"
+        print(f"{verb} {len(keys)} session(s){': ' + ', '.join(keys) if keys else ''}", file=out)
+    return EXIT_OK
+
+
+def _agents_list(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    agents = client.agents()
+    if args.json:
+        _print(out, agents)
+        return EXIT_OK
+    for a in agents:
+        limits = ", ".join(f"{k}={v}" for k, v in a.limits.items()) or "-"
+        print(f"{a.name:<20} {a.kind:<7} tools: {', '.join(a.tools) or '-'}; limits: {limits}", file=out)
+    if not agents:
+        print("(no agents)", file=out)
+    return EXIT_OK
+
+
+def _events(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    try:
+        for event in client.events(args.session):
+            if args.json:
+                print(json.dumps(msgspec.to_builtins(event)), file=out, flush=True)
+            else:
+                print(f"{event.session or '-'} #{event.seq} {event.kind} run {event.run_id or '-'}: "
+                      f"{json.dumps(event.data)[:200]}", file=out, flush=True)
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK
+
+
+def _daemon_verb(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    reply = client.call(args.verb_name)
+    if args.json or args.verb_name != "daemon.stop":
+        _print(out, reply)
+    else:
+        print("the daemon is stopping every run, then itself", file=out)
+    return EXIT_OK

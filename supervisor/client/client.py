@@ -1,0 +1,310 @@
+"""Clients of `deadstop serve`: `Client` (blocking) and `AsyncClient` (asyncio).
+
+They speak the gateway wire (ipc/gateway.py, docs/gateway.md) and import
+nothing of the engine: a command-line call pays for pyzmq and msgspec only.
+Replies are the verb table's structs (ipc/control.py): `SessionInfo`,
+`RunInfo`, `StopReply`, ...; a refusal raises `ControlFault` with its
+numbered `Fault`.
+
+    with Client() as c:                                  # finds the daemon (see locate.py)
+        c.send("chat-42", "draft the reply", agent="researcher")
+        reply = c.stop("chat-42")                        # StopReply: every run it ended, with its report
+        assert reply.already_ended or all(r["survivors"] == 0 for r in reply.reports)
+
+`AsyncClient.provide({"send_email": fn})` makes this process the provider
+of tools runs call: each call arrives here, is run, and its result goes
+back; at the run's revoke the call is cancelled and a late result refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import itertools
+import os
+import secrets
+import threading
+import time
+from typing import Any, AsyncIterator, Callable, Iterator
+
+import msgspec
+import zmq
+
+from ...ipc import control as wire
+from ...ipc import gateway
+from ...ipc.control import ControlFault, Fault
+from .locate import NoDaemon, locate
+
+
+def _routing_id(kind: str, name: str | None) -> bytes:
+    if kind not in gateway.CLIENT_KINDS:
+        raise ValueError(f"client kind must be one of {gateway.CLIENT_KINDS}, not {kind!r}")
+    label = (name or f"pid{os.getpid()}").replace("/", "_")[:64]
+    return f"{kind}/{label}/{secrets.token_hex(4)}".encode()
+
+
+def _request(verb: str | wire.Request, args: dict[str, Any]) -> tuple[bytes, str]:
+    if isinstance(verb, wire.Request):
+        return msgspec.json.encode(verb), str(type(verb).__struct_config__.tag)
+    return msgspec.json.encode({"verb": verb, **{k: v for k, v in args.items() if v is not None}}), verb
+
+
+def _result(name: str, body: bytes) -> Any:
+    reply = msgspec.json.decode(body)
+    if not reply.get("ok"):
+        code = reply.get("fault", int(Fault.FAILED))
+        try:
+            fault = Fault(code)
+        except ValueError:
+            fault = Fault.FAILED
+        raise ControlFault(fault, reply.get("message", "refused"), detail=reply.get("detail"))
+    result = reply.get("result")
+    verb = wire.VERBS.get(name) or gateway.DAEMON_VERBS.get(name)
+    if verb is None or verb.reply in (bool, dict, list) or result is None:
+        return result
+    return msgspec.convert(result, verb.reply)
+
+
+class _Verbs:
+    """The session and run verbs, over whatever `call` does (blocking or a coroutine)."""
+
+    def call(self, verb: str | wire.Request, **args: Any) -> Any:
+        raise NotImplementedError
+
+    def sessions(self, *, active: bool | None = None, min_tokens: int | None = None, agent: str | None = None,
+                 older_than: float | None = None) -> Any:
+        return self.call("sessions.list", active=active, min_tokens=min_tokens, agent=agent, older_than=older_than)
+
+    def session(self, key: str) -> Any:
+        return self.call("sessions.show", key=key)
+
+    def send(self, key: str, message: Any, *, agent: str | None = None, idempotency_key: str | None = None) -> Any:
+        return self.call(wire.SessionsSend(key=key, message=message, agent=agent, idempotency_key=idempotency_key))
+
+    def stop(self, key: str, grace: float | None = None, *, wait: bool = True) -> Any:
+        return self.call(wire.SessionsStop(key=key, grace=grace, wait=wait))
+
+    def kill(self, key: str) -> Any:
+        return self.call("sessions.kill", key=key)
+
+    def pause(self, key: str) -> Any:
+        return self.call("sessions.pause", key=key)
+
+    def resume(self, key: str) -> Any:
+        return self.call("sessions.resume", key=key)
+
+    def cleanup(self, older_than: float = 3600, *, dry_run: bool = False) -> Any:
+        return self.call(wire.SessionsCleanup(older_than=older_than, dry_run=dry_run))
+
+    def runs(self, session: str | None = None, *, active: bool | None = None, limit: int = 1000) -> Any:
+        return self.call("runs.list", session=session, active=active, limit=limit)
+
+    def run(self, run_id: str) -> Any:
+        return self.call("runs.show", run_id=run_id)
+
+    def stop_run(self, run_id: str, grace: float | None = None) -> Any:
+        return self.call("runs.stop", run_id=run_id, grace=grace)
+
+    def kill_run(self, run_id: str) -> Any:
+        return self.call("runs.kill", run_id=run_id)
+
+    def agents(self) -> Any:
+        return self.call("agents.list")
+
+    def health(self) -> Any:
+        return self.call("health")
+
+    def info(self) -> Any:
+        return self.call("daemon.info")
+
+    def reload(self) -> Any:
+        return self.call("daemon.reload")
+
+    def shutdown(self) -> Any:
+        return self.call("daemon.stop")
+
+
+class Client(_Verbs):
+    """Blocking client. `timeout` (seconds, None: wait for ever) bounds each call: TIMED_OUT after it."""
+
+    def __init__(self, daemon: str | None = None, *, kind: str = "gateway", name: str | None = None,
+                 timeout: float | None = 60.0):
+        self.where = locate(daemon)
+        self.timeout = timeout
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.ROUTING_ID, _routing_id(kind, name))
+        self._sock.connect(self.where.control[0])
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+
+    def call(self, verb: str | wire.Request, **args: Any) -> Any:
+        """One verb: its reply struct, or ControlFault."""
+        body, name = _request(verb, args)
+        with self._lock:
+            req_id = str(next(self._ids)).encode()
+            self._sock.send_multipart([gateway.VERSION, req_id, body])
+            deadline = None if self.timeout is None else time.monotonic() + self.timeout
+            while True:
+                wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if not self._sock.poll(None if wait is None else int(wait * 1000) + 1):
+                    raise ControlFault(Fault.TIMED_OUT, f"{name}: no reply from the daemon at "
+                                                        f"{self.where.control[0]} within {self.timeout:g} s")
+                frames = self._sock.recv_multipart()
+                if len(frames) == 3 and frames[1] == req_id:
+                    return _result(name, frames[2])
+                # a reply to an earlier call that timed out: dropped
+
+    def events(self, session: str | None = None) -> Iterator[gateway.EventMessage]:
+        """Follow the event stream (of one session, or all) until the caller stops iterating."""
+        sub = self._ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.SUBSCRIBE, gateway.event_topic(session) if session is not None else b"s:")
+        for endpoint in self.where.events:
+            sub.connect(endpoint)
+        decoder = msgspec.json.Decoder(gateway.EventMessage)
+        try:
+            while True:
+                _topic, body = sub.recv_multipart()
+                yield decoder.decode(body)
+        finally:
+            sub.close()
+
+    def close(self) -> None:
+        self._sock.close()
+        self._ctx.term()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class AsyncClient(_Verbs):
+    """asyncio client: many calls in flight on one connection, tool providing, the event stream.
+
+    Use as ``async with AsyncClient() as c:``; every verb is a coroutine.
+    """
+
+    def __init__(self, daemon: str | None = None, *, kind: str = "gateway", name: str | None = None,
+                 timeout: float | None = 60.0):
+        self._daemon, self._kind, self._name, self.timeout = daemon, kind, name, timeout
+        self._pending: dict[bytes, tuple[str, asyncio.Future[Any]]] = {}
+        self._tools: dict[str, Callable[..., Any]] = {}
+        self._calls: dict[str, asyncio.Task[None]] = {}
+        self._ids = itertools.count(1)
+
+    async def open(self) -> "AsyncClient":
+        import zmq.asyncio
+
+        self.where = locate(self._daemon)
+        self._ctx = zmq.asyncio.Context()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.ROUTING_ID, _routing_id(self._kind, self._name))
+        self._sock.connect(self.where.control[0])
+        self._reader = asyncio.get_running_loop().create_task(self._read(), name="deadstop-client-reader")
+        return self
+
+    async def __aenter__(self) -> "AsyncClient":
+        return await self.open()
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        self._reader.cancel()
+        for task in list(self._calls.values()):
+            task.cancel()
+        for _name, fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(ControlFault(Fault.UNREACHABLE, "client closed"))
+        self._sock.close()
+        self._ctx.term()
+
+    async def call(self, verb: str | wire.Request, **args: Any) -> Any:
+        body, name = _request(verb, args)
+        req_id = str(next(self._ids)).encode()
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[req_id] = (name, fut)
+        try:
+            await self._sock.send_multipart([gateway.VERSION, req_id, body])
+            return await asyncio.wait_for(asyncio.shield(fut), self.timeout)
+        except asyncio.TimeoutError:
+            raise ControlFault(Fault.TIMED_OUT, f"{name}: no reply within {self.timeout:g} s") from None
+        finally:
+            self._pending.pop(req_id, None)
+
+    async def _read(self) -> None:
+        while True:
+            frames = await self._sock.recv_multipart()
+            if len(frames) != 3 or frames[0] != gateway.VERSION:
+                continue
+            if frames[1] == gateway.PUSH_ID:
+                self._push(msgspec.json.decode(frames[2]))
+                continue
+            entry = self._pending.get(frames[1])
+            if entry is None or entry[1].done():
+                continue
+            name, fut = entry
+            try:
+                fut.set_result(_result(name, frames[2]))
+            except ControlFault as exc:
+                fut.set_exception(exc)
+
+    # -- providing tools ------------------------------------------------------------------------------
+    async def provide(self, tools: dict[str, Callable[..., Any]]) -> list[str]:
+        """Provide these tools to the daemon's runs (sync functions run in a thread, coroutines here)."""
+        self._tools.update(tools)
+        return await self.call(gateway.ToolsProvide(names=sorted(tools)))
+
+    def _push(self, push: dict[str, Any]) -> None:
+        kind = push.get("push")
+        if kind == "tool.call":
+            call = msgspec.convert(push, gateway.ToolCall)
+            self._calls[call.call_id] = asyncio.get_running_loop().create_task(self._serve(call))
+        elif kind == "tool.cancel":
+            task = self._calls.pop(push.get("call_id", ""), None)
+            if task is not None:
+                task.cancel()
+
+    async def _serve(self, call: gateway.ToolCall) -> None:
+        fn = self._tools.get(call.tool)
+        try:
+            if fn is None:
+                raise LookupError(f"this client provides no tool {call.tool!r}")
+            if inspect.iscoroutinefunction(fn):
+                value = await fn(*call.args, **call.kwargs)
+            else:
+                value = await asyncio.to_thread(fn, *call.args, **call.kwargs)
+            answer = gateway.ToolsResult(call_id=call.call_id, ok=True, value=value)
+        except asyncio.CancelledError:
+            return  # the daemon cancelled it (the run was revoked): nothing goes back
+        except Exception as exc:
+            answer = gateway.ToolsResult(call_id=call.call_id, ok=False, error=f"{type(exc).__name__}: {exc}")
+        finally:
+            self._calls.pop(call.call_id, None)
+        try:
+            await self.call(answer)
+        except ControlFault:
+            pass  # refused as late: the run was revoked meanwhile
+
+    # -- events -------------------------------------------------------------------------------------
+    async def events(self, session: str | None = None) -> AsyncIterator[gateway.EventMessage]:
+        sub = self._ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.SUBSCRIBE, gateway.event_topic(session) if session is not None else b"s:")
+        for endpoint in self.where.events:
+            sub.connect(endpoint)
+        decoder = msgspec.json.Decoder(gateway.EventMessage)
+        try:
+            while True:
+                _topic, body = await sub.recv_multipart()
+                yield decoder.decode(body)
+        finally:
+            sub.close()
+
+
+__all__ = ["AsyncClient", "Client", "ControlFault", "Fault", "NoDaemon"]

@@ -1,0 +1,81 @@
+"""Where a daemon is: the well-known connection file, and the overrides.
+
+`deadstop serve` writes `daemon.json` into its runtime directory:
+`$XDG_RUNTIME_DIR/deadstop/` for a user, `/run/deadstop/` as root (both
+owner-only). A client looks, in this order, at: the `daemon` argument
+(`--daemon` on the command line), `$DEADSTOP_DAEMON`, then the well-known
+file. Each may be a connection file's path, a runtime directory holding
+one, or a bare control endpoint (`ipc://...`, `tcp://...`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import msgspec
+
+from ...ipc import gateway
+from ...ipc.control import ControlFault, Fault
+
+ENV_DAEMON = "DEADSTOP_DAEMON"
+FILE_NAME = "daemon.json"
+
+
+class NoDaemon(ControlFault):
+    """No daemon answers where the client looked; the message says where that was."""
+
+    def __init__(self, message: str):
+        super().__init__(Fault.UNREACHABLE, message)
+
+
+def default_runtime_dir() -> str:
+    if os.geteuid() == 0:
+        return "/run/deadstop"
+    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/deadstop-{os.geteuid()}"
+    return os.path.join(base, "deadstop")
+
+
+def default_state_dir() -> str:
+    if os.geteuid() == 0:
+        return "/var/lib/deadstop"
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "deadstop")
+
+
+def candidates(daemon: str | None) -> list[tuple[str, str]]:
+    """(where it came from, what it says), first one wins."""
+    if daemon:
+        return [("--daemon", daemon)]
+    if os.environ.get(ENV_DAEMON):
+        return [(f"${ENV_DAEMON}", os.environ[ENV_DAEMON])]
+    return [("the well-known path", os.path.join(default_runtime_dir(), FILE_NAME))]
+
+
+def locate(daemon: str | None = None) -> gateway.ConnectionFile:
+    """The daemon's connection file (or one made up for a bare endpoint); NoDaemon if there is none."""
+    (origin, value), = candidates(daemon)
+    if value.startswith(("ipc://", "tcp://")):
+        return gateway.ConnectionFile(control=[value], events=[], pid=0, started=0.0, state_dir="",
+                                      supervisor_id="")
+    path = os.path.join(value, FILE_NAME) if os.path.isdir(value) else value
+    try:
+        with open(path, "rb") as f:
+            found = msgspec.json.decode(f.read(), type=gateway.ConnectionFile)
+    except FileNotFoundError:
+        raise NoDaemon(f"no deadstop daemon: {path} does not exist (looked at {origin}; start one with "
+                       f"`deadstop serve`, or point --daemon / ${ENV_DAEMON} at its connection file)") from None
+    except (OSError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise NoDaemon(f"no deadstop daemon: cannot read {path} ({origin}): {exc}") from None
+    if found.pid and not _alive(found.pid):
+        raise NoDaemon(f"no deadstop daemon: {path} ({origin}) names pid {found.pid}, which is not running")
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

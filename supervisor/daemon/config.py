@@ -1,0 +1,178 @@
+"""The daemon's configuration file (TOML): defaults, agents, tools.
+
+    [defaults]
+    grace = 1.0                      # seconds between SIGTERM and SIGKILL
+    containment = "auto"             # auto | cgroup | process-group
+    isolation = "auto"               # auto | strict | off
+
+    [agents.researcher]
+    target = "myagents:research"     # a Python callable agent(message, **context), or
+    # command = ["node", "agent.js"] # an argv agent (reads its message from the inbox)
+    cwd = "/srv/agents/work"
+    tools = ["send_email", "sessions.spawn"]
+    limits = { tokens = 50000, wall_clock = 600 }
+    peers = ["writer"]
+    may_stop_sessions = false
+    network = "none"                 # none | host
+    private_tmp = true
+    grace = 2.0
+    env = { MODEL = "x" }
+
+    [tools.send_email]
+    target = "mytools:send_email"    # loaded in the daemon
+
+These keys stay; new ones may be added. An unknown key, a wrong type or a
+target that cannot be imported is a ConfigError naming the file, the key
+and what is wrong. `module:function` targets are imported with the
+configuration file's directory first on sys.path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import sys
+from typing import Any, Callable
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - 3.10
+    import tomli as tomllib
+
+from ..errors import DeadstopError
+from ..mechanisms.limits import Limits
+
+_DEFAULT_KEYS = {"grace": (int, float), "containment": str, "isolation": str}
+_AGENT_KEYS = {"target": str, "command": list, "cwd": str, "tools": list, "limits": dict, "peers": list,
+               "may_stop_sessions": bool, "network": str, "private_tmp": bool, "grace": (int, float), "env": dict}
+_TOOL_KEYS = {"target": str}
+_CHOICES = {"containment": ("auto", "cgroup", "process-group"), "isolation": ("auto", "strict", "off"),
+            "network": ("none", "host")}
+
+
+class ConfigError(DeadstopError):
+    """The configuration file is wrong: the message names the file, the key and what is wrong."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentConfig:
+    name: str
+    target: Any  # the imported callable, or the argv list
+    options: dict[str, Any]  # register_agent's keyword arguments
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolConfig:
+    name: str
+    target: Callable[..., Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class DaemonConfig:
+    path: str | None
+    grace: float = 1.0
+    containment: str = "auto"
+    isolation: str = "auto"
+    agents: tuple[AgentConfig, ...] = ()
+    tools: tuple[ToolConfig, ...] = ()
+
+
+def load(path: str | None) -> DaemonConfig:
+    """Read and check the file (None: an empty configuration, every default)."""
+    if path is None:
+        return DaemonConfig(None)
+    path = os.path.abspath(path)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    where = _Where(path)
+    where.only(data, "", {"defaults": dict, "agents": dict, "tools": dict})
+    defaults = data.get("defaults", {})
+    where.only(defaults, "defaults", _DEFAULT_KEYS)
+    for key, choices in _CHOICES.items():
+        if key in defaults and defaults[key] not in choices:
+            raise where.error(f"defaults.{key}", f"must be one of {list(choices)}, not {defaults[key]!r}")
+    grace = float(defaults.get("grace", 1.0))
+    if grace < 0:
+        raise where.error("defaults.grace", "must be >= 0")
+    folder = os.path.dirname(path)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)  # before the supervisor opens: its spawner (and every run) inherits it
+    tools = tuple(_tool(where, name, spec) for name, spec in data.get("tools", {}).items())
+    agents = tuple(_agent(where, name, spec) for name, spec in data.get("agents", {}).items())
+    return DaemonConfig(path, grace, defaults.get("containment", "auto"), defaults.get("isolation", "auto"),
+                        agents, tools)
+
+
+class _Where:
+    def __init__(self, path: str):
+        self.path = path
+
+    def error(self, key: str, what: str) -> ConfigError:
+        return ConfigError(f"{self.path}: {key}: {what}")
+
+    def only(self, table: Any, prefix: str, allowed: dict[str, Any]) -> None:
+        if not isinstance(table, dict):
+            raise self.error(prefix or "(top)", f"must be a table, not {type(table).__name__}")
+        for key, value in table.items():
+            full = f"{prefix}.{key}" if prefix else key
+            if key not in allowed:
+                raise self.error(full, f"unknown key (known here: {', '.join(sorted(allowed))})")
+            if not isinstance(value, allowed[key]) or isinstance(value, bool) and allowed[key] in ((int, float),):
+                want = allowed[key].__name__ if isinstance(allowed[key], type) else "number"
+                raise self.error(full, f"must be a {want}, not {type(value).__name__} {value!r}")
+
+
+def _import(where: _Where, key: str, spec: str) -> Callable[..., Any]:
+    module, sep, attr = spec.partition(":")
+    if not sep or not module or not attr:
+        raise where.error(key, f"{spec!r} is not 'module:function'")
+    try:
+        obj: Any = importlib.import_module(module)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except Exception as exc:
+        raise where.error(key, f"cannot load {spec!r}: {type(exc).__name__}: {exc}") from None
+    if not callable(obj):
+        raise where.error(key, f"{spec!r} is a {type(obj).__name__}, not a callable")
+    return obj
+
+
+def _tool(where: _Where, name: str, spec: Any) -> ToolConfig:
+    where.only(spec, f"tools.{name}", _TOOL_KEYS)
+    if "target" not in spec:
+        raise where.error(f"tools.{name}", "needs a target = 'module:function'")
+    return ToolConfig(name, _import(where, f"tools.{name}.target", spec["target"]))
+
+
+def _agent(where: _Where, name: str, spec: Any) -> AgentConfig:
+    key = f"agents.{name}"
+    where.only(spec, key, _AGENT_KEYS)
+    if ("target" in spec) == ("command" in spec):
+        raise where.error(key, "needs exactly one of target = 'module:function' or command = [argv...]")
+    if "command" in spec:
+        command = spec["command"]
+        if not command or not all(isinstance(a, str) for a in command):
+            raise where.error(f"{key}.command", "must be a non-empty list of strings")
+        target: Any = list(command)
+    else:
+        target = _import(where, f"{key}.target", spec["target"])
+    for list_key in ("tools", "peers"):
+        if not all(isinstance(v, str) for v in spec.get(list_key, [])):
+            raise where.error(f"{key}.{list_key}", "must be a list of strings")
+    if "network" in spec and spec["network"] not in _CHOICES["network"]:
+        raise where.error(f"{key}.network", f"must be one of {list(_CHOICES['network'])}, not {spec['network']!r}")
+    options: dict[str, Any] = {k: v for k, v in spec.items() if k not in ("target", "command", "limits")}
+    if "limits" in spec:
+        try:
+            options["limits"] = Limits.coerce(spec["limits"])
+        except (TypeError, ValueError, DeadstopError) as exc:
+            raise where.error(f"{key}.limits", str(exc)) from None
+    if "cwd" in spec and not os.path.isabs(spec["cwd"]):
+        options["cwd"] = os.path.join(os.path.dirname(where.path), spec["cwd"])
+    return AgentConfig(name, target, options)
