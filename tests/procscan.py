@@ -80,3 +80,17 @@ def wait_gone(pids, timeout: float) -> list[int]:
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def cpu_seconds(pids) -> float:
+    """CPU time (user + system) of these processes, read from /proc/<pid>/stat."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / tick

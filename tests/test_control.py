@@ -19,7 +19,7 @@ import msgspec
 import pytest
 
 import session_agents
-from procscan import marked_processes
+from procscan import cpu_seconds, marked_processes
 from waiting import Countdown
 from deadstop.ipc import control as wire
 from deadstop.supervisor import AsyncSupervisor, ControlFault, Fault, Principal, Supervisor
@@ -108,19 +108,6 @@ def caller_kind(request) -> str:
     return request.param
 
 
-def _cpu_seconds(pids) -> float:
-    """CPU time of these processes, read from /proc (independent of deadstop)."""
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
-
-
 def test_takeover_and_stop(caller_kind, tmp_path) -> None:
     ready: dict[str, Countdown] = {}
     with Supervisor(state_dir=str(tmp_path)) as sup:
@@ -183,9 +170,9 @@ def test_pause_and_resume(caller_kind) -> None:
         assert ready.wait(WAIT)
         pids = list(marked_processes(run_id))
         assert caller.pause("work") is True and caller.show("work")["state"] == "paused"
-        frozen_at = _cpu_seconds(pids)
+        frozen_at = cpu_seconds(pids)
         time.sleep(0.3)  # the thing measured: no CPU time may accrue while paused
-        assert _cpu_seconds(pids) == frozen_at, "a process ran while the session was paused"
+        assert cpu_seconds(pids) == frozen_at, "a process ran while the session was paused"
         assert caller.resume("work") is True and caller.show("work")["state"] == "running"
         caller.kill("work")
         assert marked_processes(run_id) == {}

@@ -18,23 +18,9 @@ import time
 import pytest
 
 import session_agents
-from procscan import marked_processes
+from procscan import cpu_seconds, marked_processes
 from deadstop.supervisor import AsyncSupervisor, InvalidTarget, Supervisor
 from waiting import Countdown
-
-
-def _cpu_seconds(pids) -> float:
-    """CPU time of these processes, read from /proc (independent of deadstop)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])
-    return total / tick
 
 
 def test_takeover_while_the_old_run_floods(tmp_path) -> None:
@@ -140,12 +126,12 @@ def test_pause_freezes_the_tree_and_resume_thaws_it(layer, tmp_path) -> None:
         pids = list(marked_processes(run.id))
         assert len(pids) == 21
         assert s.pause() is True and s.state == "paused" and run.state.value == "paused"
-        frozen_at = _cpu_seconds(pids)
+        frozen_at = cpu_seconds(pids)
         time.sleep(0.5)  # the thing measured: no CPU time may accrue while paused
-        assert _cpu_seconds(pids) == frozen_at, "a process ran while the session was paused"
+        assert cpu_seconds(pids) == frozen_at, "a process ran while the session was paused"
         assert s.resume() is True and s.state == "running"
         time.sleep(0.3)
-        assert _cpu_seconds(pids) > frozen_at, "resume must thaw every process"
+        assert cpu_seconds(pids) > frozen_at, "resume must thaw every process"
         assert s.pause() is True
         reports = s.kill()  # a paused run can be killed at once
         assert reports[0].outcome == "killed" and reports[0].survivors == 0

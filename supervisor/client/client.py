@@ -156,20 +156,11 @@ class Client(_Verbs):
                     return _result(name, frames[2])
                 # a reply to an earlier call that timed out: dropped
 
-    def events(self, session: str | None = None) -> Iterator[gateway.EventMessage]:
-        """Follow the event stream (of one session, or all) until the caller stops iterating."""
-        sub = self._ctx.socket(zmq.SUB)
-        sub.setsockopt(zmq.LINGER, 0)
-        sub.setsockopt(zmq.SUBSCRIBE, gateway.event_topic(session) if session is not None else b"s:")
-        for endpoint in self.where.events:
-            sub.connect(endpoint)
-        decoder = msgspec.json.Decoder(gateway.EventMessage)
-        try:
-            while True:
-                _topic, body = sub.recv_multipart()
-                yield decoder.decode(body)
-        finally:
-            sub.close()
+    def events(self, session: str | None = None, *, idle_timeout: float | None = None) -> "EventStream":
+        """Follow the event stream (of one session, or all). Subscribed when this returns, so nothing
+        published afterwards is missed; iterate it, and close it (or use it in a with block).
+        `idle_timeout`: TIMED_OUT when no event comes for that long."""
+        return EventStream(self._ctx, self.where.events, session, idle_timeout)
 
     def close(self) -> None:
         self._sock.close()
@@ -180,6 +171,57 @@ class Client(_Verbs):
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+class EventStream:
+    """A subscription to the daemon's events; iterating yields EventMessage (seq per session)."""
+
+    def __init__(self, ctx: zmq.Context[Any], endpoints: list[str], session: str | None,
+                 idle_timeout: float | None):
+        self._sub = ctx.socket(zmq.SUB)
+        self._sub.setsockopt(zmq.LINGER, 0)
+        self._sub.setsockopt(zmq.SUBSCRIBE, gateway.event_topic(session) if session is not None else b"s:")
+        for endpoint in endpoints:
+            self._sub.connect(endpoint)
+        self._idle = idle_timeout
+        self._decoder = msgspec.json.Decoder(gateway.EventMessage)
+        _wait_subscribed(self._sub, endpoints)
+
+    def __iter__(self) -> Iterator[gateway.EventMessage]:
+        return self
+
+    def __next__(self) -> gateway.EventMessage:
+        if self._idle is not None and not self._sub.poll(int(self._idle * 1000)):
+            raise ControlFault(Fault.TIMED_OUT, f"no event within {self._idle:g} s")
+        _topic, body = self._sub.recv_multipart()
+        return self._decoder.decode(body)
+
+    def close(self) -> None:
+        self._sub.close()
+
+    def __enter__(self) -> "EventStream":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _wait_subscribed(sub: zmq.Socket[Any], endpoints: list[str]) -> None:
+    """A SUB connects in the background: wait (bounded) until its connection is up, so that the
+    subscription is in place before the caller does anything whose events it wants."""
+    if not endpoints:
+        return
+    monitor = sub.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_CONNECTED)
+    try:
+        deadline = time.monotonic() + 5.0
+        seen = 0
+        while seen < len(endpoints) and monitor.poll(max(1, int((deadline - time.monotonic()) * 1000))):
+            monitor.recv_multipart()
+            seen += 1
+    finally:
+        sub.disable_monitor()
+        monitor.close()
+    time.sleep(0.01)  # the subscription message travels after the connection is up
 
 
 class AsyncClient(_Verbs):

@@ -19,7 +19,8 @@
     env = { MODEL = "x" }
 
     [tools.send_email]
-    target = "mytools:send_email"    # loaded in the daemon
+    target = "mytools:send_email"    # loaded in the daemon, or
+    # provided = true                # relayed to the gateway client that provides it (tools.provide)
 
 These keys stay; new ones may be added. An unknown key, a wrong type or a
 target that cannot be imported is a ConfigError naming the file, the key
@@ -46,7 +47,7 @@ from ..mechanisms.limits import Limits
 _DEFAULT_KEYS = {"grace": (int, float), "containment": str, "isolation": str}
 _AGENT_KEYS = {"target": str, "command": list, "cwd": str, "tools": list, "limits": dict, "peers": list,
                "may_stop_sessions": bool, "network": str, "private_tmp": bool, "grace": (int, float), "env": dict}
-_TOOL_KEYS = {"target": str}
+_TOOL_KEYS = {"target": str, "provided": bool}
 _CHOICES = {"containment": ("auto", "cgroup", "process-group"), "isolation": ("auto", "strict", "off"),
             "network": ("none", "host")}
 
@@ -65,7 +66,7 @@ class AgentConfig:
 @dataclasses.dataclass(frozen=True)
 class ToolConfig:
     name: str
-    target: Callable[..., Any]
+    target: Callable[..., Any] | None  # None: provided by a gateway client
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,8 +146,10 @@ def _import(where: _Where, key: str, spec: str) -> Callable[..., Any]:
 
 def _tool(where: _Where, name: str, spec: Any) -> ToolConfig:
     where.only(spec, f"tools.{name}", _TOOL_KEYS)
-    if "target" not in spec:
-        raise where.error(f"tools.{name}", "needs a target = 'module:function'")
+    if ("target" in spec) == bool(spec.get("provided")):
+        raise where.error(f"tools.{name}", "needs exactly one of target = 'module:function' or provided = true")
+    if spec.get("provided"):
+        return ToolConfig(name, None)
     return ToolConfig(name, _import(where, f"tools.{name}.target", spec["target"]))
 
 

@@ -48,16 +48,24 @@ class Providers:
         self._push = push  # (routing id, body) -> sent on the control socket
         self._session_of = session_of
         self.by_tool: dict[str, bytes] = {}
+        self.declared: set[str] = set()
         self._calls: dict[str, _Call] = {}
 
+    def declare(self, name: str) -> None:
+        """The configuration says a client provides `name`: runs may list it now; until a client
+        provides it, a call fails with TOOL_ERROR saying so."""
+        self.declared.add(name)
+        self._tools.register(name, self._handler(name))
+
     def provide(self, provider: bytes, names: list[str]) -> list[str]:
+        """`provider` answers these tools from now on (the last client to provide a tool wins)."""
         for name in names:
-            if name in self._tools and name not in self.by_tool:
-                raise ControlFault(Fault.BAD_ARGUMENTS, f"tool {name!r} is the daemon's own (from its "
-                                                        "configuration); a client cannot provide it")
+            if name not in self.declared:
+                raise ControlFault(Fault.BAD_ARGUMENTS,
+                                   f"tool {name!r} is not declared provided in the daemon's configuration "
+                                   f"([tools.{name}] provided = true); declared: {sorted(self.declared)}")
         for name in names:
             self.by_tool[name] = provider
-            self._tools.register(name, self._handler(name))
         return sorted(names)
 
     def _handler(self, name: str) -> Callable[..., Any]:

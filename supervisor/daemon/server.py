@@ -73,6 +73,7 @@ class Daemon:
         await self.sup.open()
         background: list[asyncio.Task[None]] = []
         try:
+            self.providers = Providers(self.sup.tools, self._push, self._session_of)
             self._apply_config(cfg)
             self._open_sockets()
             self._write_connection_file()
@@ -137,7 +138,6 @@ class Daemon:
         for ep in (control_ep, events_ep):
             os.chmod(ep[len("ipc://"):], 0o600)
         self.endpoints = {"control": [control_ep], "events": [events_ep]}
-        self.providers = Providers(self.sup.tools, self._push, self._session_of)
 
     def _write_connection_file(self) -> None:
         info = gateway.ConnectionFile(control=self.endpoints["control"], events=self.endpoints["events"],
@@ -162,7 +162,10 @@ class Daemon:
     # -- configuration ---------------------------------------------------------------------------------
     def _apply_config(self, cfg: config_mod.DaemonConfig) -> dict[str, list[str]]:
         for tool in cfg.tools:
-            self.sup.register_tool(tool.name, tool.target)
+            if tool.target is None:
+                self.providers.declare(tool.name)
+            else:
+                self.sup.register_tool(tool.name, tool.target)
         for agent in cfg.agents:
             self.sup.register_agent(agent.name, agent.target, **agent.options)
         return {"agents": [a.name for a in cfg.agents], "tools": [t.name for t in cfg.tools]}
@@ -209,7 +212,7 @@ class Daemon:
         from zmq.utils.monitor import parse_monitor_message
 
         while True:
-            fd = parse_monitor_message(await self.monitor.recv_multipart())["value"]
+            fd = int(parse_monitor_message(await self.monitor.recv_multipart())["value"])  # an Event flag: as int
             for ident in self._idents_of_fd.pop(fd, ()):
                 # The fd may already carry a new connection: a peer that still takes a ping is not gone.
                 if self._send(ident, gateway.PUSH_ID, PING):

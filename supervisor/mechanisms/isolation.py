@@ -279,6 +279,11 @@ def base_planner(uid: int, gid: int, private_tmp: bool, interpreter_paths: list[
     covers = [("/dev/shm", 0o1777, True)] + ([("/tmp", 0o1777, True)] if private_tmp else [])
     planner = MountPlanner(uid, gid, [c for c in covers if os.path.isdir(c[0])])
     for path in sorted(set(interpreter_paths), key=lambda q: q.count("/")):
+        if os.path.isdir(path) and not can_use(path, uid, gid, os.X_OK):
+            # A sys.path entry no run uid may enter (a 0700 directory holding a configuration
+            # file, say): bound back it would still keep the run out, and it would shadow the
+            # cover that a run's own path below it (its cwd) gets.
+            continue
         planner.expose(path)
     return planner
 

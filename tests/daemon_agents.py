@@ -1,0 +1,98 @@
+"""Agents and tools named in the daemon tests' configuration files (`daemon_agents:<name>`).
+
+An agent says it is up by writing a line to the FIFO named in its message
+(`{"ready": PATH, ...}`), so a test waits on an event, not on a sleep.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+from behaviours import fork_pairs
+from deadstop.worker import egress
+
+
+def _ready(message, **data) -> None:
+    path = message.get("ready") if isinstance(message, dict) else None
+    if path:
+        fd = os.open(path, os.O_WRONLY)
+        os.write(fd, (json.dumps({"pid": os.getpid(), **data}) + "\n").encode())
+        os.close(fd)
+
+
+def sleeper(message, **context):
+    _ready(message, session=context["session"])
+    while True:
+        time.sleep(1)
+
+
+def ignorer(message, **context):
+    """Ignores SIGTERM, like a run that fights its stop."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _ready(message, session=context["session"])
+    while True:
+        time.sleep(1)
+
+
+def busy_tree(message, **context):
+    """20 busy-looping children: CPU time grows unless the tree is frozen."""
+    r, w = os.pipe()
+    for _ in range(20):
+        if os.fork() == 0:
+            os.write(w, b"c")
+            x = 0
+            while True:
+                x += 1
+    got = 0
+    while got < 20:
+        got += len(os.read(r, 20 - got))
+    _ready(message, session=context["session"])
+    x = 0
+    while True:
+        x += 1
+
+
+def spender(message, **context):
+    """Spends message["tokens"] tokens through the `llm` tool, then waits."""
+    egress.call("llm", message["tokens"])
+    _ready(message, session=context["session"])
+    while True:
+        time.sleep(1)
+
+
+def level(message, **context):
+    """One level of a sub-agent tree: 4 children with a grandchild each, then the next level below."""
+    depth = message["depth"]
+    fork_pairs(4)
+    if depth > 1:
+        egress.call("sessions.spawn", "level", {**message, "depth": depth - 1}, f"level{depth - 1}")
+    _ready(message, session=context["session"], depth=depth)
+    while True:
+        time.sleep(1)
+
+
+def emailer(message, **context):
+    """Calls the gateway-provided `send_email` (message["count"] times, or until revoked); returns the results."""
+    _ready(message, session=context["session"])
+    out = []
+    for i in range(message.get("count", 1_000_000)):
+        try:
+            out.append(egress.call("send_email", f"user{i}@example.test", "hello"))
+        except egress.DeadstopError as exc:
+            out.append({"error": type(exc).__name__, "code": int(getattr(exc, "code", 0)), "message": str(exc)})
+            if message.get("stop_on_error", True):
+                break
+    return out
+
+
+def echo(message, **context):
+    return {"echo": message, "generation": context["generation"]}
+
+
+# -- tools loaded in the daemon -------------------------------------------------------------------------
+def llm(tokens: int, ctx) -> str:
+    ctx.report_usage(prompt_tokens=tokens)
+    return "ok"

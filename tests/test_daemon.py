@@ -1,0 +1,355 @@
+"""`deadstop serve` as users meet it: a real daemon process, the CLI through subprocess, clients over
+real sockets. What a stop leaves alive is read from /proc (procscan), never from the daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import time
+
+import pytest
+import zmq
+
+from daemonctl import Daemon, Ready
+from procscan import cpu_seconds, marked_processes
+
+CONFIG = """
+[defaults]
+grace = 0.5
+
+[agents.sleeper]
+target = "daemon_agents:sleeper"
+cwd = "{work}"
+
+[agents.ignorer]
+target = "daemon_agents:ignorer"
+cwd = "{work}"
+
+[agents.busy]
+target = "daemon_agents:busy_tree"
+cwd = "{work}"
+
+[agents.spender]
+target = "daemon_agents:spender"
+cwd = "{work}"
+tools = ["llm"]
+
+[agents.level]
+target = "daemon_agents:level"
+cwd = "{work}"
+tools = ["sessions.spawn"]
+
+[agents.emailer]
+target = "daemon_agents:emailer"
+cwd = "{work}"
+tools = ["send_email"]
+
+[agents.echo]
+target = "daemon_agents:echo"
+cwd = "{work}"
+
+[tools.llm]
+target = "daemon_agents:llm"
+
+[tools.send_email]
+provided = true
+"""
+
+
+@pytest.fixture
+def daemon(tmp_path, workspace):
+    d = Daemon(tmp_path, CONFIG, workspace).start()
+    yield d
+    assert d.stop() == 0, d.output()
+
+
+@pytest.fixture
+def ready(workspace):
+    r = Ready(workspace)
+    yield r
+    r.close()
+
+
+def _msg(ready: Ready, **extra) -> str:
+    return json.dumps({"ready": ready.path, **extra})
+
+
+def test_seed_004_an_operator_runs_every_session_verb_from_the_terminal(daemon, ready) -> None:
+    out = daemon.cli("sessions", "send", "chat", _msg(ready), "--agent", "sleeper")
+    assert out.returncode == 0 and "started" in out.stdout, out
+    daemon.cli("sessions", "send", "big", _msg(ready, tokens=500), "--agent", "spender")
+    daemon.cli("sessions", "send", "work", _msg(ready), "--agent", "busy")
+    daemon.cli("sessions", "send", "stubborn", _msg(ready), "--agent", "ignorer")
+    up = {line["session"]: line["pid"] for line in ready.wait(4)}
+
+    active = {s["key"] for s in daemon.cli_json("sessions", "list", "--active")}
+    assert active == {"chat", "big", "work", "stubborn"}
+    assert [s["key"] for s in daemon.cli_json("sessions", "list", "--tokens", "100")] == ["big"]
+    assert [s["key"] for s in daemon.cli_json("sessions", "list", "--agent", "busy")] == ["work"]
+    table = daemon.cli("sessions", "list")
+    assert table.returncode == 0 and "STATE" in table.stdout.splitlines()[0] and "spender" in table.stdout
+
+    work_run = daemon.cli_json("sessions", "show", "work")["active_run"]
+    pids = list(marked_processes(work_run))
+    assert len(pids) == 21 and up["work"] in pids
+    assert daemon.cli("sessions", "pause", "work").returncode == 0
+    frozen = cpu_seconds(pids)
+    time.sleep(0.3)  # the thing measured: no CPU time may accrue while paused
+    assert cpu_seconds(pids) == frozen, "a process of the paused tree ran"
+    assert daemon.cli_json("sessions", "show", "work")["state"] == "paused"
+    assert daemon.cli("sessions", "resume", "work").returncode == 0
+    time.sleep(0.3)
+    assert cpu_seconds(pids) > frozen, "resume must thaw the tree"
+
+    chat_run = daemon.cli_json("sessions", "show", "chat")["active_run"]
+    stopped = daemon.cli_json("sessions", "stop", "chat")
+    (report,) = stopped["reports"]
+    assert report["run_id"] == chat_run and report["survivors"] == 0 and report["revoke_source"] == "cli"
+    assert marked_processes(chat_run) == {}, "the stop returned with a process of the run alive"
+    again = daemon.cli_json("sessions", "stop", "chat")
+    assert again["already_ended"] is True and again["reports"] == []
+    text = daemon.cli("sessions", "stop", "chat")
+    assert text.returncode == 0 and "already ended" in text.stdout
+
+    stubborn_run = daemon.cli_json("sessions", "show", "stubborn")["active_run"]
+    killed = daemon.cli_json("sessions", "kill", "stubborn")
+    assert [r["outcome"] for r in killed["reports"]] == ["killed"]
+    assert marked_processes(stubborn_run) == {}
+
+    dry = daemon.cli_json("sessions", "cleanup", "--age", "0", "--dry-run")
+    assert sorted(dry) == ["chat", "stubborn"], "only ended sessions may be cleaned up"
+    assert sorted(daemon.cli_json("sessions", "cleanup", "--age", "0")) == ["chat", "stubborn"]
+    assert {s["key"] for s in daemon.cli_json("sessions", "list")} == {"big", "work"}
+    for key in ("big", "work"):
+        daemon.cli("sessions", "kill", key)
+
+
+def test_every_error_has_its_exit_code(daemon, ready, tmp_path) -> None:
+    assert daemon.cli("sessions", "show", "nobody").returncode == 3
+    assert daemon.cli("sessions", "send", "x", "hi", "--agent", "ghost").returncode == 3
+    assert daemon.cli("sessions", "stop", "nobody").returncode == 3
+    bad = daemon.cli("sessions", "stop", "x", "--grace", "-1")
+    assert bad.returncode == 2 and "must be >= 0" in bad.stderr
+    assert daemon.cli("sessions", "frobnicate").returncode == 2
+    nowhere = daemon.cli("sessions", "list", "--daemon", str(tmp_path / "nowhere"))
+    assert nowhere.returncode == 5 and str(tmp_path / "nowhere") in nowhere.stderr, nowhere.stderr
+
+    daemon.cli("sessions", "send", "stubborn", _msg(ready), "--agent", "ignorer")
+    ready.wait(1)
+    run_id = daemon.cli_json("sessions", "show", "stubborn")["active_run"]
+    late = daemon.cli("sessions", "stop", "stubborn", "--grace", "30", "--timeout", "0.5")
+    assert late.returncode == 124, (late.returncode, late.stderr)
+    info = daemon.cli_json("sessions", "show", "stubborn")
+    assert info["state"] == "stopping", "the stop goes on after the CLI gave up waiting"
+    killed = daemon.cli_json("sessions", "kill", "stubborn")  # escalates the stop in progress
+    assert [r["outcome"] for r in killed["reports"]] == ["killed"]
+    assert marked_processes(run_id) == {}
+
+
+def test_seed_002_a_session_started_by_one_client_is_stopped_by_another_and_by_the_cli(daemon, ready) -> None:
+    with daemon.client(name="gateway-a") as a, daemon.client(name="gateway-b") as b:
+        sent = a.send("chat", {"ready": ready.path}, agent="sleeper")
+        ready.wait(1)
+        reply = b.stop("chat")
+        (report,) = reply.reports
+        assert report["run_id"] == sent.run_id and report["outcome"] == "stopped" and report["survivors"] == 0
+        assert report["revoke_source"] == "gateway" and "gateway 'gateway-b'" in report["revoke_reason"]
+        assert marked_processes(sent.run_id) == {}
+
+        a.send("top", {"ready": ready.path, "depth": 3}, agent="level")
+        levels = ready.wait(3)
+        assert sorted(line["depth"] for line in levels) == [1, 2, 3]
+        runs = [a.session(k).active_run for k in ("top", "top/level2-1", "top/level2-1/level1-1")]
+        assert all(runs) and all(len(marked_processes(r)) == 9 for r in runs)
+    out = daemon.cli("sessions", "stop", "top", "--json")
+    assert out.returncode == 0, out.stderr
+    reports = json.loads(out.stdout)["reports"]
+    assert sorted(r["run_id"] for r in reports) == sorted(runs)
+    assert all(r["survivors"] == 0 for r in reports)
+    assert max(r["revoked_at"] for r in reports) < min(r["term_sent_at"] for r in reports)
+    for run_id in runs:
+        assert marked_processes(run_id) == {}, "a sub-agent outlived its stopped ancestor"
+
+
+def test_a_gateway_provided_tool_is_cancelled_at_revoke_and_its_late_result_refused(daemon, ready) -> None:
+    from deadstop.supervisor.client import AsyncClient
+
+    async def main() -> None:
+        calls: list[tuple[str, int]] = []
+        entered, release = asyncio.Event(), asyncio.Event()
+        cancelled: list[str] = []
+
+        async def send_email(to: str, body: str) -> str:
+            calls.append((to, time.monotonic_ns()))
+            entered.set()
+            try:
+                await release.wait()  # the gateway's slow SMTP server
+            except asyncio.CancelledError:
+                cancelled.append(to)
+                raise
+            return f"sent to {to}"
+
+        async with AsyncClient(daemon.runtime, name="mailer") as provider, \
+                AsyncClient(daemon.runtime, name="operator") as op:
+            assert await provider.provide({"send_email": send_email}) == ["send_email"]
+            sent = await op.send("mail", {"ready": ready.path}, agent="emailer")
+            await asyncio.get_running_loop().run_in_executor(None, ready.wait, 1)
+            await asyncio.wait_for(entered.wait(), 30)
+            reply = await op.stop("mail", 0.5)
+            (report,) = reply.reports
+            assert report["survivors"] == 0 and report["handlers_cancelled"] == 1, report
+            for _ in range(200):  # the cancel push travels on the provider's socket
+                if cancelled:
+                    break
+                await asyncio.sleep(0.01)
+            assert cancelled == ["user0@example.test"], "the provider got no cancel for its in-flight call"
+            assert len(calls) == 1, "a call reached the provider after the revoke"
+            assert marked_processes(sent.run_id) == {}
+            info = await op.run(sent.run_id)
+            assert info.state == "stopped"
+
+    asyncio.run(main())
+
+
+def test_a_provider_that_disconnects_fails_its_calls_cleanly(daemon, ready) -> None:
+    from deadstop.supervisor.client import AsyncClient
+
+    async def main() -> None:
+        entered = asyncio.Event()
+
+        async def send_email(to: str, body: str) -> str:
+            entered.set()
+            await asyncio.Event().wait()  # never answers: its client goes away instead
+            return "unreachable"
+
+        provider = await AsyncClient(daemon.runtime, name="flaky").open()
+        await provider.provide({"send_email": send_email})
+        async with AsyncClient(daemon.runtime, name="operator") as op:
+            sent = await op.send("mail", {"ready": ready.path, "count": 1}, agent="emailer")
+            await asyncio.wait_for(entered.wait(), 30)
+            await provider.close()  # disconnects with the call in flight
+            for _ in range(600):  # the run returns once its call failed
+                info = await op.run(sent.run_id)
+                if info.state not in ("starting", "running"):
+                    break
+                await asyncio.sleep(0.05)
+            assert info.state == "exited", info
+            session = await op.session("mail")
+            assert session.last_outcome == "exited"
+        return sent.run_id
+
+    run_id = asyncio.run(main())
+    db = sqlite3.connect(os.path.join(daemon.state, "journal.db"))
+    rows = db.execute("SELECT decision, code, detail FROM egress WHERE run_id = ? AND tool = 'send_email'"
+                      " ORDER BY seq", (run_id,)).fetchall()
+    db.close()
+    assert ("failed", 9) in [(d, c) for d, c, _ in rows], rows
+    assert any("disconnected" in (detail or "") for _, _, detail in rows), rows
+
+
+def test_hostile_requests_get_their_codes_and_break_nothing(daemon, ready) -> None:
+    ctx = zmq.Context()
+    raw = ctx.socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(f"ipc://{daemon.runtime}/control")
+    try:
+        def ask(*frames: bytes) -> dict:
+            raw.send_multipart(list(frames))
+            assert raw.poll(30_000), "no reply"
+            reply = raw.recv_multipart()
+            return json.loads(reply[-1])
+
+        assert ask(b"dsg1", b"1", b"{not json")["fault"] == 2
+        assert ask(b"dsg1", b"2", b'{"verb": "sessions.explode"}')["fault"] == 1
+        assert ask(b"dsg1", b"3", b'{"verb": "sessions.show"}')["fault"] == 2
+        assert ask(b"dsg1", b"4", b'{"verb": "sessions.show", "key": "x", "extra": 1}')["fault"] == 2
+        assert ask(b"dsg1", b"5", b"x" * (2 << 20))["fault"] == 2  # oversized
+        assert ask(b"dsg9", b"6", b'{"verb": "health"}')["fault"] == 3
+        assert ask(b"dsg1", b"only two frames")["fault"] == 2
+        assert ask(b"dsg1", b"8", b'{"verb": "tools.result", "call_id": "nope", "ok": true}')["fault"] == 30
+
+        with daemon.client(name="other") as other:  # and the daemon still serves everyone else
+            sent = other.send("chat", {"ready": ready.path}, agent="sleeper")
+            ready.wait(1)
+            raw.send_multipart([b"dsg1", b"9", b"\xff" * 1000])  # garbage in flight during the stop
+            (report,) = other.stop("chat").reports
+            assert report["survivors"] == 0 and marked_processes(sent.run_id) == {}
+            assert raw.poll(30_000) and json.loads(raw.recv_multipart()[-1])["fault"] == 2  # the garbage's answer
+            assert ask(b"dsg1", b"10", b'{"verb": "health"}')["ok"] is True
+    finally:
+        raw.close()
+        ctx.term()
+
+
+def test_idempotent_send_starts_one_run(daemon, ready) -> None:
+    with daemon.client() as c:
+        first = c.send("chat", {"ready": ready.path}, agent="sleeper", idempotency_key="msg-1")
+        again = c.send("chat", {"ready": ready.path}, agent="sleeper", idempotency_key="msg-1")
+        assert again.run_id == first.run_id and again.generation == first.generation == 1
+        ready.wait(1)
+        assert c.session("chat").runs == [first.run_id], "a retried send must not take over its own run"
+        c.kill("chat")
+
+
+def test_sigterm_stops_every_run_and_exits_0(tmp_path, workspace, ready) -> None:
+    d = Daemon(tmp_path, CONFIG, workspace).start()
+    with d.client() as c:
+        sent = [c.send(f"s{i}", {"ready": ready.path}, agent="ignorer").run_id for i in range(3)]
+    ready.wait(3)
+    assert all(marked_processes(r) for r in sent)
+    assert d.stop() == 0, d.output()
+    assert all(marked_processes(r) == {} for r in sent)
+    db = sqlite3.connect(os.path.join(d.state, "journal.db"))
+    states = dict(db.execute("SELECT id, state FROM runs").fetchall())
+    db.close()
+    assert {states[r] for r in sent} == {"killed"}, states
+    assert not os.path.exists(os.path.join(d.runtime, "daemon.json"))
+
+
+def test_sigkill_leaves_no_run_alive_and_a_restart_recovers(tmp_path, workspace, ready) -> None:
+    d = Daemon(tmp_path, CONFIG, workspace).start()
+    with d.client() as c:
+        run_id = c.send("chat", {"ready": ready.path}, agent="busy").run_id
+    ready.wait(1)
+    assert len(marked_processes(run_id)) == 21
+    d.signal(signal.SIGKILL)
+    d.proc.wait(30)
+    deadline = time.monotonic() + 30
+    while marked_processes(run_id) and time.monotonic() < deadline:  # the spawner's watchdog kills them
+        time.sleep(0.05)
+    assert marked_processes(run_id) == {}, "a run outlived its SIGKILLed daemon"
+
+    d2 = Daemon(tmp_path, CONFIG, workspace).start()  # the stale daemon.json of the dead one is replaced
+    try:
+        with d2.client() as c:
+            info = c.session("chat")
+            assert info.state == "idle" and info.last_outcome == "ended by recovery", info
+            assert c.run(run_id).report["ended_by"] == "recovered"
+    finally:
+        assert d2.stop() == 0, d2.output()
+
+
+def test_a_second_daemon_on_the_same_state_directory_refuses(daemon, tmp_path) -> None:
+    os.makedirs(tmp_path / "second")
+    other = Daemon(tmp_path / "second", CONFIG)
+    other.state = daemon.state  # the live daemon's
+    with pytest.raises(AssertionError) as failed:
+        other.start()
+    assert "pid" in str(failed.value) and str(daemon.proc.pid) in str(failed.value), str(failed.value)
+
+
+def test_a_bad_configuration_names_the_file_and_the_key(tmp_path) -> None:
+    d = Daemon(tmp_path, """
+    [agents.broken]
+    target = "daemon_agents:sleeper"
+    tools = "llm"
+    """)
+    out = d.cli("serve", "--check", "--config", d.config)
+    assert out.returncode == 1 and d.config in out.stderr and "agents.broken.tools" in out.stderr, out.stderr
+    os.makedirs(tmp_path / "ok")
+    good = Daemon(tmp_path / "ok", CONFIG)
+    out = good.cli("serve", "--check", "--config", good.config)
+    assert out.returncode == 0 and "7 agent(s)" in out.stdout, out
