@@ -32,6 +32,9 @@ from . import control
 VERSION = b"dsg1"
 #: Bodies larger than this are refused (BAD_ARGUMENTS) without being parsed.
 MAX_BODY_BYTES = 1 << 20
+#: A frame larger than this never reaches the daemon: libzmq drops the connection that sent it
+#: (its memory is the daemon's), so a client never waits for an answer to it.
+MAX_FRAME_BYTES = 16 << 20
 #: The request id of a message the daemon sends on its own (a push to a tool provider).
 PUSH_ID = b"0"
 

@@ -62,10 +62,10 @@ class Daemon:
                     "DEADSTOP_DAEMON": self.runtime}
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "Daemon":
+    def start(self, *extra: str) -> "Daemon":
         self.log = open(self.dir / f"daemon-{time.monotonic_ns()}.log", "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "deadstop.supervisor", "serve", "--config", self.config,
-                                      "--state-dir", self.state, "--runtime-dir", self.runtime],
+                                      "--state-dir", self.state, "--runtime-dir", self.runtime, *extra],
                                      env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
         path = os.path.join(self.runtime, "daemon.json")
         deadline = time.monotonic() + START_WAIT

@@ -12,6 +12,7 @@ import time
 
 import pytest
 import zmq
+import zmq.auth
 
 from daemonctl import Daemon, Ready
 from procscan import cpu_seconds, marked_processes
@@ -353,3 +354,73 @@ def test_a_bad_configuration_names_the_file_and_the_key(tmp_path) -> None:
     good = Daemon(tmp_path / "ok", CONFIG)
     out = good.cli("serve", "--check", "--config", good.config)
     assert out.returncode == 0 and "7 agent(s)" in out.stdout, out
+
+
+def _free_port_pair() -> int:
+    """A port p with p and p + 1 free on 127.0.0.1 (control and events)."""
+    import socket
+
+    for _ in range(50):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            port = a.getsockname()[1]
+            with socket.socket() as b:
+                try:
+                    b.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+        return port
+    raise AssertionError("no free pair of ports")
+
+
+def test_tcp_admits_only_curve_keys_and_each_key_has_its_scopes(tmp_path, workspace, ready) -> None:
+    from deadstop.supervisor import ControlFault, Fault
+    from deadstop.supervisor.client import Client
+
+    d = Daemon(tmp_path, CONFIG, workspace)
+    made = {name: d.cli("keys", "generate", name, "--scopes", scopes, "--state-dir", d.state)
+            for name, scopes in (("reader", "read"), ("writer", "read,write"))}
+    assert all(out.returncode == 0 for out in made.values()), made
+    reader_key = os.path.join(d.state, "keys", "clients", "reader.key_secret")
+    writer_key = os.path.join(d.state, "keys", "clients", "writer.key_secret")
+    port = _free_port_pair()
+    d.start("--bind", f"tcp://127.0.0.1:{port}")
+    try:
+        with d.client() as local:  # the owner's ipc endpoint
+            sent = local.send("chat", {"ready": ready.path}, agent="sleeper")
+        ready.wait(1)
+
+        ctx = zmq.Context()
+        try:
+            plain = ctx.socket(zmq.DEALER)  # no CURVE at all
+            plain.setsockopt(zmq.LINGER, 0)
+            plain.connect(f"tcp://127.0.0.1:{port}")
+            plain.send_multipart([b"dsg1", b"1", b'{"verb": "sessions.stop", "key": "chat"}'])
+            assert not plain.poll(2000), "an unauthenticated tcp client got an answer"
+            plain.close()
+        finally:
+            ctx.term()
+        stranger_dir = tmp_path / "stranger"
+        os.makedirs(stranger_dir)
+        _pub, stranger_key = zmq.auth.create_certificates(str(stranger_dir), "stranger")
+        with Client(d.runtime, key=stranger_key, timeout=2) as stranger:  # a key the daemon never authorized
+            with pytest.raises(ControlFault) as caught:
+                stranger.stop("chat")
+            assert caught.value.fault is Fault.TIMED_OUT
+
+        with Client(d.runtime, key=reader_key) as reader:
+            assert [s.key for s in reader.sessions()] == ["chat"]
+            with pytest.raises(ControlFault) as caught:
+                reader.stop("chat")
+            assert caught.value.fault is Fault.FORBIDDEN
+        denied = d.cli("sessions", "kill", "chat", "--key", reader_key)
+        assert denied.returncode == 4, (denied.returncode, denied.stderr)
+        assert marked_processes(sent.run_id), "a refused stop touched the run"
+
+        with Client(d.runtime, key=writer_key, name="web") as writer:
+            (report,) = writer.stop("chat").reports
+        assert report["survivors"] == 0 and report["revoke_source"] == "gateway"
+        assert "gateway 'writer'" in report["revoke_reason"], report["revoke_reason"]
+        assert marked_processes(sent.run_id) == {}
+    finally:
+        assert d.stop() == 0, d.output()

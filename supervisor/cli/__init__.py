@@ -66,7 +66,22 @@ def _cmd_serve(args: argparse.Namespace) -> int:
               f"({', '.join(t.name for t in cfg.tools) or '-'})")
         return EXIT_OK
     return serve(args.config, state_dir=args.state_dir or default_state_dir(),
-                 runtime_dir=args.runtime_dir or default_runtime_dir(), binds=args.bind)
+                 runtime_dir=args.runtime_dir or default_runtime_dir(), binds=args.bind, keys_dir=args.keys_dir)
+
+
+def _cmd_keys(args: argparse.Namespace) -> int:
+    from ..client.locate import default_state_dir
+    from ..daemon import keys
+
+    keys_dir = args.keys_dir or os.path.join(args.state_dir or default_state_dir(), "keys")
+    try:
+        secret = keys.generate_client(keys_dir, args.name, args.scopes.split(","))
+    except ValueError as exc:
+        print(f"deadstop keys generate: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"{args.name}: scopes {args.scopes}; give the client {secret} (its secret key); "
+          f"the daemon admits it from its next connection")
+    return EXIT_OK
 
 
 def _non_negative(text: str) -> float:
@@ -95,8 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="owner-only directory for its sockets and daemon.json (default: "
                             "$XDG_RUNTIME_DIR/deadstop, /run/deadstop as root)")
     serve.add_argument("--bind", action="append", metavar="ENDPOINT", help="also listen here (tcp:// needs CURVE keys)")
+    serve.add_argument("--keys-dir", metavar="DIR", help="CURVE keys for tcp:// (default: STATE_DIR/keys)")
     serve.add_argument("--check", action="store_true", help="check the configuration file and exit")
     serve.set_defaults(func=_cmd_serve)
+    keys = sub.add_parser("keys", help="CURVE keys of clients that reach the daemon over tcp://")
+    ksub = keys.add_subparsers(dest="action", required=True)
+    gen = ksub.add_parser("generate", help="a client key pair with its scopes")
+    gen.add_argument("name")
+    gen.add_argument("--scopes", default="read", help="comma-separated: read, write, admin (default: read)")
+    gen.add_argument("--keys-dir", metavar="DIR")
+    gen.add_argument("--state-dir", metavar="DIR", help="the daemon's state directory (its keys are in keys/)")
+    gen.set_defaults(func=_cmd_keys)
     parsers.add_parsers(sub, parsers.common_options(), _non_negative)
     demo = sub.add_parser("demo", help="start misbehaving runs, stop them, print their stop reports")
     demo.add_argument("--containment", choices=["auto", "cgroup", "process-group"], default="auto")

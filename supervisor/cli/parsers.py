@@ -83,6 +83,8 @@ def common_options() -> argparse.ArgumentParser:
     common.add_argument("--daemon", metavar="PATH-OR-ENDPOINT",
                         help="the daemon's connection file, runtime directory or control endpoint "
                              "(default: $DEADSTOP_DAEMON, then the well-known path)")
+    common.add_argument("--key", dest="key_file", metavar="PATH", help="a client secret certificate (deadstop keys generate): "
+                                                      "reach the daemon over tcp:// with CURVE (default: $DEADSTOP_KEY)")
     common.add_argument("--timeout", type=float, default=None, metavar="S",
                         help="give up after S seconds (exit 124); default: wait for the verb to finish")
     return common

@@ -36,7 +36,7 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
     """Run one remote verb; its exit status."""
     verb: Callable[[Client, argparse.Namespace, TextIO], int] = globals()[f"_{args.remote}"]
     try:
-        with Client(args.daemon, kind="cli", name="deadstop", timeout=args.timeout) as client:
+        with Client(args.daemon, kind="cli", name="deadstop", timeout=args.timeout, key=args.key_file) as client:
             return int(verb(client, args, out))
     except ControlFault as exc:
         if args.json:

@@ -35,6 +35,9 @@ from ...ipc import gateway
 from ...ipc.control import ControlFault, Fault
 from .locate import NoDaemon, locate
 
+#: A client secret certificate to use (tcp:// with CURVE), and the daemon's public key for a bare endpoint.
+ENV_KEY, ENV_SERVER_KEY = "DEADSTOP_KEY", "DEADSTOP_SERVER_KEY"
+
 
 def _routing_id(kind: str, name: str | None) -> bytes:
     if kind not in gateway.CLIENT_KINDS:
@@ -124,18 +127,57 @@ class _Verbs:
         return self.call("daemon.stop")
 
 
+class _Transport:
+    """Which endpoints to use, and the CURVE keys for tcp:// ones.
+
+    Without a key: the first ipc:// endpoints (the owner-only ones). With a key
+    (a client secret certificate from `deadstop keys generate`): the tcp://
+    ones, authenticated against the daemon's public key (from its connection
+    file, or `server_key` / $DEADSTOP_SERVER_KEY for a bare endpoint).
+    """
+
+    def __init__(self, where: gateway.ConnectionFile, key: str | None, server_key: str | None):
+        key = key or os.environ.get(ENV_KEY)
+        self.curve: tuple[bytes, bytes, bytes] | None = None
+        if key:
+            import zmq.auth
+
+            public, secret = zmq.auth.load_certificate(key)
+            if secret is None:
+                raise ControlFault(Fault.BAD_ARGUMENTS, f"{key} holds no secret key (that is a public certificate)")
+            server = server_key or where.server_key or os.environ.get(ENV_SERVER_KEY)
+            if not server:
+                raise ControlFault(Fault.BAD_ARGUMENTS, "a tcp:// daemon needs its public key: in its connection "
+                                                        f"file, or server_key= / ${ENV_SERVER_KEY}")
+            self.curve = (public, secret, server.encode())
+            pick = [e for e in where.control if e.startswith("tcp://")], [e for e in where.events if e.startswith("tcp://")]
+        else:
+            pick = [e for e in where.control if not e.startswith("tcp://")], [e for e in where.events if not e.startswith("tcp://")]
+        if not pick[0]:
+            raise NoDaemon(f"the daemon at {where.control} has no {'tcp' if key else 'ipc'}:// endpoint for this "
+                           f"client{' (pass key= for tcp)' if not key else ''}")
+        self.control, self.events = pick[0][0], pick[1]
+
+    def secure(self, sock: zmq.Socket[Any]) -> None:
+        if self.curve is not None:
+            sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = self.curve
+
+
 class Client(_Verbs):
-    """Blocking client. `timeout` (seconds, None: wait for ever) bounds each call: TIMED_OUT after it."""
+    """Blocking client. `timeout` (seconds, None: wait for ever) bounds each call: TIMED_OUT after it.
+    `key`: a client secret certificate, to reach the daemon over tcp:// with CURVE."""
 
     def __init__(self, daemon: str | None = None, *, kind: str = "gateway", name: str | None = None,
-                 timeout: float | None = 60.0):
+                 timeout: float | None = 60.0, key: str | None = None, server_key: str | None = None):
         self.where = locate(daemon)
+        self._transport = _Transport(self.where, key, server_key)
         self.timeout = timeout
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.ROUTING_ID, _routing_id(kind, name))
-        self._sock.connect(self.where.control[0])
+        self._transport.secure(self._sock)
+        self._sock.connect(self._transport.control)
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
 
@@ -150,7 +192,7 @@ class Client(_Verbs):
                 wait = None if deadline is None else max(0.0, deadline - time.monotonic())
                 if not self._sock.poll(None if wait is None else int(wait * 1000) + 1):
                     raise ControlFault(Fault.TIMED_OUT, f"{name}: no reply from the daemon at "
-                                                        f"{self.where.control[0]} within {self.timeout:g} s")
+                                                        f"{self._transport.control} within {self.timeout:g} s")
                 frames = self._sock.recv_multipart()
                 if len(frames) == 3 and frames[1] == req_id:
                     return _result(name, frames[2])
@@ -160,7 +202,7 @@ class Client(_Verbs):
         """Follow the event stream (of one session, or all). Subscribed when this returns, so nothing
         published afterwards is missed; iterate it, and close it (or use it in a with block).
         `idle_timeout`: TIMED_OUT when no event comes for that long."""
-        return EventStream(self._ctx, self.where.events, session, idle_timeout)
+        return EventStream(self._ctx, self._transport, session, idle_timeout)
 
     def close(self) -> None:
         self._sock.close()
@@ -176,16 +218,17 @@ class Client(_Verbs):
 class EventStream:
     """A subscription to the daemon's events; iterating yields EventMessage (seq per session)."""
 
-    def __init__(self, ctx: zmq.Context[Any], endpoints: list[str], session: str | None,
+    def __init__(self, ctx: zmq.Context[Any], transport: _Transport, session: str | None,
                  idle_timeout: float | None):
         self._sub = ctx.socket(zmq.SUB)
         self._sub.setsockopt(zmq.LINGER, 0)
         self._sub.setsockopt(zmq.SUBSCRIBE, gateway.event_topic(session) if session is not None else b"s:")
-        for endpoint in endpoints:
+        transport.secure(self._sub)
+        for endpoint in transport.events:
             self._sub.connect(endpoint)
         self._idle = idle_timeout
         self._decoder = msgspec.json.Decoder(gateway.EventMessage)
-        _wait_subscribed(self._sub, endpoints)
+        _wait_subscribed(self._sub, transport.events)
 
     def __iter__(self) -> Iterator[gateway.EventMessage]:
         return self
@@ -231,8 +274,9 @@ class AsyncClient(_Verbs):
     """
 
     def __init__(self, daemon: str | None = None, *, kind: str = "gateway", name: str | None = None,
-                 timeout: float | None = 60.0):
+                 timeout: float | None = 60.0, key: str | None = None, server_key: str | None = None):
         self._daemon, self._kind, self._name, self.timeout = daemon, kind, name, timeout
+        self._key, self._server_key = key, server_key
         self._pending: dict[bytes, tuple[str, asyncio.Future[Any]]] = {}
         self._tools: dict[str, Callable[..., Any]] = {}
         self._calls: dict[str, asyncio.Task[None]] = {}
@@ -242,11 +286,13 @@ class AsyncClient(_Verbs):
         import zmq.asyncio
 
         self.where = locate(self._daemon)
+        self._transport = _Transport(self.where, self._key, self._server_key)
         self._ctx = zmq.asyncio.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.ROUTING_ID, _routing_id(self._kind, self._name))
-        self._sock.connect(self.where.control[0])
+        self._transport.secure(self._sock)
+        self._sock.connect(self._transport.control)
         self._reader = asyncio.get_running_loop().create_task(self._read(), name="deadstop-client-reader")
         return self
 
@@ -338,7 +384,8 @@ class AsyncClient(_Verbs):
         sub = self._ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.SUBSCRIBE, gateway.event_topic(session) if session is not None else b"s:")
-        for endpoint in self.where.events:
+        self._transport.secure(sub)
+        for endpoint in self._transport.events:
             sub.connect(endpoint)
         decoder = msgspec.json.Decoder(gateway.EventMessage)
         try:

@@ -19,7 +19,7 @@ import asyncio
 import dataclasses
 import logging
 import secrets
-from typing import Any, Callable
+from typing import Any, Callable, Hashable
 
 import msgspec
 
@@ -30,24 +30,28 @@ from ..egress.tools import ToolContext, ToolRegistry
 log = logging.getLogger("deadstop.daemon")
 
 
+#: Who provides a tool: whatever identifies one connection to the daemon (its listener and routing id).
+Peer = Any
+
+
 class ProviderGone(Exception):
     """The client that provides the tool disconnected (or never connected) before answering."""
 
 
 @dataclasses.dataclass
 class _Call:
-    provider: bytes
+    provider: Hashable
     run_id: str
     future: asyncio.Future[Any]
 
 
 class Providers:
-    def __init__(self, tools: ToolRegistry, push: Callable[[bytes, bytes], None],
+    def __init__(self, tools: ToolRegistry, push: Callable[[Peer, bytes], None],
                  session_of: Callable[[str], str | None]):
         self._tools = tools
-        self._push = push  # (routing id, body) -> sent on the control socket
+        self._push = push  # (peer, body) -> sent on that peer's control socket
         self._session_of = session_of
-        self.by_tool: dict[str, bytes] = {}
+        self.by_tool: dict[str, Peer] = {}
         self.declared: set[str] = set()
         self._calls: dict[str, _Call] = {}
 
@@ -57,7 +61,7 @@ class Providers:
         self.declared.add(name)
         self._tools.register(name, self._handler(name))
 
-    def provide(self, provider: bytes, names: list[str]) -> list[str]:
+    def provide(self, provider: Peer, names: list[str]) -> list[str]:
         """`provider` answers these tools from now on (the last client to provide a tool wins)."""
         for name in names:
             if name not in self.declared:
@@ -91,7 +95,7 @@ class Providers:
         relay.__name__ = f"provided:{name}"
         return relay
 
-    def result(self, provider: bytes, answer: gateway.ToolsResult) -> bool:
+    def result(self, provider: Peer, answer: gateway.ToolsResult) -> bool:
         call = self._calls.get(answer.call_id)
         if call is None or call.future.done():
             raise ControlFault(Fault.NOT_RUNNING, f"call {answer.call_id} is not in flight (cancelled at its run's "
@@ -104,7 +108,7 @@ class Providers:
             call.future.set_exception(RuntimeError(answer.error or "the provider reported a failure"))
         return True
 
-    def gone(self, provider: bytes) -> int:
+    def gone(self, provider: Peer) -> int:
         """The provider disconnected: fail its in-flight calls, stop relaying its tools. Returns how many failed."""
         for name in [n for n, p in self.by_tool.items() if p == provider]:
             del self.by_tool[name]

@@ -1,18 +1,17 @@
-"""The daemon: one AsyncSupervisor, its control verbs on a ROUTER socket, its events on a PUB socket.
+"""The daemon: one AsyncSupervisor, its control verbs on ROUTER sockets, its events on PUB sockets.
 
-Every connection is a Principal. On the owner-only ipc:// endpoint the
-kernel already limits who can connect (the runtime directory is 0700), so a
-connection is trusted with every scope and named by the kind its client
-declares in its routing id (`cli/...` is an operator, `gateway/...` a
-gateway): stops it asks for are recorded with that source.
+Every connection is a Principal (listener.py): on the owner-only ipc://
+endpoint every peer holds every scope and is named by the kind its client
+declares in its routing id (`cli/...` an operator, `gateway/...` a gateway),
+so a stop is recorded with that source; on tcp:// (CURVE only) a peer holds
+the scopes its key was given.
 
-Reading: each wake-up drains what is queued (up to BATCH requests) and
-starts the urgent verbs first (stop, kill, pause: their revoke happens in
-the step that starts them, before any slow verb of the same batch gets a
-turn); every request then runs as its own task, so a slow verb (a send
-waiting for its run to start, a stop waiting out its grace) never holds up
-the socket. A client that disconnects mid-call wedges nothing: its reply
-is dropped by the ROUTER.
+Reading: each wake-up drains what is queued and starts the urgent verbs
+first (stop, kill, pause: their revoke happens in the step that starts
+them, before any slow verb of the same batch gets a turn); every request
+then runs as its own task, so a slow verb (a send waiting for its run to
+start, a stop waiting out its grace) never holds up the socket. A client
+that disconnects mid-call wedges nothing: its reply is dropped.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ import logging
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, Callable
 
 import msgspec
 import zmq
@@ -36,14 +35,11 @@ from ..control.api import fault_of
 from ..control.policy import ALL_SCOPES, Principal
 from ..facades.async_supervisor import AsyncSupervisor
 from . import config as config_mod
-from .providers import Providers
+from . import keys
+from .listener import Listener
+from .providers import Peer, Providers
 
 log = logging.getLogger("deadstop.daemon")
-
-#: Requests taken from the socket per wake-up before the urgent ones are started.
-BATCH = 256
-#: A push clients ignore: sent to tell a live peer from one that is gone (ROUTER_MANDATORY).
-PING = b'{"push":"ping"}'
 
 
 class DaemonRunning(ControlFault):
@@ -52,12 +48,24 @@ class DaemonRunning(ControlFault):
 
 
 class Daemon:
-    def __init__(self, config_path: str | None, *, state_dir: str, runtime_dir: str, binds: list[str] | None = None):
+    def __init__(self, config_path: str | None, *, state_dir: str, runtime_dir: str, binds: list[str] | None = None,
+                 keys_dir: str | None = None):
+        self.binds = list(binds or [])
+        for bind in self.binds:
+            host, _, port = bind[len("tcp://"):].rpartition(":")
+            if not bind.startswith("tcp://") or not host or not port.isdigit():
+                raise ControlFault(Fault.BAD_ARGUMENTS, f"--bind {bind!r}: only tcp://HOST:PORT (CURVE-authenticated; "
+                                                        "its events go on PORT+1); the ipc endpoint is always in the "
+                                                        "runtime directory")
         self.config_path = config_path
         self.config = config_mod.load(config_path)
         self.state_dir = state_dir
         self.runtime_dir = runtime_dir
-        self.binds = list(binds or [])
+        self.keys_dir = keys_dir or os.path.join(state_dir, "keys")
+        self.listeners: list[Listener] = []
+        self._publishers: list[zmq.Socket[bytes]] = []
+        self.clients: dict[str, tuple[str, frozenset[Any]]] = {}
+        self.server_key: str | None = None
         self._stopping = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._seqs: dict[str | None, int] = {}
@@ -71,7 +79,8 @@ class Daemon:
         self.sup = AsyncSupervisor(state_dir=self.state_dir, grace=cfg.grace, containment=cfg.containment,
                                    isolation=cfg.isolation)
         await self.sup.open()
-        background: list[asyncio.Task[None]] = []
+        readers: list[asyncio.Task[None]] = []
+        others: list[asyncio.Task[None]] = []
         try:
             self.providers = Providers(self.sup.tools, self._push, self._session_of)
             self._apply_config(cfg)
@@ -81,21 +90,23 @@ class Daemon:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self._stopping.set)
             loop.add_signal_handler(signal.SIGHUP, self._reload_from_signal)
-            background = [loop.create_task(self._read(), name="deadstop-daemon-reader"),
-                          loop.create_task(self._publish(), name="deadstop-daemon-events"),
-                          loop.create_task(self._watch_connections(), name="deadstop-daemon-connections")]
+            readers = [loop.create_task(self._read(lst), name=f"deadstop-daemon-{lst.endpoint}") for lst in self.listeners]
+            others = [loop.create_task(lst.departures(self._departed(lst))) for lst in self.listeners]
+            others.append(loop.create_task(self._publish(), name="deadstop-daemon-events"))
             log.info("deadstop daemon %s serving on %s", self.sup.id, self.endpoints)
             await self._stopping.wait()
         finally:
-            if background:
-                background[0].cancel()  # no new request from here on
+            for task in readers:
+                task.cancel()  # no new request from here on
             await self.sup.close()  # every live run killed, its report journaled
-            for task in [*background, *self._tasks]:
+            for task in [*others, *self._tasks]:
                 task.cancel()
             self._remove_connection_file()
             for endpoints in getattr(self, "endpoints", {}).values():
                 for ep in endpoints:
                     _unlink(ep)
+            if hasattr(self, "auth"):
+                self.auth.stop()
             if hasattr(self, "ctx"):
                 self.ctx.destroy(linger=0)  # every socket, whatever step failed
         return 0
@@ -115,34 +126,60 @@ class Daemon:
 
     def _open_sockets(self) -> None:
         self.ctx = zmq.asyncio.Context()
-        self.control = self.ctx.socket(zmq.ROUTER)
-        self.control.setsockopt(zmq.LINGER, 0)
-        self.control.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a push to a peer that is gone fails instead of vanishing
-        # A disconnect is seen on the monitor socket by its connection's fd; each message says its fd
-        # (SRCFD), so a provider that goes away is known at once, not at its next call.
-        self.monitor = self.control.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        self._idents_of_fd: dict[int, set[bytes]] = {}
-        self.events = self.ctx.socket(zmq.PUB)
-        self.events.setsockopt(zmq.LINGER, 0)
-        self.events.setsockopt(zmq.SNDHWM, 100_000)  # past it, a slow subscriber loses messages (seq shows the gap)
-        # Sends go through plain (blocking-API) shadows of the same sockets with NOBLOCK: an error is
-        # raised here, at once, instead of landing in a future nobody reads.
-        self._control_out: zmq.Socket[bytes] = zmq.Socket.shadow(self.control.underlying)
-        self._events_out: zmq.Socket[bytes] = zmq.Socket.shadow(self.events.underlying)
         control_ep = f"ipc://{os.path.join(self.runtime_dir, 'control')}"
         events_ep = f"ipc://{os.path.join(self.runtime_dir, 'events')}"
         for ep in (control_ep, events_ep):
             _unlink(ep)
-        self.control.bind(control_ep)
-        self.events.bind(events_ep)
+        self.listeners.append(Listener(self.ctx, control_ep, _ipc_principal))
+        self._publishers.append(self._publisher(events_ep))
         for ep in (control_ep, events_ep):
             os.chmod(ep[len("ipc://"):], 0o600)
         self.endpoints = {"control": [control_ep], "events": [events_ep]}
+        if self.binds:
+            self._open_tcp()
+
+    def _publisher(self, endpoint: str, curve_secret: bytes | None = None) -> zmq.Socket[bytes]:
+        pub = self.ctx.socket(zmq.PUB)
+        pub.setsockopt(zmq.LINGER, 0)
+        pub.setsockopt(zmq.SNDHWM, 100_000)  # past it, a slow subscriber loses messages (seq shows the gap)
+        if curve_secret is not None:
+            pub.curve_server = True
+            pub.curve_secretkey = curve_secret
+            pub.zap_domain = b"deadstop"
+        pub.bind(endpoint)
+        return zmq.Socket.shadow(pub.underlying)  # sent to without awaiting (NOBLOCK)
+
+    def _open_tcp(self) -> None:
+        """tcp:// only with CURVE: the ZAP handler admits the keys in authorized/, each with its scopes."""
+        from zmq.auth.asyncio import AsyncioAuthenticator
+
+        public, secret = keys.server_keys(self.keys_dir)
+        self.server_key = public.decode()
+        self.auth = AsyncioAuthenticator(self.ctx)
+        self.auth.start()
+        self._load_keys()
+        for bind in self.binds:
+            host, _, port = bind[len("tcp://"):].rpartition(":")
+            events_ep = f"tcp://{host}:{int(port) + 1}"
+            self.listeners.append(Listener(self.ctx, bind, self._tcp_principal, curve_secret=secret))
+            self._publishers.append(self._publisher(events_ep, secret))
+            self.endpoints["control"].append(bind)
+            self.endpoints["events"].append(events_ep)
+
+    def _load_keys(self) -> None:
+        self.clients = keys.authorized(self.keys_dir)
+        self.auth.configure_curve(domain="deadstop", location=os.path.join(self.keys_dir, "authorized"))
+
+    def _tcp_principal(self, ident: bytes, frame: zmq.Frame) -> Principal | None:
+        name, scopes = self.clients.get(str(frame.get("User-Id")), (None, frozenset()))
+        if name is None:
+            return None  # admitted under an older list of keys; no longer authorized
+        return Principal("gateway", name, scopes)
 
     def _write_connection_file(self) -> None:
         info = gateway.ConnectionFile(control=self.endpoints["control"], events=self.endpoints["events"],
-                                      pid=os.getpid(), started=self.started, state_dir=self.sup.state_dir,
-                                      supervisor_id=self.sup.id)
+                                      server_key=self.server_key, pid=os.getpid(), started=self.started,
+                                      state_dir=self.sup.state_dir, supervisor_id=self.sup.id)
         path = os.path.join(self.runtime_dir, FILE_NAME)
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
@@ -177,6 +214,8 @@ class Daemon:
                                                            self.config.isolation):
             log.warning("deadstop: [defaults] changed; they apply at the next start of the daemon")
         applied = self._apply_config(cfg)
+        if hasattr(self, "auth"):
+            self._load_keys()  # a key removed from authorized/ is refused from its next connection
         for name in {a.name for a in self.config.agents} - set(applied["agents"]):
             self.sup.registry.agents.pop(name, None)  # gone from the file: no new session may use it
         self.config = cfg
@@ -190,74 +229,58 @@ class Daemon:
             log.error("deadstop: reload failed, configuration unchanged: %s", exc)
 
     # -- requests ------------------------------------------------------------------------------------------
-    async def _read(self) -> None:
+    async def _read(self, listener: Listener) -> None:
         while True:
-            received: list[list[zmq.Frame]] = [await self.control.recv_multipart(copy=False)]
-            while len(received) < BATCH:
-                try:
-                    received.append(self._control_out.recv_multipart(flags=zmq.NOBLOCK, copy=False))
-                except zmq.Again:
-                    break
-            for frames in received:  # which connection each peer is on
-                self._idents_of_fd.setdefault(int(frames[-1].get(zmq.SRCFD)), set()).add(frames[0].bytes)
-            parsed = [self._parse([f.bytes for f in frames]) for frames in received]
+            received = await listener.batch()
+            parsed = [self._parse(listener, frames) for frames in received]
             requests = [p for p in parsed if p is not None]
-            requests.sort(key=lambda p: gateway.verb_of(p[2]).name not in gateway.URGENT_VERBS)
-            for ident, req_id, request in requests:
-                task = asyncio.get_running_loop().create_task(self._answer(ident, req_id, request))
+            requests.sort(key=lambda p: gateway.verb_of(p[3]).name not in gateway.URGENT_VERBS)
+            for who, ident, req_id, request in requests:
+                task = asyncio.get_running_loop().create_task(self._answer(listener, who, ident, req_id, request))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
 
-    async def _watch_connections(self) -> None:
-        from zmq.utils.monitor import parse_monitor_message
-
-        while True:
-            fd = int(parse_monitor_message(await self.monitor.recv_multipart())["value"])  # an Event flag: as int
-            for ident in self._idents_of_fd.pop(fd, ()):
-                # The fd may already carry a new connection: a peer that still takes a ping is not gone.
-                if self._send(ident, gateway.PUSH_ID, PING):
-                    self._idents_of_fd.setdefault(fd, set()).add(ident)
-                else:
-                    self.providers.gone(ident)
-
-    def _parse(self, frames: list[bytes]) -> tuple[bytes, bytes, Any] | None:
-        ident = frames[0]
+    def _parse(self, listener: Listener, frames: list[zmq.Frame]) -> tuple[Principal, bytes, bytes, Any] | None:
+        ident = frames[0].bytes
         if len(frames) != 4:
-            self._send(ident, frames[2] if len(frames) > 2 else b"?", gateway.fault(ControlFault(
+            listener.send(ident, frames[2].bytes if len(frames) > 2 else b"?", gateway.fault(ControlFault(
                 Fault.BAD_ARGUMENTS, f"a request is 3 frames (version, id, body), not {len(frames) - 1}")))
             return None
-        _ident, version, req_id, body = frames
+        version, req_id, body = (f.bytes for f in frames[1:])
+        who = listener.principal_of(ident, frames[-1])
+        if who is None:
+            listener.send(ident, req_id, gateway.fault(ControlFault(Fault.FORBIDDEN, "this key is not authorized")))
+            return None
         if version != gateway.VERSION:
-            self._send(ident, req_id, gateway.fault(ControlFault(
+            listener.send(ident, req_id, gateway.fault(ControlFault(
                 Fault.UNSUPPORTED_VERSION, f"version {version[:16]!r} is not spoken here; this daemon speaks "
                                            f"{gateway.VERSION.decode()}")))
             return None
         try:
-            return ident, req_id, gateway.decode_request(body)
+            return who, ident, req_id, gateway.decode_request(body)
         except ControlFault as exc:
-            self._send(ident, req_id, gateway.fault(exc))
+            listener.send(ident, req_id, gateway.fault(exc))
             return None
 
-    async def _answer(self, ident: bytes, req_id: bytes, request: Any) -> None:
-        who = principal_of(ident)
+    async def _answer(self, listener: Listener, who: Principal, ident: bytes, req_id: bytes, request: Any) -> None:
         try:
-            result = await self._dispatch(ident, who, request)
+            result = await self._dispatch((listener, ident), who, request)
             body = gateway.ok(msgspec.to_builtins(result))
         except ControlFault as exc:
             body = gateway.fault(exc)
         except Exception as exc:
             body = gateway.fault(fault_of(exc))
-        self._send(ident, req_id, body)
+        listener.send(ident, req_id, body)
 
-    async def _dispatch(self, ident: bytes, who: Principal, request: Any) -> Any:
+    async def _dispatch(self, peer: Peer, who: Principal, request: Any) -> Any:
         verb = gateway.verb_of(request)
         if verb.name not in gateway.DAEMON_VERBS:
             return await self.sup.control.call(who, request)
         self.sup.control.policy.check_scope(who, verb)
         if isinstance(request, gateway.ToolsProvide):
-            return self.providers.provide(ident, request.names)
+            return self.providers.provide(peer, request.names)
         if isinstance(request, gateway.ToolsResult):
-            return self.providers.result(ident, request)
+            return self.providers.result(peer, request)
         if isinstance(request, gateway.DaemonInfo):
             return self.info()
         if isinstance(request, gateway.DaemonReload):
@@ -278,16 +301,13 @@ class Daemon:
                 "provided_tools": sorted(self.providers.by_tool), "version": __version__,
                 "gateway_version": gateway.VERSION.decode()}
 
-    def _send(self, ident: bytes, req_id: bytes, body: bytes) -> bool:
-        try:
-            self._control_out.send_multipart([ident, gateway.VERSION, req_id, body], flags=zmq.NOBLOCK)
-            return True
-        except zmq.ZMQError:
-            return False  # the client is gone or not reading: its reply is dropped, nothing waits on it
+    def _departed(self, listener: Listener) -> Callable[[bytes], Any]:
+        return lambda ident: self.providers.gone((listener, ident))
 
-    def _push(self, ident: bytes, body: bytes) -> None:
-        if not self._send(ident, gateway.PUSH_ID, body):
-            self.providers.gone(ident)
+    def _push(self, peer: Peer, body: bytes) -> None:
+        listener, ident = peer
+        if not listener.send(ident, gateway.PUSH_ID, body):
+            self.providers.gone(peer)
 
     def _session_of(self, run_id: str) -> str | None:
         run = self.sup.find_run(run_id)
@@ -300,11 +320,16 @@ class Daemon:
             seq = self._seqs[event.session] = self._seqs.get(event.session, 0) + 1
             message = gateway.EventMessage(seq=seq, session=event.session, run_id=event.run_id, kind=event.kind,
                                            data=event.data, t_ns=event.t_ns, generation=event.generation)
-            try:
-                self._events_out.send_multipart([gateway.event_topic(event.session), msgspec.json.encode(message)],
-                                                flags=zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass
+            frames = [gateway.event_topic(event.session), msgspec.json.encode(message)]
+            for pub in self._publishers:
+                try:
+                    pub.send_multipart(frames, flags=zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass  # a subscriber at its high-water mark: it sees a gap in seq
+
+
+def _ipc_principal(ident: bytes, frame: zmq.Frame) -> Principal:
+    return principal_of(ident)
 
 
 def principal_of(ident: bytes) -> Principal:
@@ -335,10 +360,11 @@ def _unlink(endpoint: str) -> None:
         pass
 
 
-def serve(config_path: str | None, *, state_dir: str, runtime_dir: str, binds: list[str] | None = None) -> int:
+def serve(config_path: str | None, *, state_dir: str, runtime_dir: str, binds: list[str] | None = None,
+          keys_dir: str | None = None) -> int:
     """Run a daemon in this process until it is told to stop; the exit status."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    daemon = Daemon(config_path, state_dir=state_dir, runtime_dir=runtime_dir, binds=binds)
+    daemon = Daemon(config_path, state_dir=state_dir, runtime_dir=runtime_dir, binds=binds, keys_dir=keys_dir)
     return asyncio.run(daemon.run())
 
 

@@ -1,0 +1,79 @@
+"""One control endpoint of the daemon: its ROUTER socket, who its peers are, when they go away.
+
+The ipc:// listener trusts every peer with every scope (the runtime
+directory is owner-only); a tcp:// listener is a CURVE server, and a peer's
+scopes are those its key was given (the ZAP handler puts the key in each
+message's User-Id).
+
+A disconnect is seen on the socket's monitor by the connection's fd, and
+every message carries its fd (SRCFD), so a tool provider that goes away is
+known at once, not at its next call. An fd can be reused by a new
+connection before its old one's event is read; a peer on it that still
+takes a ping (ROUTER_MANDATORY) is not the one that left.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import zmq
+import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
+
+from ...ipc import gateway
+from ..control.policy import Principal
+
+#: A push clients ignore: sent to tell a live peer from one that is gone.
+PING = b'{"push": "ping"}'
+#: Requests taken from the socket per wake-up.
+BATCH = 256
+
+
+class Listener:
+    def __init__(self, ctx: zmq.asyncio.Context, endpoint: str, principal_of: Callable[[bytes, zmq.Frame], Principal | None],
+                 *, curve_secret: bytes | None = None):
+        self.endpoint = endpoint
+        self.principal_of = principal_of
+        self.sock = ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a push to a peer that is gone fails instead of vanishing
+        self.sock.setsockopt(zmq.MAXMSGSIZE, gateway.MAX_FRAME_BYTES)  # libzmq drops a peer that sends more
+        if curve_secret is not None:
+            self.sock.curve_server = True
+            self.sock.curve_secretkey = curve_secret
+            self.sock.zap_domain = b"deadstop"
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        # Sends and non-blocking drains go through a plain shadow of the socket: an error is
+        # raised here, at once, instead of landing in a future nobody reads.
+        self.out: zmq.Socket[bytes] = zmq.Socket.shadow(self.sock.underlying)
+        self._idents_of_fd: dict[int, set[bytes]] = {}
+        self.sock.bind(endpoint)
+
+    async def batch(self) -> list[list[zmq.Frame]]:
+        """What is queued (at least one message, at most BATCH), each noted with its connection."""
+        received: list[list[zmq.Frame]] = [await self.sock.recv_multipart(copy=False)]
+        while len(received) < BATCH:
+            try:
+                received.append(self.out.recv_multipart(flags=zmq.NOBLOCK, copy=False))
+            except zmq.Again:
+                break
+        for frames in received:
+            self._idents_of_fd.setdefault(int(frames[-1].get(zmq.SRCFD)), set()).add(frames[0].bytes)
+        return received
+
+    def send(self, ident: bytes, req_id: bytes, body: bytes) -> bool:
+        try:
+            self.out.send_multipart([ident, gateway.VERSION, req_id, body], flags=zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError:
+            return False  # the peer is gone or not reading: the message is dropped, nothing waits on it
+
+    async def departures(self, gone: Callable[[bytes], Any]) -> None:
+        """Call `gone(ident)` for each peer whose connection closes, for ever."""
+        while True:
+            fd = int(parse_monitor_message(await self.monitor.recv_multipart())["value"])  # an Event flag: as int
+            for ident in self._idents_of_fd.pop(fd, ()):
+                if self.send(ident, gateway.PUSH_ID, PING):
+                    self._idents_of_fd.setdefault(fd, set()).add(ident)
+                else:
+                    gone(ident)
