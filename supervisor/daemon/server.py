@@ -64,6 +64,7 @@ class Daemon:
         self.keys_dir = keys_dir or os.path.join(state_dir, "keys")
         self.listeners: list[Listener] = []
         self._publishers: list[zmq.Socket[bytes]] = []
+        self._pub_sockets: list[zmq.asyncio.Socket] = []
         self.clients: dict[str, tuple[str, frozenset[Any]]] = {}
         self.server_key: str | None = None
         self._stopping = asyncio.Event()
@@ -147,6 +148,7 @@ class Daemon:
             pub.curve_secretkey = curve_secret
             pub.zap_domain = b"deadstop"
         pub.bind(endpoint)
+        self._pub_sockets.append(pub)  # the shadow below does not own it: it must stay referenced
         return zmq.Socket.shadow(pub.underlying)  # sent to without awaiting (NOBLOCK)
 
     def _open_tcp(self) -> None:
