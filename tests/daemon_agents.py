@@ -96,3 +96,10 @@ def echo(message, **context):
 def llm(tokens: int, ctx) -> str:
     ctx.report_usage(prompt_tokens=tokens)
     return "ok"
+
+
+def emitter(message, **context):
+    """Emits message["count"] progress events, then returns."""
+    for i in range(message["count"]):
+        egress.emit("progress", {"i": i})
+    return message["count"]

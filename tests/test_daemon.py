@@ -52,6 +52,10 @@ tools = ["send_email"]
 target = "daemon_agents:echo"
 cwd = "{work}"
 
+[agents.emitter]
+target = "daemon_agents:emitter"
+cwd = "{work}"
+
 [tools.llm]
 target = "daemon_agents:llm"
 
@@ -353,7 +357,7 @@ def test_a_bad_configuration_names_the_file_and_the_key(tmp_path) -> None:
     os.makedirs(tmp_path / "ok")
     good = Daemon(tmp_path / "ok", CONFIG)
     out = good.cli("serve", "--check", "--config", good.config)
-    assert out.returncode == 0 and "7 agent(s)" in out.stdout, out
+    assert out.returncode == 0 and "8 agent(s)" in out.stdout, out
 
 
 def _free_port_pair() -> int:
@@ -424,3 +428,43 @@ def test_tcp_admits_only_curve_keys_and_each_key_has_its_scopes(tmp_path, worksp
         assert marked_processes(sent.run_id) == {}
     finally:
         assert d.stop() == 0, d.output()
+
+
+def test_the_event_stream_numbers_each_sessions_events(daemon) -> None:
+    with daemon.client() as c, c.events(idle_timeout=30) as everything, c.events("b", idle_timeout=30) as only_b:
+        runs = {key: c.send(key, {"count": 50}, agent="emitter").run_id for key in ("a", "b")}
+        seen: dict[str, list[tuple[int, str]]] = {"a": [], "b": []}
+        ended = set()
+        for event in everything:
+            seen[event.session].append((event.seq, event.kind))
+            if event.kind == "run.ended":
+                ended.add(event.session)
+                if ended == {"a", "b"}:
+                    break
+        b_only = []
+        for event in only_b:
+            b_only.append((event.session, event.seq, event.kind))
+            if event.kind == "run.ended":
+                break
+    for key in ("a", "b"):
+        assert [seq for seq, _ in seen[key]] == list(range(1, 52)), f"session {key}: seq must count 1, 2, ... per session"
+        assert [kind for _, kind in seen[key]] == ["progress"] * 50 + ["run.ended"]
+    assert {s for s, _, _ in b_only} == {"b"} and len(b_only) == 51, "a session's subscriber gets its events only"
+    assert runs["a"] != runs["b"]
+
+
+def test_reload_rereads_agents_and_leaves_live_runs_alone(daemon, ready) -> None:
+    sent = daemon.cli_json("sessions", "send", "chat", _msg(ready), "--agent", "sleeper")
+    ready.wait(1)
+    with open(daemon.config, "a") as f:
+        f.write('\n[agents.newcomer]\ntarget = "daemon_agents:echo"\ncwd = "{}"\n'.format(daemon.dir / "work"))
+    assert "newcomer" in daemon.cli_json("daemon", "reload")["agents"]
+    assert "newcomer" in [a["name"] for a in daemon.cli_json("agents", "list")]
+    with open(daemon.config, "a") as f:
+        f.write("\n[agents.broken]\ntools = 3\n")
+    bad = daemon.cli("daemon", "reload")
+    assert bad.returncode == 2 and "configuration unchanged" in bad.stderr and "agents.broken" in bad.stderr, bad
+    daemon.signal(signal.SIGHUP)  # the same re-read by signal: logged, and nothing changes
+    assert daemon.cli_json("sessions", "show", "chat")["active_run"] == sent["run_id"]
+    assert marked_processes(sent["run_id"]), "a reload touched a live run"
+    daemon.cli("sessions", "kill", "chat")
