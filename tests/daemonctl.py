@@ -62,10 +62,19 @@ class Daemon:
                     "DEADSTOP_DAEMON": self.runtime}
         self.proc: subprocess.Popen | None = None
 
-    def start(self, *extra: str) -> "Daemon":
+    def start(self, *extra: str, default_layout: bool = False) -> "Daemon":
+        """default_layout: no --runtime-dir; $XDG_RUNTIME_DIR (a directory of the test's) decides,
+        and clients find the daemon at the well-known path, with no $DEADSTOP_DAEMON."""
+        where = ["--runtime-dir", self.runtime]
+        if default_layout:
+            xdg = self.dir / "xdg"
+            xdg.mkdir(exist_ok=True)
+            self.env = {**self.env, "XDG_RUNTIME_DIR": str(xdg)}
+            self.env.pop("DEADSTOP_DAEMON", None)
+            self.runtime, where = str(xdg / "deadstop" / "daemon"), []
         self.log = open(self.dir / f"daemon-{time.monotonic_ns()}.log", "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "deadstop.supervisor", "serve", "--config", self.config,
-                                      "--state-dir", self.state, "--runtime-dir", self.runtime, *extra],
+                                      "--state-dir", self.state, *where, *extra],
                                      env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
         path = os.path.join(self.runtime, "daemon.json")
         deadline = time.monotonic() + START_WAIT

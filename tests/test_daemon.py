@@ -468,3 +468,24 @@ def test_reload_rereads_agents_and_leaves_live_runs_alone(daemon, ready) -> None
     assert daemon.cli_json("sessions", "show", "chat")["active_run"] == sent["run_id"]
     assert marked_processes(sent["run_id"]), "a reload touched a live run"
     daemon.cli("sessions", "kill", "chat")
+
+
+def test_the_default_layout_keeps_the_shared_base_traversable(tmp_path, workspace, ready) -> None:
+    """The daemon's own directory is owner-only; the base above it is shared with every
+    supervisor's per-run endpoint directories, which runs with their own uids must reach."""
+    d = Daemon(tmp_path, CONFIG, workspace).start(default_layout=True)
+    try:
+        base = tmp_path / "xdg" / "deadstop"
+        assert (base / "daemon.json").is_symlink()
+        assert os.stat(base).st_mode & 0o777 == 0o711
+        assert os.stat(base / "daemon").st_mode & 0o777 == 0o700
+        listed = d.cli("sessions", "list")  # no --daemon, no $DEADSTOP_DAEMON: the well-known path
+        assert listed.returncode == 0, listed.stderr
+        out = d.cli("sessions", "send", "big", _msg(ready, tokens=10), "--agent", "spender")
+        assert out.returncode == 0, out.stderr
+        ready.wait(1)  # the run reached its endpoint below the base: its llm call went through
+        assert [s["key"] for s in d.cli_json("sessions", "list", "--tokens", "10")] == ["big"]
+        d.cli("sessions", "kill", "big")
+    finally:
+        assert d.stop() == 0, d.output()
+    assert not (tmp_path / "xdg" / "deadstop" / "daemon.json").exists()

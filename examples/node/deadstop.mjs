@@ -44,10 +44,13 @@ export class DeadstopError extends Error {
 }
 
 // -- finding the daemon (docs/gateway.md §1) ------------------------------------------------------
+// The shared base (the supervisor's own runtime directories live there too); the daemon links
+// <base>/daemon.json to the connection file in its owner-only <base>/daemon/.
 export function defaultRuntimeDir() {
+  const xdg = process.env.XDG_RUNTIME_DIR
+  if (xdg && path.isAbsolute(xdg)) return path.join(xdg, "deadstop")
   if (process.geteuid() === 0) return "/run/deadstop"
-  const base = process.env.XDG_RUNTIME_DIR || `/tmp/deadstop-${process.geteuid()}`
-  return path.join(base, "deadstop")
+  return `/tmp/deadstop-${process.geteuid()}`
 }
 
 /** The daemon's connection file (or one made up for a bare endpoint); throws UNREACHABLE (42) if there is none. */

@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--state-dir", metavar="DIR", help="where the journal lives (default: the well-known one)")
     serve.add_argument("--runtime-dir", metavar="DIR",
                        help="owner-only directory for its sockets and daemon.json (default: "
-                            "$XDG_RUNTIME_DIR/deadstop, /run/deadstop as root)")
+                            "$XDG_RUNTIME_DIR/deadstop/daemon, /run/deadstop/daemon as root, linked from "
+                            "the well-known ../daemon.json)")
     serve.add_argument("--bind", action="append", metavar="ENDPOINT", help="also listen here (tcp:// needs CURVE keys)")
     serve.add_argument("--keys-dir", metavar="DIR", help="CURVE keys for tcp:// (default: STATE_DIR/keys)")
     serve.add_argument("--check", action="store_true", help="check the configuration file and exit")

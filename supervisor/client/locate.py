@@ -1,11 +1,16 @@
 """Where a daemon is: the well-known connection file, and the overrides.
 
-`deadstop serve` writes `daemon.json` into its runtime directory:
-`$XDG_RUNTIME_DIR/deadstop/` for a user, `/run/deadstop/` as root (both
-owner-only). A client looks, in this order, at: the `daemon` argument
-(`--daemon` on the command line), `$DEADSTOP_DAEMON`, then the well-known
-file. Each may be a connection file's path, a runtime directory holding
-one, or a bare control endpoint (`ipc://...`, `tcp://...`).
+`deadstop serve` keeps its sockets and `daemon.json` in an owner-only
+runtime directory, by default `<base>/daemon/`, and links the well-known
+`<base>/daemon.json` to its file; `<base>` is `$XDG_RUNTIME_DIR/deadstop`
+for a user, `/run/deadstop` as root. (The base itself is shared with the
+library's per-supervisor runtime directories and stays 0711, so that runs
+reach their endpoints below it: the daemon never narrows it.)
+
+A client looks, in this order, at: the `daemon` argument (`--daemon` on the
+command line), `$DEADSTOP_DAEMON`, then the well-known file. Each may be a
+connection file's path, a runtime directory holding one, or a bare control
+endpoint (`ipc://...`, `tcp://...`).
 """
 
 from __future__ import annotations
@@ -28,11 +33,23 @@ class NoDaemon(ControlFault):
         super().__init__(Fault.UNREACHABLE, message)
 
 
-def default_runtime_dir() -> str:
+def runtime_base() -> str:
+    """The same base the supervisor's own runtime directories use (mechanisms/leftovers.py)."""
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.path.isabs(xdg):
+        return os.path.join(xdg, "deadstop")
     if os.geteuid() == 0:
         return "/run/deadstop"
-    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/deadstop-{os.geteuid()}"
-    return os.path.join(base, "deadstop")
+    return f"/tmp/deadstop-{os.geteuid()}"
+
+
+def default_runtime_dir() -> str:
+    """The daemon's own owner-only directory, below the shared base."""
+    return os.path.join(runtime_base(), "daemon")
+
+
+def well_known_file() -> str:
+    return os.path.join(runtime_base(), FILE_NAME)
 
 
 def default_state_dir() -> str:
@@ -48,7 +65,7 @@ def candidates(daemon: str | None) -> list[tuple[str, str]]:
         return [("--daemon", daemon)]
     if os.environ.get(ENV_DAEMON):
         return [(f"${ENV_DAEMON}", os.environ[ENV_DAEMON])]
-    return [("the well-known path", os.path.join(default_runtime_dir(), FILE_NAME))]
+    return [("the well-known path", well_known_file())]
 
 
 def locate(daemon: str | None = None) -> gateway.ConnectionFile:

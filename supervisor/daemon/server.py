@@ -30,7 +30,7 @@ import zmq.asyncio
 from ...ipc import gateway
 from ...ipc.control import ControlFault, Fault
 from .._version import __version__
-from ..client.locate import FILE_NAME
+from ..client.locate import FILE_NAME, default_runtime_dir, well_known_file
 from ..control.api import fault_of
 from ..control.policy import ALL_SCOPES, Principal
 from ..facades.async_supervisor import AsyncSupervisor
@@ -113,8 +113,11 @@ class Daemon:
         return 0
 
     def _prepare_runtime_dir(self) -> None:
+        parent = os.path.dirname(os.path.abspath(self.runtime_dir))
+        if not os.path.isdir(parent):
+            os.makedirs(parent, mode=0o711)  # the shared base: traversable, never narrowed by the daemon
         os.makedirs(self.runtime_dir, mode=0o700, exist_ok=True)
-        os.chmod(self.runtime_dir, 0o700)  # owner-only: who can connect is who can enter it
+        os.chmod(self.runtime_dir, 0o700)  # its own directory, owner-only: who can connect is who can enter it
         path = os.path.join(self.runtime_dir, FILE_NAME)
         try:
             with open(path, "rb") as f:
@@ -187,6 +190,13 @@ class Daemon:
         with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
             f.write(msgspec.json.encode(info))
         os.replace(tmp, path)  # clients never read a half-written file
+        if os.path.abspath(self.runtime_dir) == default_runtime_dir():
+            link = well_known_file()  # where clients look with no flags
+            staged = f"{link}.{os.getpid()}.tmp"
+            if os.path.lexists(staged):
+                os.unlink(staged)
+            os.symlink(path, staged)
+            os.replace(staged, link)
 
     def _remove_connection_file(self) -> None:
         path = os.path.join(self.runtime_dir, FILE_NAME)
@@ -195,6 +205,9 @@ class Daemon:
                 mine = msgspec.json.decode(f.read(), type=gateway.ConnectionFile).pid == os.getpid()
             if mine:
                 os.unlink(path)
+                link = well_known_file()
+                if os.path.islink(link) and os.readlink(link) == path:
+                    os.unlink(link)
         except (OSError, msgspec.DecodeError, msgspec.ValidationError):
             pass
 
