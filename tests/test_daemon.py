@@ -447,10 +447,27 @@ def test_the_event_stream_numbers_each_sessions_events(daemon) -> None:
             if event.kind == "run.ended":
                 break
     for key in ("a", "b"):
-        assert [seq for seq, _ in seen[key]] == list(range(1, 52)), f"session {key}: seq must count 1, 2, ... per session"
-        assert [kind for _, kind in seen[key]] == ["progress"] * 50 + ["run.ended"]
-    assert {s for s, _, _ in b_only} == {"b"} and len(b_only) == 51, "a session's subscriber gets its events only"
+        kinds = [kind for _, kind in seen[key]]
+        assert [seq for seq, _ in seen[key]] == list(range(1, len(kinds) + 1)), f"session {key}: seq counts 1, 2, ..."
+        assert kinds == ["session.message", "run.started"] + ["progress"] * 50 + ["run.ended"], kinds
+    assert {s for s, _, _ in b_only} == {"b"} and len(b_only) == 53, "a session's subscriber gets its events only"
     assert runs["a"] != runs["b"]
+
+
+def test_the_event_stream_tells_tool_calls_usage_and_stops(daemon, ready) -> None:
+    with daemon.client() as c, c.events("big", idle_timeout=30) as stream:
+        c.send("big", {"ready": ready.path, "tokens": 42}, agent="spender")
+        ready.wait(1)
+        c.stop("big")
+        kinds, data = [], {}
+        for event in stream:
+            kinds.append(event.kind)
+            data.setdefault(event.kind, event.data)
+            if event.kind == "run.ended":
+                break
+    assert kinds == ["session.message", "run.started", "run.tool_call", "run.usage", "session.stopped", "run.ended"], kinds
+    assert data["run.tool_call"]["tool"] == "llm" and data["run.usage"]["usage"] == {"prompt_tokens": 42}
+    assert data["session.stopped"] == {"mode": "stop", "source": "gateway", "runs": 1}
 
 
 def test_reload_rereads_agents_and_leaves_live_runs_alone(daemon, ready) -> None:
@@ -489,3 +506,26 @@ def test_the_default_layout_keeps_the_shared_base_traversable(tmp_path, workspac
     finally:
         assert d.stop() == 0, d.output()
     assert not (tmp_path / "xdg" / "deadstop" / "daemon.json").exists()
+
+
+def test_a_client_that_disconnects_mid_call_wedges_nothing(daemon, ready) -> None:
+    daemon.cli("sessions", "send", "stubborn", _msg(ready), "--agent", "ignorer")
+    ready.wait(1)
+    run_id = daemon.cli_json("sessions", "show", "stubborn")["active_run"]
+    ctx = zmq.Context()
+    try:
+        gone = ctx.socket(zmq.DEALER)
+        gone.setsockopt(zmq.LINGER, 1000)
+        gone.connect(f"ipc://{daemon.runtime}/control")
+        gone.send_multipart([b"dsg1", b"1", b'{"verb": "sessions.stop", "key": "stubborn", "grace": 1.0}'])
+        gone.close()  # before the reply: the stop goes on, its answer has nowhere to go
+    finally:
+        ctx.term()
+    with daemon.client() as c:
+        deadline = time.monotonic() + 30
+        while c.run(run_id).state != "stopped" and time.monotonic() < deadline:  # the grace runs out, then SIGKILL
+            time.sleep(0.05)
+        info = c.run(run_id)
+        assert info.state == "stopped" and info.report["ended_by"] == "sigkill", info
+        assert c.health().live_runs == 0
+    assert marked_processes(run_id) == {}

@@ -84,6 +84,8 @@ class BrokerSink(Protocol):
 
     def on_usage(self, run_id: str, tool: str, usage: dict[str, float]) -> None: ...
 
+    def on_tool_call(self, run_id: str, tool: str, req_id: int) -> None: ...
+
     def on_quota(self, run_id: str, limit: str) -> None: ...
 
     def on_abuse(self, run_id: str, detail: str) -> None:
@@ -536,6 +538,7 @@ class Broker:
         ctx.started_at = time.monotonic_ns()
         chan.calls += 1
         self.journal.egress(run_id, ctx.started_at, req.id, "call", req.tool, "dispatched")
+        self.sink.on_tool_call(run_id, req.tool, req.id)
         if tool.is_async:
             handle: Any = self._start_eagerly(tool.fn(*args, **kwargs))
         else:

@@ -46,6 +46,9 @@ from .stop import RevokeSource, StopMode, StopRequest, abort_start
 
 log = logging.getLogger("deadstop")
 
+#: Events delivered even once their session moved on: they say what happened to it.
+UNFENCED_KINDS = frozenset({"run.ended", "run.fenced", "events.dropped", "session.message", "session.stopped"})
+
 #: Ended runs kept as objects, newest first out, so that a caller who just saw a
 #: run end can still read its result from it; every older run is only its
 #: stored record (ControlAPI.run_info). Memory is O(live runs + this).
@@ -303,6 +306,7 @@ class Engine:
             raise DeadstopError(f"run {run_id} could not be started: {exc}") from exc
         others = lambda: {r.pid for r in self.runs.values() if r.pid is not None and r.pid != started.pid}  # noqa: E731
         run.attach(started.pid, started.create_time, started.pidfd, self.host.containment_for(prov, started.pid, others))
+        self._lifecycle(run, "run.started", {"pid": started.pid, "kind": kind, "target": desc})
         if limits is not None and (limits.cpu_seconds or limits.memory_bytes or limits.processes):
             self._sampled[run.id] = run
             self._ensure_sampler()
@@ -372,6 +376,7 @@ class Engine:
         run = self.runs.get(run_id)
         if run is not None and self._stale(run):
             self.journal.fenced(run_id, t_ns, "emit", f"event {kind!r} of generation {run.generation}")
+            self._lifecycle(run, "run.fenced", {"what": "emit", "kind": kind})
             return
         self._publish(Event(run_id, kind, data, t_ns, run.owner.key if run and run.owner else None,
                             run.generation if run else 0))
@@ -384,6 +389,7 @@ class Engine:
         if run.owner is not None and not run.owner.offer_answer(run, value):
             self.journal.fenced(run_id, time.monotonic_ns(), "result",
                                 f"result of generation {run.generation}; its owner is at {run.owner.generation}")
+            self._lifecycle(run, "run.fenced", {"what": "result"})
 
     def on_failure(self, run_id: str, type_name: str, message: str, traceback: str) -> None:
         run = self.runs.get(run_id)
@@ -393,9 +399,26 @@ class Engine:
     def on_usage(self, run_id: str, tool: str, usage: dict[str, float]) -> None:
         run = self.runs.get(run_id)
         if run is not None:
+            self._lifecycle(run, "run.usage", {"tool": tool, "usage": usage})
             tokens = sum(v for k, v in usage.items() if k in TOKEN_KEYS)
             if tokens:
                 run.add_tokens(tokens)
+
+    def on_tool_call(self, run_id: str, tool: str, req_id: int) -> None:
+        run = self.runs.get(run_id)
+        if run is not None:
+            self._lifecycle(run, "run.tool_call", {"tool": tool, "id": req_id})
+
+    def _lifecycle(self, run: AsyncRun, kind: str, data: Any) -> None:
+        """A supervisor-made event about a run (nothing is built when no one subscribes)."""
+        if self._subscribers:
+            self._publish(Event(run.id, kind, data, time.monotonic_ns(), run.owner.key if run.owner else None,
+                                run.generation))
+
+    def publish_session(self, key: str, kind: str, data: Any, generation: int) -> None:
+        """A supervisor-made event about a session (session.message, session.stopped)."""
+        if self._subscribers:
+            self._publish(Event("", kind, data, time.monotonic_ns(), key, generation))
 
     def on_quota(self, run_id: str, limit: str) -> None:
         run = self.runs.get(run_id)
@@ -446,8 +469,7 @@ class Engine:
                 if event is None:
                     return
                 owner = self.owner_of(event.session) if event.session else None
-                if owner is not None and event.kind not in ("run.ended", "events.dropped") \
-                        and not owner.is_current(event.generation):
+                if owner is not None and event.kind not in UNFENCED_KINDS and not owner.is_current(event.generation):
                     self.journal.fenced(event.run_id, time.monotonic_ns(), "emit",
                                         f"event {event.kind!r} of generation {event.generation} held back at delivery")
                     continue

@@ -176,6 +176,8 @@ class AsyncSession:
         self._inbox.append((message, fut))
         self._on_behalf_of = on_behalf_of
         self._registry.engine.journal.message(self.key, self.generation, message)
+        self._registry.engine.publish_session(self.key, "session.message", {"generation": self.generation},
+                                              self.generation)
         self._end_tree(mode="stop", source="takeover", reason="a new message superseded the run",
                        include_self=True, bump=False, clear_inbox=False)
         if self._driver is None or self._driver.done():
@@ -264,8 +266,11 @@ class AsyncSession:
     def begin_end(self, mode: str, *, source: str, reason: str,
                   grace: float | None = None) -> list[asyncio.Task[StopReport]]:
         """Bump, drop queued messages and revoke the whole tree now; the returned tasks finish the stops."""
-        return self._end_tree(mode=mode, source=source, reason=reason, include_self=True, bump=True,
-                              clear_inbox=True, grace=grace)
+        tasks = self._end_tree(mode=mode, source=source, reason=reason, include_self=True, bump=True,
+                               clear_inbox=True, grace=grace)
+        self._registry.engine.publish_session(self.key, "session.stopped", {"mode": mode, "source": source,
+                                              "runs": len(tasks)}, self.generation)
+        return tasks
 
     async def stop(self, grace: float | None = None, *, source: str = "api",
                    reason: str = "session stop requested") -> list[StopReport]:
