@@ -260,11 +260,12 @@ class ControlAPI:
         self._verb(who, "agents.list")
         return list(self._registry.agents.values())
 
-    async def subscribe(self, who: Principal, session: str | None = None) -> AsyncIterator[Event]:
+    async def subscribe(self, who: Principal, session: str | None = None, *,
+                        lifecycle: bool = False) -> AsyncIterator[Event]:
         self._verb(who, "events.subscribe")
         if who.kind == "run":
             raise ControlFault(Fault.FORBIDDEN, "a run may not subscribe to events")
-        async for event in self._engine.events(session):
+        async for event in self._engine.events(session, lifecycle=lifecycle):
             yield event
 
     def health(self, who: Principal = LIBRARY) -> wire.Health:

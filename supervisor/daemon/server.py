@@ -331,7 +331,7 @@ class Daemon:
     # -- events -------------------------------------------------------------------------------------------
     async def _publish(self) -> None:
         daemon = Principal("library", "daemon event stream")
-        async for event in self.sup.control.subscribe(daemon, None):
+        async for event in self.sup.control.subscribe(daemon, None, lifecycle=True):
             seq = self._seqs[event.session] = self._seqs.get(event.session, 0) + 1
             message = gateway.EventMessage(seq=seq, session=event.session, run_id=event.run_id, kind=event.kind,
                                            data=event.data, t_ns=event.t_ns, generation=event.generation)

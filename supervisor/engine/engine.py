@@ -411,13 +411,13 @@ class Engine:
 
     def _lifecycle(self, run: AsyncRun, kind: str, data: Any) -> None:
         """A supervisor-made event about a run (nothing is built when no one subscribes)."""
-        if self._subscribers:
+        if any(sub.lifecycle for sub in self._subscribers):
             self._publish(Event(run.id, kind, data, time.monotonic_ns(), run.owner.key if run.owner else None,
                                 run.generation))
 
     def publish_session(self, key: str, kind: str, data: Any, generation: int) -> None:
         """A supervisor-made event about a session (session.message, session.stopped)."""
-        if self._subscribers:
+        if any(sub.lifecycle for sub in self._subscribers):
             self._publish(Event("", kind, data, time.monotonic_ns(), key, generation))
 
     def on_quota(self, run_id: str, limit: str) -> None:
@@ -449,7 +449,7 @@ class Engine:
             if sub.session is None or sub.session == event.session:
                 sub.offer(event)
 
-    async def events(self, session: str | None = None) -> AsyncIterator[Event]:
+    async def events(self, session: str | None = None, *, lifecycle: bool = False) -> AsyncIterator[Event]:
         """Events emitted by runs (of one session, or all), plus run.ended, until close.
 
         Stale output fence: an event is checked again as it is handed out; if
@@ -461,7 +461,7 @@ class Engine:
         `events.dropped` event whose data says how many it missed, so the
         supervisor's memory does not grow with a slow reader.
         """
-        entry = Subscription(session)
+        entry = Subscription(session, lifecycle)
         self._subscribers.append(entry)
         try:
             while True:

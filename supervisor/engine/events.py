@@ -21,6 +21,11 @@ class Event:
     generation: int = 0
 
 
+#: The supervisor's own events about runs and sessions, for subscribers that ask for them
+#: (the daemon's event stream does); run.ended and events.dropped go to every subscriber.
+LIFECYCLE_KINDS = frozenset({"run.started", "run.tool_call", "run.usage", "run.fenced", "session.message",
+                             "session.stopped"})
+
 #: Events a subscriber may have waiting before newer ones are dropped (counted).
 SUBSCRIBER_BACKLOG = 10_000
 
@@ -37,14 +42,17 @@ class _Gap:
 class Subscription:
     """One subscriber's backlog: bounded; what overflowed is counted in place, in order."""
 
-    def __init__(self, session: str | None):
+    def __init__(self, session: str | None, lifecycle: bool = False):
         self.session = session
+        self.lifecycle = lifecycle  # also the supervisor's own lifecycle events (LIFECYCLE_KINDS)
         self._items: collections.deque[Event | _Gap] = collections.deque()
         self._events = 0  # Events (not gaps) in _items
         self._wake = asyncio.Event()
         self._closed = False
 
     def offer(self, event: Event) -> None:
+        if not self.lifecycle and event.kind in LIFECYCLE_KINDS:
+            return
         if self._events >= SUBSCRIBER_BACKLOG and event.kind != "run.ended":
             last = self._items[-1] if self._items else None
             if isinstance(last, _Gap):

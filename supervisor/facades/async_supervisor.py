@@ -117,8 +117,11 @@ class AsyncSupervisor(Engine):
         """Every run the store knows (live ones from memory), oldest first: ControlAPI's runs.list."""
         return self.control.runs(LIBRARY, session=session, active=active, limit=limit)
 
-    async def subscribe(self, session: str | None = None) -> AsyncIterator[Event]:
+    async def subscribe(self, session: str | None = None, *, lifecycle: bool = False) -> AsyncIterator[Event]:
         """Events emitted by runs (of one session, or all), plus run.ended, until close.
+
+        lifecycle: also the supervisor's own events (session.message,
+        session.stopped, run.started, run.tool_call, run.usage, run.fenced).
 
         Stale output fence: an event is checked again as it is handed out; if
         its session has moved to a newer generation meanwhile, it is dropped
@@ -129,7 +132,7 @@ class AsyncSupervisor(Engine):
         `events.dropped` event whose data says how many it missed, so the
         supervisor's memory does not grow with a slow reader.
         """
-        async for event in self.control.subscribe(LIBRARY, session):
+        async for event in self.control.subscribe(LIBRARY, session, lifecycle=lifecycle):
             yield event
 
     async def call(self, request: "wire.Request | bytes | str", principal: Principal = LIBRARY) -> Any:

@@ -268,9 +268,10 @@ class Supervisor:
     def health(self) -> Health:
         return self._call(_value(lambda: self._core.control.health(LIBRARY)))
 
-    def subscribe(self, session: str | None = None) -> Iterator[Event]:
-        """Blocking iterator over events (of one session, or all); ends when the supervisor closes."""
-        agen = self._core.subscribe(session)
+    def subscribe(self, session: str | None = None, *, lifecycle: bool = False) -> Iterator[Event]:
+        """Blocking iterator over events (of one session, or all); ends when the supervisor closes.
+        lifecycle: also the supervisor's own events (see AsyncSupervisor.subscribe)."""
+        agen = self._core.subscribe(session, lifecycle=lifecycle)
 
         async def next_event() -> Event:
             return await agen.__anext__()
