@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 
@@ -151,3 +152,23 @@ def test_a_live_state_directory_can_be_inspected_read_only(tmp_path) -> None:
     with StateView(str(tmp_path)) as view:
         assert view.owner() is None, "no live owner after close"
         assert view.report(run.id)["run_id"] == run.id
+
+
+def test_an_agent_may_be_trusted_or_strict_while_the_rest_stay_isolated(workspace) -> None:
+    with Supervisor() as sup:
+        sup.register_agent("confined", lambda m, **c: behaviours.identity(), cwd=str(workspace))
+        sup.register_agent("trusted", lambda m, **c: behaviours.identity(), cwd=str(workspace), isolation="off")
+        confined = sup.session("a", "confined").send("who").result(timeout=60)
+        trusted_run = sup.session("b", "trusted").send("who")
+        trusted = trusted_run.result(timeout=60)
+        assert trusted["uid"] == os.getuid() and trusted["visible_pids"] > 1, trusted
+        assert trusted_run.wait(timeout=60).report.isolation["mode"] == "off"
+        if sup.isolation.has("identity"):
+            assert confined["uid"] != os.getuid(), "a default agent must keep its own identity"
+        if sup.isolation.missing:
+            with pytest.raises(InvalidTarget, match="strict"):
+                sup.register_agent("picky", behaviours.returns, isolation="strict")
+        else:
+            sup.register_agent("picky", behaviours.returns, isolation="strict")
+        with pytest.raises(ValueError, match="isolation"):
+            sup.register_agent("typo", behaviours.returns, isolation="of")

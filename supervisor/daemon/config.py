@@ -16,6 +16,7 @@
     network = "none"                 # none | host
     private_tmp = true
     grace = 2.0
+    isolation = "strict"             # or "off" (trusted); default: [defaults] isolation
     env = { MODEL = "x" }
 
     [tools.send_email]
@@ -46,7 +47,8 @@ from ..mechanisms.limits import Limits
 
 _DEFAULT_KEYS = {"grace": (int, float), "containment": str, "isolation": str}
 _AGENT_KEYS = {"target": str, "command": list, "cwd": str, "tools": list, "limits": dict, "peers": list,
-               "may_stop_sessions": bool, "network": str, "private_tmp": bool, "grace": (int, float), "env": dict}
+               "may_stop_sessions": bool, "network": str, "private_tmp": bool, "grace": (int, float), "env": dict,
+               "isolation": str}
 _TOOL_KEYS = {"target": str, "provided": bool}
 _CHOICES = {"containment": ("auto", "cgroup", "process-group"), "isolation": ("auto", "strict", "off"),
             "network": ("none", "host")}
@@ -168,6 +170,8 @@ def _agent(where: _Where, name: str, spec: Any) -> AgentConfig:
     for list_key in ("tools", "peers"):
         if not all(isinstance(v, str) for v in spec.get(list_key, [])):
             raise where.error(f"{key}.{list_key}", "must be a list of strings")
+    if "isolation" in spec and spec["isolation"] not in _CHOICES["isolation"]:
+        raise where.error(f"{key}.isolation", f"must be one of {list(_CHOICES['isolation'])}, not {spec['isolation']!r}")
     if "network" in spec and spec["network"] not in _CHOICES["network"]:
         raise where.error(f"{key}.network", f"must be one of {list(_CHOICES['network'])}, not {spec['network']!r}")
     options: dict[str, Any] = {k: v for k, v in spec.items() if k not in ("target", "command", "limits")}

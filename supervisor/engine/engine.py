@@ -239,7 +239,7 @@ class Engine:
     async def start(self, target: Any, *args: Any, tools: Sequence[str] = (), grace: float | None = None,
                     kwargs: dict[str, Any] | None = None, env: dict[str, str] | None = None,
                     cwd: str | None = None, limits: Limits | None = None, network: str = "none",
-                    private_tmp: bool | None = None) -> AsyncRun:
+                    private_tmp: bool | None = None, isolation: str | None = None) -> AsyncRun:
         """Start `target` as a new run in its own process group (and cgroup).
 
         Under isolation the run starts from a clean environment (a few host
@@ -251,12 +251,14 @@ class Engine:
         self.check_open()
         kind, desc, blob, argv = self.prepare_target(target, args, kwargs or {})
         return await self.launch(kind, desc, blob, argv, list(tools), grace, env, cwd,
-                                  limits=Limits.coerce(limits), network=network, private_tmp=private_tmp)
+                                  limits=Limits.coerce(limits), network=network, private_tmp=private_tmp,
+                                  isolation=isolation)
 
-    def check_run_options(self, tools: Sequence[str], cwd: str | None, network: str) -> None:
+    def check_run_options(self, tools: Sequence[str], cwd: str | None, network: str,
+                          isolation: str | None = None) -> None:
         """Refuse what no run could use, at registration instead of at the first message."""
         self._check_tools(tools)
-        self.host.check_options(cwd, network)
+        self.host.check_options(cwd, network, isolation)
 
     def _check_tools(self, tools: Sequence[str]) -> None:
         for name in tools:
@@ -267,15 +269,16 @@ class Engine:
                      grace: float | None, env: dict[str, str] | None, cwd: str | None, *,
                      limits: Limits | None = None, owner: RunOwner | None = None,
                      inbox: dict[str, Any] | None = None, network: str = "none",
-                     private_tmp: bool | None = None) -> AsyncRun:
+                     private_tmp: bool | None = None, isolation: str | None = None) -> AsyncRun:
         """Start a prepared target (see prepare_target) as a run of `owner` (a session, or none)."""
         if grace is not None and grace < 0:
             raise ValueError("grace must be >= 0")
-        self.check_run_options(tools, cwd, network)
+        self.check_run_options(tools, cwd, network, isolation)
         plan = self.check_limits(limits)  # LimitUnenforceable before anything exists
         run_id = secrets.token_hex(framing.RUN_ID_CHARS // 2)
         prov = self.host.provision(run_id, argv, cwd, env, network, private_tmp, limits, plan,
-                                   masks=self.journal.files() + [self._state_lock.path, self.state_dir])
+                                   masks=self.journal.files() + [self._state_lock.path, self.state_dir],
+                                   trusted=isolation == "off")
         credential = framing.new_credential()
         generation = owner.generation if owner is not None else 0
         self.journal.run_created(run_id, self.id, kind, desc, tools, self.containment,

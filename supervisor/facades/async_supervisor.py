@@ -77,7 +77,8 @@ class AsyncSupervisor(Engine):
     def register_agent(self, name: str, target: Any, *, tools: Sequence[str] = (), limits: Limits | None = None,
                        grace: float | None = None, may_stop_sessions: bool = False,
                        peers: Sequence[str] = (), cwd: str | None = None, env: dict[str, str] | None = None,
-                       network: str = "none", private_tmp: bool | None = None) -> None:
+                       network: str = "none", private_tmp: bool | None = None,
+                       isolation: str | None = None) -> None:
         """Name an agent that sessions (and sub-agents, via sessions.spawn) can run.
 
         cwd, env, network, private_tmp: as for start(), for every run of the agent.
@@ -86,10 +87,13 @@ class AsyncSupervisor(Engine):
         (top-level runs may always stop sessions they spawned).
         peers: agents whose sessions runs of this one may send to or stop
         without having spawned them (the agent-to-agent allow-list).
+        isolation: None (the supervisor's), "strict" (refused here unless the
+        host gives every layer) or "off" (a trusted agent: its runs get no
+        sandbox and no identity of their own; their reports say mode "off").
         """
         self.registry.register_agent(name, target, tools=tools, limits=limits, grace=grace,
                                      may_stop_sessions=may_stop_sessions, peers=peers, cwd=cwd, env=env,
-                                     network=network, private_tmp=private_tmp)
+                                     network=network, private_tmp=private_tmp, isolation=isolation)
 
     @property
     def agents(self) -> dict[str, AgentSpec]:

@@ -239,10 +239,11 @@ class Supervisor:
     def start(self, target: Any, *args: Any, tools: Sequence[str] = (), grace: float | None = None,
               kwargs: dict[str, Any] | None = None, env: dict[str, str] | None = None,
               cwd: str | None = None, limits: Any = None, network: str = "none",
-              private_tmp: bool | None = None) -> Run:
+              private_tmp: bool | None = None, isolation: str | None = None) -> Run:
         """See AsyncSupervisor.start."""
         core = self._call(self._core.start(target, *args, tools=tools, grace=grace, kwargs=kwargs, env=env, cwd=cwd,
-                                           limits=limits, network=network, private_tmp=private_tmp))
+                                           limits=limits, network=network, private_tmp=private_tmp,
+                                           isolation=isolation))
         return Run(self, core)
 
     def stop_all(self, grace: float | None = None) -> list[StopReport]:

@@ -182,25 +182,31 @@ class LocalHost:
             raise InvalidTarget(f"limits must be a Limits, not {type(limits).__name__}")
         return self.limit_support.plan(limits)
 
-    @staticmethod
-    def check_options(cwd: str | None, network: str) -> None:
+    def check_options(self, cwd: str | None, network: str, isolation: str | None = None) -> None:
         if network not in iso.NETWORK_CHOICES:
             raise ValueError(f"network must be one of {iso.NETWORK_CHOICES}, not {network!r}")
         if cwd is not None and not os.path.isdir(cwd):
             raise InvalidTarget(f"cwd {cwd!r} is not a directory")
+        if isolation is not None and isolation not in iso.ISOLATION_CHOICES:
+            raise ValueError(f"isolation must be one of {iso.ISOLATION_CHOICES} or None, not {isolation!r}")
+        if isolation == "strict" and getattr(self, "isolation", None) is not None and self.isolation.missing:
+            raise InvalidTarget(f"isolation='strict' for this agent, but this host lacks: {self.isolation.missing}")
 
     # -- one run ----------------------------------------------------------------------------------
     def provision(self, run_id: str, argv: list[str] | None, cwd: str | None, env: dict[str, str] | None,
                   network: str, private_tmp: bool | None, limits: Limits | None, plan: dict[str, str],
-                  masks: list[str]) -> Provisioned:
-        """Everything before the fork; InvalidTarget / LimitUnenforceable with nothing left behind."""
+                  masks: list[str], *, trusted: bool = False) -> Provisioned:
+        """Everything before the fork; InvalidTarget / LimitUnenforceable with nothing left behind.
+        trusted: no sandbox and no identity of its own (an agent registered with isolation="off")."""
         try:
             kernel = KernelLimits.create(run_id, limits, plan, self.v1)  # v1 groups, limits written
         except OSError as exc:
             raise LimitUnenforceable(f"run {run_id}: cannot set its kernel limits {plan}: {exc}") from exc
-        uid = self.identities.allocate() if self.identities is not None and self.isolation.has("identity") else None
+        confine = not trusted and self.isolation.mode != "off"
+        uid = self.identities.allocate() if confine and self.identities is not None and self.isolation.has("identity") \
+            else None
         try:
-            confined = self._confinement(run_id, uid, argv, cwd, env, network, private_tmp, masks)
+            confined = self._confinement(run_id, uid, argv, cwd, env, network, private_tmp, masks, confine)
         except BaseException:
             self._release_uid(uid)
             if kernel is not None:
@@ -281,9 +287,9 @@ class LocalHost:
 
     def _confinement(self, run_id: str, uid: int | None, argv: list[str] | None, cwd: str | None,
                      env: dict[str, str] | None, network: str, private_tmp: bool | None,
-                     masks: list[str]) -> iso.Confinement:
+                     masks: list[str], confine: bool = True) -> iso.Confinement:
         """The run's sandbox plan, environment and endpoint; InvalidTarget if its cwd is unusable."""
-        if self.isolation.mode == "off":
+        if not confine:
             return iso.Confinement(None, dict(env or {}), False, cwd, None, {"mode": "off", "network": "host"})
         if private_tmp is None:
             private_tmp = self.isolation.mode == "strict"

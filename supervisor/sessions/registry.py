@@ -29,16 +29,18 @@ class SessionRegistry:
     def register_agent(self, name: str, target: Any, *, tools: Sequence[str] = (), limits: Limits | None = None,
                        grace: float | None = None, may_stop_sessions: bool = False,
                        peers: Sequence[str] = (), cwd: str | None = None, env: dict[str, str] | None = None,
-                       network: str = "none", private_tmp: bool | None = None) -> None:
+                       network: str = "none", private_tmp: bool | None = None,
+                       isolation: str | None = None) -> None:
         """See AsyncSupervisor.register_agent. Checks the target and tools now, not at the first message."""
         if not isinstance(name, str) or not name:
             raise ValueError("agent name must be a non-empty string")
         self.engine.prepare_target(target, (), {})
         limits = Limits.coerce(limits)
         self.engine.check_limits(limits)  # LimitUnenforceable now, not at the first message
-        self.engine.check_run_options(tools, cwd, network)
+        self.engine.check_run_options(tools, cwd, network, isolation)
         self.agents[name] = AgentSpec(name, target, tuple(tools), limits, grace, may_stop_sessions,
-                                      frozenset(peers), cwd, dict(env) if env else None, network, private_tmp)
+                                      frozenset(peers), cwd, dict(env) if env else None, network, private_tmp,
+                                      isolation)
 
     def agent_spec(self, agent: Any) -> AgentSpec:
         if isinstance(agent, AgentSpec):
@@ -114,7 +116,7 @@ class SessionRegistry:
             kind, desc, blob, argv = self.engine.prepare_target(spec.target, (), {})
         run = await self.engine.launch(kind, desc, blob, argv, list(spec.tools), spec.grace, spec.env, spec.cwd,
                                        limits=spec.limits, owner=session, inbox=inbox, network=spec.network,
-                                       private_tmp=spec.private_tmp)
+                                       private_tmp=spec.private_tmp, isolation=spec.isolation)
         session.active_run = run
         session.runs.append(run.id)
         self.store(session)

@@ -61,6 +61,9 @@ class AgentSpec:
     env: dict[str, str] | None = None
     network: str = "none"
     private_tmp: bool | None = None
+    #: None: the supervisor's isolation; "strict": refuse unless every layer is there; "off": a
+    #: trusted agent whose runs share the supervisor's identity (named unconfined in their reports)
+    isolation: str | None = None
 
 
 def combine(messages: list[Any]) -> Any:
