@@ -58,7 +58,12 @@ class Listener:
             except zmq.Again:
                 break
         for frames in received:
-            self._idents_of_fd.setdefault(int(frames[-1].get(zmq.SRCFD)), set()).add(frames[0].bytes)
+            try:
+                fd = int(frames[-1].get(zmq.SRCFD))
+            except zmq.ZMQError:  # its connection is already gone: nothing to watch
+                continue
+            if fd >= 0:
+                self._idents_of_fd.setdefault(fd, set()).add(frames[0].bytes)
         return received
 
     def send(self, ident: bytes, req_id: bytes, body: bytes) -> bool:
@@ -71,7 +76,10 @@ class Listener:
     async def departures(self, gone: Callable[[bytes], Any]) -> None:
         """Call `gone(ident)` for each peer whose connection closes, for ever."""
         while True:
-            fd = int(parse_monitor_message(await self.monitor.recv_multipart())["value"])  # an Event flag: as int
+            try:
+                fd = int(parse_monitor_message(await self.monitor.recv_multipart())["value"])  # an Event flag: as int
+            except (zmq.ZMQError, ValueError, KeyError):  # a malformed monitor message: wait for the next
+                continue
             for ident in self._idents_of_fd.pop(fd, ()):
                 if self.send(ident, gateway.PUSH_ID, PING):
                     self._idents_of_fd.setdefault(fd, set()).add(ident)

@@ -245,15 +245,24 @@ class Daemon:
 
     # -- requests ------------------------------------------------------------------------------------------
     async def _read(self, listener: Listener) -> None:
+        """Serve the listener for ever: nothing a peer sends (or a failure of ours) may end this loop."""
         while True:
-            received = await listener.batch()
-            parsed = [self._parse(listener, frames) for frames in received]
-            requests = [p for p in parsed if p is not None]
-            requests.sort(key=lambda p: gateway.verb_of(p[3]).name not in gateway.URGENT_VERBS)
-            for who, ident, req_id, request in requests:
-                task = asyncio.get_running_loop().create_task(self._answer(listener, who, ident, req_id, request))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+            try:
+                await self._read_batch(listener)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("deadstop: serving %s: a batch failed; serving on", listener.endpoint)
+
+    async def _read_batch(self, listener: Listener) -> None:
+        received = await listener.batch()
+        parsed = [self._parse(listener, frames) for frames in received]
+        requests = [p for p in parsed if p is not None]
+        requests.sort(key=lambda p: gateway.verb_of(p[3]).name not in gateway.URGENT_VERBS)
+        for who, ident, req_id, request in requests:
+            task = asyncio.get_running_loop().create_task(self._answer(listener, who, ident, req_id, request))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     def _parse(self, listener: Listener, frames: list[zmq.Frame]) -> tuple[Principal, bytes, bytes, Any] | None:
         ident = frames[0].bytes
