@@ -342,5 +342,9 @@ def test_a_paused_session_stops_at_once(layer) -> None:
         run = s.send("go")
         assert ready.wait(30) and s.pause()
         (report,) = s.stop()
-        assert report.ended_by == "sigterm", "the frozen tree must act on SIGTERM, not wait out the grace"
+        # SIGTERM, not the 30 s grace, ended the tree. In the fallback layer the sweep that follows may
+        # still catch a process of the tree that had not left yet (ended_by "swept"), as any stop's can.
+        acted = ("sigterm",) if layer == "cgroup" else ("sigterm", "swept")
+        assert report.ended_by in acted and report.kill_sent_at is None, report
+        assert report.reaped_at - report.requested_at < 10e9, "the stop waited out the grace"
         assert report.survivors == 0 and marked_processes(run.id) == {}
