@@ -14,6 +14,7 @@ takes a ping (ROUTER_MANDATORY) is not the one that left.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Callable
 
 import zmq
@@ -43,9 +44,10 @@ class Listener:
             self.sock.curve_secretkey = curve_secret
             self.sock.zap_domain = b"deadstop"
         self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        # Sends and non-blocking drains go through a plain shadow of the socket: an error is
-        # raised here, at once, instead of landing in a future nobody reads.
-        self.out: zmq.Socket[bytes] = zmq.Socket.shadow(self.sock.underlying)
+        # Every send and receive goes through the asyncio socket, never a shadow of it: the
+        # socket's fd is edge-triggered, and pyzmq's asyncio socket re-checks for pending input
+        # after its own sends; a send it does not see could swallow the edge of an arrival and
+        # leave the reader asleep with a request queued.
         self._idents_of_fd: dict[int, set[bytes]] = {}
         self.sock.bind(endpoint)
 
@@ -53,10 +55,13 @@ class Listener:
         """What is queued (at least one message, at most BATCH), each noted with its connection."""
         received: list[list[zmq.Frame]] = [await self.sock.recv_multipart(copy=False)]
         while len(received) < BATCH:
-            try:
-                received.append(self.out.recv_multipart(flags=zmq.NOBLOCK, copy=False))
-            except zmq.Again:
+            more: asyncio.Future[list[zmq.Frame]] = self.sock.recv_multipart(  # type: ignore[assignment]
+                flags=zmq.NOBLOCK, copy=False)  # done at once: a message, or Again
+            if not more.done() or more.exception() is not None:
+                if not more.done():
+                    more.cancel()
                 break
+            received.append(more.result())
         for frames in received:
             try:
                 fd = int(frames[-1].get(zmq.SRCFD))
@@ -67,11 +72,13 @@ class Listener:
         return received
 
     def send(self, ident: bytes, req_id: bytes, body: bytes) -> bool:
-        try:
-            self.out.send_multipart([ident, gateway.VERSION, req_id, body], flags=zmq.NOBLOCK)
+        """Send now or not at all; False if the peer is gone or not reading (the message is dropped)."""
+        sent: asyncio.Future[Any] = self.sock.send_multipart(  # type: ignore[assignment]
+            [ident, gateway.VERSION, req_id, body], flags=zmq.NOBLOCK)
+        if not sent.done():  # queued after all: its outcome is not waited for, but is read
+            sent.add_done_callback(lambda f: f.cancelled() or f.exception())
             return True
-        except zmq.ZMQError:
-            return False  # the peer is gone or not reading: the message is dropped, nothing waits on it
+        return sent.exception() is None
 
     async def departures(self, gone: Callable[[bytes], Any]) -> None:
         """Call `gone(ident)` for each peer whose connection closes, for ever."""
