@@ -28,6 +28,8 @@ from ..control.policy import Principal
 PING = b'{"push": "ping"}'
 #: Requests taken from the socket per wake-up.
 BATCH = 256
+#: Seconds after a disconnect at which a peer that still took a ping is pinged again.
+RECHECKS = (0.01, 0.05, 0.2, 1.0)
 
 
 class Listener:
@@ -88,7 +90,15 @@ class Listener:
             except (zmq.ZMQError, ValueError, KeyError):  # a malformed monitor message: wait for the next
                 continue
             for ident in self._idents_of_fd.pop(fd, ()):
-                if self.send(ident, gateway.PUSH_ID, PING):
-                    self._idents_of_fd.setdefault(fd, set()).add(ident)
-                else:
-                    gone(ident)
+                self._probe(fd, ident, gone, list(RECHECKS))
+
+    def _probe(self, fd: int, ident: bytes, gone: Callable[[bytes], Any], later: list[float]) -> None:
+        """Ping a peer whose fd closed: gone at the first failed ping. A ping can still pass while
+        the socket has yet to tear the dead pipe down, so a peer that passes is pinged again a
+        few times; one that keeps passing is a new connection on a reused fd, and stays."""
+        if not self.send(ident, gateway.PUSH_ID, PING):
+            gone(ident)
+        elif later:
+            asyncio.get_running_loop().call_later(later.pop(0), self._probe, fd, ident, gone, later)
+        else:
+            self._idents_of_fd.setdefault(fd, set()).add(ident)
