@@ -75,19 +75,28 @@ class DaemonStop(control.Request, tag="daemon.stop"):
     """Stop every run (their reports journaled), then exit."""
 
 
+class EventsPing(control.Request, tag="events.ping"):
+    """Publish a `stream.ping` event carrying `token` on the session's topic (or the no-session one):
+    a subscriber that sees its own token knows its subscription is in place."""
+
+    token: str
+    session: Union[str, None] = None
+
+
 DAEMON_VERBS: dict[str, control.Verb] = {v.name: v for v in (
     control.Verb("tools.provide", ToolsProvide, list, control.Scope.WRITE, "provide tools to runs"),
     control.Verb("tools.result", ToolsResult, bool, control.Scope.WRITE, "answer a tool.call push"),
     control.Verb("daemon.info", DaemonInfo, dict, control.Scope.READ, "the daemon's health, config and endpoints"),
     control.Verb("daemon.reload", DaemonReload, dict, control.Scope.ADMIN, "re-read agents and tools"),
     control.Verb("daemon.stop", DaemonStop, bool, control.Scope.ADMIN, "stop every run, then exit"),
+    control.Verb("events.ping", EventsPing, bool, control.Scope.READ, "mark the event stream for a new subscriber"),
 )}
 
 AnyDaemonRequest = Union[control.SessionsList, control.SessionsShow, control.SessionsSend, control.SessionsStop,
                          control.SessionsKill, control.SessionsPause, control.SessionsResume,
                          control.SessionsCleanup, control.RunsList, control.RunsShow, control.RunsStop,
                          control.RunsKill, control.AgentsList, control.HealthCheck, ToolsProvide, ToolsResult,
-                         DaemonInfo, DaemonReload, DaemonStop]
+                         DaemonInfo, DaemonReload, DaemonStop, EventsPing]
 
 _decoder = msgspec.json.Decoder(AnyDaemonRequest)
 

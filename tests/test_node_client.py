@@ -32,6 +32,10 @@ target = "daemon_agents:emailer"
 cwd = "{work}"
 tools = ["send_email"]
 
+[agents.emitter]
+target = "daemon_agents:emitter"
+cwd = "{work}"
+
 [tools.send_email]
 provided = true
 """
@@ -163,3 +167,51 @@ def test_a_node_provider_is_cancelled_when_another_node_client_stops_the_session
     assert source == "gateway"
     assert dispatched == len(calls), "every dispatched call reached the provider, and only those"
     assert late == 0, "a call was dispatched after the revoke"
+
+
+FOLLOW = """
+import { Client } from "./deadstop.mjs"
+const c = new Client(undefined, { name: "follower" })
+const stream = await c.events({ session: "feed" })
+console.log(JSON.stringify({ subscribed: true }))
+for await (const event of stream) {
+  console.log(JSON.stringify(event))
+  if (event.kind === "run.ended") break
+}
+stream.close()
+await c.close()
+"""
+
+
+def test_node_follows_a_sessions_events_from_its_first(tmp_path, workspace) -> None:
+    node = _need_node()
+    script = os.path.join(EXAMPLES, f"follow-{os.getpid()}.mjs")  # beside deadstop.mjs, which it imports
+    with open(script, "w") as f:
+        f.write(FOLLOW)
+    d = Daemon(tmp_path, CONFIG, workspace).start()
+    follower = None
+    try:
+        err = str(tmp_path / "follower.err")
+        follower = subprocess.Popen([node, script], cwd=EXAMPLES, env=d.env, stdout=subprocess.PIPE,
+                                    stderr=open(err, "wb"))
+        lines = Lines(follower, err)
+        deadline = time.monotonic() + WAIT
+        while not any(line.get("subscribed") for line in lines.seen) and not lines.eof \
+                and lines._read(max(0.0, deadline - time.monotonic())):
+            pass
+        assert any(line.get("subscribed") for line in lines.seen), f"the Node subscriber never came up: {lines.stderr()}"
+        with d.client() as c:
+            c.send("feed", {"count": 20}, agent="emitter")
+        while not any(line.get("kind") == "run.ended" for line in lines.seen) and not lines.eof \
+                and lines._read(max(0.0, deadline - time.monotonic())):
+            pass
+        kinds = [line["kind"] for line in lines.seen if "kind" in line]
+        assert kinds == ["session.message", "run.started"] + ["progress"] * 20 + ["run.ended"], kinds
+        assert [line["seq"] for line in lines.seen if "kind" in line] == list(range(1, 24))
+        assert follower.wait(WAIT) == 0
+    finally:
+        if follower is not None and follower.poll() is None:
+            follower.kill()
+            follower.wait()
+        os.unlink(script)
+        assert d.stop() == 0, d.output()

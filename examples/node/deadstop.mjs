@@ -341,11 +341,30 @@ export class Client {
     })
     for (const endpoint of endpoints) sub.connect(endpoint)
     await up
-    await new Promise((resolve) => setTimeout(resolve, 10)) // the subscription travels after the handshake
+    // In place once a ping of ours comes through: ask for one (again, until it does), drop what precedes it.
+    const token = randomBytes(8).toString("hex")
+    const iterator = sub[Symbol.asyncIterator]()
+    const deadline = Date.now() + SUBSCRIBE_WAIT_MS
+    let pending = iterator.next() // one receive in flight at a time
+    for (let marked = false; !marked;) {
+      if (Date.now() > deadline) throw new DeadstopError(43, "the event stream did not come up in time")
+      await this.call("events.ping", { token, session: session ?? null })
+      const got = await Promise.race([pending, new Promise((resolve) => setTimeout(() => resolve(null), 100))])
+      if (got === null) continue // not yet: ping again, the same receive still waits
+      pending = iterator.next()
+      const event = JSON.parse(got.value[1].toString())
+      marked = event.kind === "stream.ping" && event.data?.token === token
+    }
     return {
       async *[Symbol.asyncIterator]() {
         try {
-          for await (const [, message] of sub) yield JSON.parse(message.toString())
+          for (;;) {
+            const { value, done } = await pending
+            pending = iterator.next()
+            if (done) return
+            const event = JSON.parse(value[1].toString())
+            if (event.kind !== "stream.ping") yield event // another subscriber's marker
+          }
         } catch (err) {
           if (!sub.closed) throw err
         }

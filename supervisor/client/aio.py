@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import itertools
+import secrets
 from typing import Any, AsyncIterator, Callable
 
 import msgspec
@@ -24,7 +25,7 @@ import zmq
 from ...ipc import control as wire
 from ...ipc import gateway
 from ...ipc.control import ControlFault, Fault
-from .client import _request, _result, _routing_id, _Transport, _Verbs
+from .client import SUBSCRIBE_WAIT, _request, _result, _routing_id, _Transport, _Verbs
 from .locate import locate
 
 
@@ -149,9 +150,25 @@ class AsyncClient(_Verbs):
         for endpoint in self._transport.events:
             sub.connect(endpoint)
         decoder = msgspec.json.Decoder(gateway.EventMessage)
+        token = secrets.token_hex(8)
         try:
+            # Subscribed before the first event is handed out: a ping of ours must come through first.
+            deadline = asyncio.get_running_loop().time() + SUBSCRIBE_WAIT
+            marked = False
+            while not marked:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise ControlFault(Fault.TIMED_OUT, f"the event stream did not come up within {SUBSCRIBE_WAIT:g} s")
+                await self.call(gateway.EventsPing(token=token, session=session))
+                while await sub.poll(50):
+                    _topic, body = await sub.recv_multipart()
+                    event = decoder.decode(body)
+                    if event.kind == "stream.ping" and isinstance(event.data, dict) and event.data.get("token") == token:
+                        marked = True
+                        break
             while True:
                 _topic, body = await sub.recv_multipart()
-                yield decoder.decode(body)
+                event = decoder.decode(body)
+                if event.kind != "stream.ping":  # another subscriber's marker
+                    yield event
         finally:
             sub.close()

@@ -32,6 +32,9 @@ from ...ipc import gateway
 from ...ipc.control import ControlFault, Fault
 from .locate import NoDaemon, locate
 
+#: Seconds a new event subscription may take to come up (SUB connects in the background).
+SUBSCRIBE_WAIT = 10.0
+
 #: A client secret certificate to use (tcp:// with CURVE), and the daemon's public key for a bare endpoint.
 ENV_KEY, ENV_SERVER_KEY = "DEADSTOP_KEY", "DEADSTOP_SERVER_KEY"
 
@@ -199,7 +202,7 @@ class Client(_Verbs):
         """Follow the event stream (of one session, or all). Subscribed when this returns, so nothing
         published afterwards is missed; iterate it, and close it (or use it in a with block).
         `idle_timeout`: TIMED_OUT when no event comes for that long."""
-        return EventStream(self._ctx, self._transport, session, idle_timeout)
+        return EventStream(self._ctx, self._transport, session, idle_timeout, self)
 
     def close(self) -> None:
         self._sock.close()
@@ -216,7 +219,7 @@ class EventStream:
     """A subscription to the daemon's events; iterating yields EventMessage (seq per session)."""
 
     def __init__(self, ctx: zmq.Context[Any], transport: _Transport, session: str | None,
-                 idle_timeout: float | None):
+                 idle_timeout: float | None, client: "Client"):
         self._sub = ctx.socket(zmq.SUB)
         self._sub.setsockopt(zmq.LINGER, 0)
         self._sub.setsockopt(zmq.SUBSCRIBE, gateway.event_topic(session) if session is not None else b"s:")
@@ -225,16 +228,33 @@ class EventStream:
             self._sub.connect(endpoint)
         self._idle = idle_timeout
         self._decoder = msgspec.json.Decoder(gateway.EventMessage)
-        _wait_subscribed(self._sub, transport.events)
+        self._ready(client, session)
+
+    def _ready(self, client: "Client", session: str | None) -> None:
+        """Return only once the subscription is in place: ask the daemon to publish a ping with a
+        token of ours (again, until it comes through) and drop what precedes it."""
+        token = secrets.token_hex(8)
+        deadline = time.monotonic() + SUBSCRIBE_WAIT
+        while time.monotonic() < deadline:
+            client.call(gateway.EventsPing(token=token, session=session))
+            while self._sub.poll(50):
+                _topic, body = self._sub.recv_multipart()
+                event = self._decoder.decode(body)
+                if event.kind == "stream.ping" and isinstance(event.data, dict) and event.data.get("token") == token:
+                    return
+        raise ControlFault(Fault.TIMED_OUT, f"the event stream did not come up within {SUBSCRIBE_WAIT:g} s")
 
     def __iter__(self) -> Iterator[gateway.EventMessage]:
         return self
 
     def __next__(self) -> gateway.EventMessage:
-        if self._idle is not None and not self._sub.poll(int(self._idle * 1000)):
-            raise ControlFault(Fault.TIMED_OUT, f"no event within {self._idle:g} s")
-        _topic, body = self._sub.recv_multipart()
-        return self._decoder.decode(body)
+        while True:
+            if self._idle is not None and not self._sub.poll(int(self._idle * 1000)):
+                raise ControlFault(Fault.TIMED_OUT, f"no event within {self._idle:g} s")
+            _topic, body = self._sub.recv_multipart()
+            event = self._decoder.decode(body)
+            if event.kind != "stream.ping":  # another subscriber's marker
+                return event
 
     def close(self) -> None:
         self._sub.close()
@@ -244,24 +264,6 @@ class EventStream:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-
-def _wait_subscribed(sub: zmq.Socket[Any], endpoints: list[str]) -> None:
-    """A SUB connects in the background: wait (bounded) until its connection is up, so that the
-    subscription is in place before the caller does anything whose events it wants."""
-    if not endpoints:
-        return
-    monitor = sub.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_CONNECTED)
-    try:
-        deadline = time.monotonic() + 5.0
-        seen = 0
-        while seen < len(endpoints) and monitor.poll(max(1, int((deadline - time.monotonic()) * 1000))):
-            monitor.recv_multipart()
-            seen += 1
-    finally:
-        sub.disable_monitor()
-        monitor.close()
-    time.sleep(0.01)  # the subscription message travels after the connection is up
 
 
 __all__ = ["Client", "ControlFault", "EventStream", "Fault", "NoDaemon"]

@@ -312,6 +312,9 @@ class Daemon:
                 return self.reload()
             except config_mod.ConfigError as exc:
                 raise ControlFault(Fault.BAD_ARGUMENTS, f"reload refused, configuration unchanged: {exc}") from None
+        if isinstance(request, gateway.EventsPing):
+            self._send_event(request.session, "", "stream.ping", {"token": request.token}, 0)
+            return True
         if isinstance(request, gateway.DaemonStop):
             asyncio.get_running_loop().call_soon(self._stopping.set)
             return True
@@ -342,14 +345,18 @@ class Daemon:
         daemon = Principal("library", "daemon event stream")
         async for event in self.sup.control.subscribe(daemon, None, lifecycle=True):
             seq = self._seqs[event.session] = self._seqs.get(event.session, 0) + 1
-            message = gateway.EventMessage(seq=seq, session=event.session, run_id=event.run_id, kind=event.kind,
-                                           data=event.data, t_ns=event.t_ns, generation=event.generation)
-            frames = [gateway.event_topic(event.session), msgspec.json.encode(message)]
-            for pub in self._publishers:
-                try:
-                    pub.send_multipart(frames, flags=zmq.NOBLOCK)
-                except zmq.ZMQError:
-                    pass  # a subscriber at its high-water mark: it sees a gap in seq
+            self._send_event(event.session, event.run_id, event.kind, event.data, event.generation, seq, event.t_ns)
+
+    def _send_event(self, session: str | None, run_id: str, kind: str, data: Any, generation: int,
+                    seq: int = 0, t_ns: int | None = None) -> None:
+        message = gateway.EventMessage(seq=seq, session=session, run_id=run_id, kind=kind, data=data,
+                                       t_ns=time.monotonic_ns() if t_ns is None else t_ns, generation=generation)
+        frames = [gateway.event_topic(session), msgspec.json.encode(message)]
+        for pub in self._publishers:
+            try:
+                pub.send_multipart(frames, flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass  # a subscriber at its high-water mark: it sees a gap in seq
 
 
 def _ipc_principal(ident: bytes, frame: zmq.Frame) -> Principal:
