@@ -18,7 +18,7 @@ This module imports msgspec only; neither the spawner nor a run loads it.
 from __future__ import annotations
 
 import enum
-from typing import Any, Union
+from typing import Any, Iterable, Union
 
 import msgspec
 
@@ -283,14 +283,16 @@ VERBS: dict[str, Verb] = {v.name: v for v in (
 _decoder = msgspec.json.Decoder(AnyRequest)
 
 
-def decode_request(data: bytes) -> AnyRequest:
-    """A request from JSON; ControlFault(UNKNOWN_VERB or BAD_ARGUMENTS) when it is not one."""
+def decode_request(data: bytes, decoder: "msgspec.json.Decoder[Any] | None" = None,
+                   verbs: Iterable[str] = VERBS) -> Any:
+    """A request from JSON (of this table, or of `decoder`'s union, whose verbs are `verbs`);
+    ControlFault(UNKNOWN_VERB or BAD_ARGUMENTS) when it is not one."""
     try:
-        return _decoder.decode(data)
+        return (decoder or _decoder).decode(data)
     except msgspec.ValidationError as exc:
         text = str(exc)
-        if "Invalid value" in text and "`$.verb`" in text:
-            raise ControlFault(Fault.UNKNOWN_VERB, f"unknown verb ({text}); verbs: {', '.join(VERBS)}") from None
+        if "`$.verb`" in text:
+            raise ControlFault(Fault.UNKNOWN_VERB, f"unknown verb ({text}); verbs: {', '.join(verbs)}") from None
         raise ControlFault(Fault.BAD_ARGUMENTS, text) from None
     except msgspec.DecodeError as exc:
         raise ControlFault(Fault.BAD_ARGUMENTS, f"not a JSON request: {exc}") from None

@@ -99,6 +99,7 @@ AnyDaemonRequest = Union[control.SessionsList, control.SessionsShow, control.Ses
                          DaemonInfo, DaemonReload, DaemonStop, EventsPing]
 
 _decoder = msgspec.json.Decoder(AnyDaemonRequest)
+_SERVED = sorted(set(control.VERBS) - {"sessions.spawn", "events.subscribe"} | set(DAEMON_VERBS))
 
 
 def decode_request(body: bytes) -> Any:
@@ -106,16 +107,7 @@ def decode_request(body: bytes) -> Any:
     if len(body) > MAX_BODY_BYTES:
         raise control.ControlFault(control.Fault.BAD_ARGUMENTS,
                                    f"request body of {len(body)} bytes is over the {MAX_BODY_BYTES}-byte cap")
-    try:
-        return _decoder.decode(body)
-    except msgspec.ValidationError as exc:
-        text = str(exc)
-        if "`$.verb`" in text:
-            verbs = sorted(set(control.VERBS) - {"sessions.spawn", "events.subscribe"} | set(DAEMON_VERBS))
-            raise control.ControlFault(control.Fault.UNKNOWN_VERB, f"{text}; verbs: {', '.join(verbs)}") from None
-        raise control.ControlFault(control.Fault.BAD_ARGUMENTS, text) from None
-    except msgspec.DecodeError as exc:
-        raise control.ControlFault(control.Fault.BAD_ARGUMENTS, f"not a JSON request: {exc}") from None
+    return control.decode_request(body, _decoder, _SERVED)
 
 
 def verb_of(request: Any) -> control.Verb:

@@ -63,6 +63,20 @@ def ignore_term(out_dir: str) -> None:
         time.sleep(0.05)
 
 
+def busy_children(n: int) -> None:
+    """Fork `n` children that loop on the CPU for ever; return once all of them run."""
+    r, w = os.pipe()
+    for _ in range(n):
+        if os.fork() == 0:
+            os.write(w, b"c")
+            x = 0
+            while True:
+                x += 1
+    got = 0
+    while got < n:
+        got += len(os.read(r, n - got))
+
+
 def fork_pairs(children: int) -> None:
     """Fork `children` sleeping children, each with one sleeping grandchild, and
     return once all 2 * children exist."""

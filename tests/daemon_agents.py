@@ -11,7 +11,7 @@ import os
 import signal
 import time
 
-from behaviours import fork_pairs
+from behaviours import busy_children, fork_pairs
 from deadstop.worker import egress
 
 
@@ -39,16 +39,7 @@ def ignorer(message, **context):
 
 def busy_tree(message, **context):
     """20 busy-looping children: CPU time grows unless the tree is frozen."""
-    r, w = os.pipe()
-    for _ in range(20):
-        if os.fork() == 0:
-            os.write(w, b"c")
-            x = 0
-            while True:
-                x += 1
-    got = 0
-    while got < 20:
-        got += len(os.read(r, 20 - got))
+    busy_children(20)
     _ready(message, session=context["session"])
     x = 0
     while True:

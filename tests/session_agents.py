@@ -7,11 +7,10 @@ the `ready` tool, so tests wait on events rather than on sleeps.
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 
-from behaviours import fork_pairs
+from behaviours import busy_children, fork_pairs
 from deadstop.worker import egress
 
 
@@ -56,16 +55,7 @@ def emitter(message, **context):
 
 def busy_tree(message, **context):
     """20 busy-looping children (CPU time grows unless frozen)."""
-    r, w = os.pipe()
-    for _ in range(20):
-        if os.fork() == 0:
-            os.write(w, b"c")
-            x = 0
-            while True:
-                x += 1
-    got = 0
-    while got < 20:
-        got += len(os.read(r, 20 - got))
+    busy_children(20)
     _ready()
     x = 0
     while True:

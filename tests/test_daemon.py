@@ -132,7 +132,7 @@ def test_seed_004_an_operator_runs_every_session_verb_from_the_terminal(daemon, 
         daemon.cli("sessions", "kill", key)
 
 
-def test_every_error_has_its_exit_code(daemon, ready, tmp_path) -> None:
+def test_usage_missing_unreachable_and_timeout_have_their_exit_codes(daemon, ready, tmp_path) -> None:
     assert daemon.cli("sessions", "show", "nobody").returncode == 3
     assert daemon.cli("sessions", "send", "x", "hi", "--agent", "ghost").returncode == 3
     assert daemon.cli("sessions", "stop", "nobody").returncode == 3

@@ -25,7 +25,7 @@ import zmq
 from ...ipc import control as wire
 from ...ipc import gateway
 from ...ipc.control import ControlFault, Fault
-from .client import SUBSCRIBE_WAIT, _request, _result, _routing_id, _Transport, _Verbs
+from .client import SUBSCRIBE_WAIT, _request, _result, _routing_id, _Transport, _Verbs, is_mark
 from .locate import locate
 
 
@@ -161,8 +161,7 @@ class AsyncClient(_Verbs):
                 await self.call(gateway.EventsPing(token=token, session=session))
                 while await sub.poll(50):
                     _topic, body = await sub.recv_multipart()
-                    event = decoder.decode(body)
-                    if event.kind == "stream.ping" and isinstance(event.data, dict) and event.data.get("token") == token:
+                    if is_mark(decoder.decode(body), token):
                         marked = True
                         break
             while True:

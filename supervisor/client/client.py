@@ -215,6 +215,11 @@ class Client(_Verbs):
         self.close()
 
 
+def is_mark(event: gateway.EventMessage, token: str) -> bool:
+    """Is this the `stream.ping` a new subscriber asked for with `token` (docs/gateway.md §7)?"""
+    return event.kind == "stream.ping" and isinstance(event.data, dict) and event.data.get("token") == token
+
+
 class EventStream:
     """A subscription to the daemon's events; iterating yields EventMessage (seq per session)."""
 
@@ -239,8 +244,7 @@ class EventStream:
             client.call(gateway.EventsPing(token=token, session=session))
             while self._sub.poll(50):
                 _topic, body = self._sub.recv_multipart()
-                event = self._decoder.decode(body)
-                if event.kind == "stream.ping" and isinstance(event.data, dict) and event.data.get("token") == token:
+                if is_mark(self._decoder.decode(body), token):
                     return
         raise ControlFault(Fault.TIMED_OUT, f"the event stream did not come up within {SUBSCRIBE_WAIT:g} s")
 

@@ -83,12 +83,13 @@ def locate(daemon: str | None = None) -> gateway.ConnectionFile:
                        f"`deadstop serve`, or point --daemon / ${ENV_DAEMON} at its connection file)") from None
     except (OSError, msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise NoDaemon(f"no deadstop daemon: cannot read {path} ({origin}): {exc}") from None
-    if found.pid and not _alive(found.pid):
+    if found.pid and not pid_alive(found.pid):
         raise NoDaemon(f"no deadstop daemon: {path} ({origin}) names pid {found.pid}, which is not running")
     return found
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (one of another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -30,7 +30,7 @@ import zmq.asyncio
 from ...ipc import gateway
 from ...ipc.control import ControlFault, Fault
 from .._version import __version__
-from ..client.locate import FILE_NAME, default_runtime_dir, well_known_file
+from ..client.locate import FILE_NAME, default_runtime_dir, pid_alive, well_known_file
 from ..control.api import fault_of
 from ..control.policy import ALL_SCOPES, Principal
 from ..facades.async_supervisor import AsyncSupervisor
@@ -124,7 +124,7 @@ class Daemon:
                 other = msgspec.json.decode(f.read(), type=gateway.ConnectionFile)
         except (OSError, msgspec.DecodeError, msgspec.ValidationError):
             return
-        if other.pid != os.getpid() and _alive(other.pid):
+        if other.pid != os.getpid() and pid_alive(other.pid):
             raise DaemonRunning(f"a deadstop daemon (pid {other.pid}, state directory {other.state_dir}) already "
                                 f"serves {self.runtime_dir}; stop it, or give this one --runtime-dir")
 
@@ -372,16 +372,6 @@ def principal_of(ident: bytes) -> Principal:
     if kind == "console":
         return Principal("console", name, ALL_SCOPES)
     return Principal("gateway", name if kind == "gateway" else ident.hex()[:16], ALL_SCOPES)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _unlink(endpoint: str) -> None:

@@ -58,21 +58,7 @@ ENDED_RETAINED = 256
 class Engine:
     """Start runs, broker their egress, stop them for good.
 
-    Options (AsyncSupervisor passes its own through):
-
-    state_dir     where the journal lives (default: a temporary directory
-                  removed at close); pass one to keep the journal.
-    containment   "auto" (strongest available), "cgroup" (fail if cgroup v2
-                  is not writable) or "process-group" (force the fallback).
-    grace         default seconds between SIGTERM and SIGKILL.
-    isolation     "auto" (every layer the host gives; `sup.isolation` names
-                  the missing ones), "strict" (refuse to open unless every
-                  layer is there) or "off" (trusted code: runs share the
-                  supervisor's identity, namespaces and environment).
-    uid_range     (first uid, count) that per-run identities come from.
-    spawner_timeout  seconds the spawner may take to answer a start; past
-                  that it is declared lost and every run is killed through
-                  its cgroup.
+    Its options are AsyncSupervisor's (see there), which passes them through.
     """
 
     def __init__(self, *, state_dir: str | None = None, containment: str = "auto", grace: float = 1.0,
@@ -92,6 +78,7 @@ class Engine:
         self.runs: dict[str, AsyncRun] = {}  # live runs (starting, running, paused, stopping)
         self._ended: collections.OrderedDict[str, AsyncRun] = collections.OrderedDict()
         self._subscribers: list[Subscription] = []
+        self._lifecycle_subscribers = 0  # how many of them want lifecycle events (egress path: one int test)
         self._sampler: asyncio.Task | None = None
         self._sampled: dict[str, AsyncRun] = {}  # live runs whose limits need sampling
         self.sample_interval = sample_interval
@@ -408,19 +395,20 @@ class Engine:
                 run.add_tokens(tokens)
 
     def on_tool_call(self, run_id: str, tool: str, req_id: int) -> None:
-        run = self.runs.get(run_id)
-        if run is not None:
-            self._lifecycle(run, "run.tool_call", {"tool": tool, "id": req_id})
+        if self._lifecycle_subscribers:  # every dispatched call comes here: nothing to do without a listener
+            run = self.runs.get(run_id)
+            if run is not None:
+                self._lifecycle(run, "run.tool_call", {"tool": tool, "id": req_id})
 
     def _lifecycle(self, run: AsyncRun, kind: str, data: Any) -> None:
         """A supervisor-made event about a run (nothing is built when no one subscribes)."""
-        if any(sub.lifecycle for sub in self._subscribers):
+        if self._lifecycle_subscribers:
             self._publish(Event(run.id, kind, data, time.monotonic_ns(), run.owner.key if run.owner else None,
                                 run.generation))
 
     def publish_session(self, key: str, kind: str, data: Any, generation: int) -> None:
         """A supervisor-made event about a session (session.message, session.stopped)."""
-        if any(sub.lifecycle for sub in self._subscribers):
+        if self._lifecycle_subscribers:
             self._publish(Event("", kind, data, time.monotonic_ns(), key, generation))
 
     def on_quota(self, run_id: str, limit: str) -> None:
@@ -466,6 +454,7 @@ class Engine:
         """
         entry = Subscription(session, lifecycle)
         self._subscribers.append(entry)
+        self._lifecycle_subscribers += lifecycle
         try:
             while True:
                 event = await entry.get()
@@ -479,6 +468,7 @@ class Engine:
                 yield event
         finally:
             self._subscribers.remove(entry)
+            self._lifecycle_subscribers -= lifecycle
 
     # -- sampling ---------------------------------------------------------------------------------
     def _ensure_sampler(self) -> None:

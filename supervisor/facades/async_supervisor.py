@@ -147,5 +147,7 @@ class AsyncSupervisor(Engine):
         takes.
         """
         if isinstance(request, (bytes, str)):
-            request = wire.decode_request(request.encode() if isinstance(request, str) else request)
-        return await self.control.call(principal, request)
+            decoded: wire.Request = wire.decode_request(request.encode() if isinstance(request, str) else request)
+        else:
+            decoded = request
+        return await self.control.call(principal, decoded)

@@ -260,7 +260,7 @@ class MountPlanner:
 
 @dataclasses.dataclass(frozen=True)
 class Confinement:
-    """What `_launch` needs to confine one run."""
+    """What the host needs to confine one run (host/local.py provision)."""
 
     plan: dict[str, Any] | None  # worker/sandbox.py's input; None: no sandbox
     env: dict[str, str]
