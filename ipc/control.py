@@ -134,6 +134,35 @@ class EventInfo(_Info):
     generation: int = 0
 
 
+class EgressRow(_Info):
+    """One row of a run's egress log: a decision of the broker (or of the fence) about one request."""
+
+    seq: int
+    t_ns: int
+    verb: str  # call | emit | result | error | inbox | ...
+    decision: str  # dispatched | completed | failed | refused | cancelled | held | allowed | fenced
+    req_id: Union[int, None] = None
+    tool: Union[str, None] = None
+    code: Union[int, None] = None  # the refusal's or cancellation's error code
+    detail: Union[str, None] = None
+
+
+class EgressReply(_Info):
+    """A page of a run's egress log, and the check over all of it: nothing dispatched after the revoke.
+
+    dispatched_after_revoke lists every `dispatched` row later than
+    revoked_at, whatever page was asked for; empty is the promise kept.
+    """
+
+    run_id: str
+    rows: list[EgressRow] = []
+    offset: int = 0
+    total: int = 0
+    revoked_at: Union[int, None] = None
+    revoke_source: Union[str, None] = None
+    dispatched_after_revoke: list[EgressRow] = []
+
+
 class StopReply(_Info):
     """What a stop or kill ended: one report per run of the tree that was live.
 
@@ -230,6 +259,12 @@ class RunsKill(Request, tag="runs.kill"):
     run_id: str
 
 
+class RunsEgress(Request, tag="runs.egress"):
+    run_id: str
+    offset: int = 0
+    limit: int = 100  # at most 1000
+
+
 class AgentsList(Request, tag="agents.list"):
     pass
 
@@ -243,7 +278,7 @@ class HealthCheck(Request, tag="health"):
 
 
 AnyRequest = Union[SessionsList, SessionsShow, SessionsSend, SessionsSpawn, SessionsStop, SessionsKill, SessionsPause,
-                   SessionsResume, SessionsCleanup, RunsList, RunsShow, RunsStop, RunsKill, AgentsList,
+                   SessionsResume, SessionsCleanup, RunsList, RunsShow, RunsStop, RunsKill, RunsEgress, AgentsList,
                    EventsSubscribe, HealthCheck]
 
 
@@ -275,6 +310,7 @@ VERBS: dict[str, Verb] = {v.name: v for v in (
     _verb(RunsShow, RunInfo, Scope.READ, "one run, with its stop report once it ended"),
     _verb(RunsStop, RunInfo, Scope.WRITE, "revoke, SIGTERM, grace, SIGKILL, sweep one run"),
     _verb(RunsKill, RunInfo, Scope.WRITE, "revoke and SIGKILL one run"),
+    _verb(RunsEgress, EgressReply, Scope.READ, "a page of a run's egress log, and the after-revoke check"),
     _verb(AgentsList, list[AgentInfo], Scope.READ, "the registered agents"),
     _verb(EventsSubscribe, EventInfo, Scope.READ, "a stream of events (all, or one session's)"),
     _verb(HealthCheck, Health, Scope.READ, "the supervisor's identity, layers and load"),

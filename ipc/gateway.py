@@ -40,7 +40,9 @@ PUSH_ID = b"0"
 
 #: A client names what it is in its ZeroMQ routing id, `<kind>/<name>/<random>`, so
 #: the daemon can record who stopped a run (revoke source cli, gateway, console).
-CLIENT_KINDS = ("cli", "gateway", "console")
+#: `console-read` is the web console acting for a read-only login: the daemon gives it the read
+#: scope only, so its policy (not the console) refuses what such a login may not do.
+CLIENT_KINDS = ("cli", "gateway", "console", "console-read")
 
 #: Verbs answered first in every batch the daemon reads: they end or freeze runs,
 #: and nothing slow may be in front of them.
@@ -83,6 +85,19 @@ class EventsPing(control.Request, tag="events.ping"):
     session: Union[str, None] = None
 
 
+class ConsoleLogin(control.Request, tag="console.login"):
+    """A one-time login link to the web console, for `scope` (read or write) within the caller's own scopes."""
+
+    scope: str = "write"
+
+
+class ConsoleLink(msgspec.Struct, kw_only=True):
+    url: str  # the console's address
+    login: str  # url + /login?token=...: valid once, for `expires_in` seconds
+    scope: str
+    expires_in: float
+
+
 DAEMON_VERBS: dict[str, control.Verb] = {v.name: v for v in (
     control.Verb("tools.provide", ToolsProvide, list, control.Scope.WRITE, "provide tools to runs"),
     control.Verb("tools.result", ToolsResult, bool, control.Scope.WRITE, "answer a tool.call push"),
@@ -90,13 +105,15 @@ DAEMON_VERBS: dict[str, control.Verb] = {v.name: v for v in (
     control.Verb("daemon.reload", DaemonReload, dict, control.Scope.ADMIN, "re-read agents and tools"),
     control.Verb("daemon.stop", DaemonStop, bool, control.Scope.ADMIN, "stop every run, then exit"),
     control.Verb("events.ping", EventsPing, bool, control.Scope.READ, "mark the event stream for a new subscriber"),
+    control.Verb("console.login", ConsoleLogin, ConsoleLink, control.Scope.READ,
+                 "a one-time login link to the web console"),
 )}
 
 AnyDaemonRequest = Union[control.SessionsList, control.SessionsShow, control.SessionsSend, control.SessionsStop,
                          control.SessionsKill, control.SessionsPause, control.SessionsResume,
                          control.SessionsCleanup, control.RunsList, control.RunsShow, control.RunsStop,
-                         control.RunsKill, control.AgentsList, control.HealthCheck, ToolsProvide, ToolsResult,
-                         DaemonInfo, DaemonReload, DaemonStop, EventsPing]
+                         control.RunsKill, control.RunsEgress, control.AgentsList, control.HealthCheck, ToolsProvide,
+                         ToolsResult, DaemonInfo, DaemonReload, DaemonStop, EventsPing, ConsoleLogin]
 
 _decoder = msgspec.json.Decoder(AnyDaemonRequest)
 _SERVED = sorted(set(control.VERBS) - {"sessions.spawn", "events.subscribe"} | set(DAEMON_VERBS))
@@ -164,3 +181,6 @@ class ConnectionFile(msgspec.Struct, kw_only=True):
     started: float  # wall-clock seconds
     state_dir: str
     supervisor_id: str
+    #: the web console's address, and a one-time login link (replaced by a fresh one once used)
+    console: Union[str, None] = None
+    console_login: Union[str, None] = None

@@ -22,7 +22,7 @@ EXIT_CODES = """exit codes (every verb):
   4    not permitted (the caller's scope or the session policy)
   5    no daemon reachable (the message says where it looked)
   124  --timeout expired (the verb may still have run)"""
-REMOTE_VERBS = ("sessions", "agents", "events", "daemon")
+REMOTE_VERBS = ("sessions", "agents", "events", "daemon", "console")
 BENCHMARKS = {"kill": "kill_latency.py", "sessions": "session_latency.py"}
 
 
@@ -65,8 +65,20 @@ def _cmd_serve(args: argparse.Namespace) -> int:
               f"({', '.join(a.name for a in cfg.agents) or '-'}), {len(cfg.tools)} tool(s) "
               f"({', '.join(t.name for t in cfg.tools) or '-'})")
         return EXIT_OK
+    console = None
+    if not args.no_console:
+        from ..console.server import ConsoleError, ConsoleSettings
+
+        try:
+            console = ConsoleSettings.parse(args.console, certfile=args.console_cert, keyfile=args.console_key,
+                                            insecure=args.console_insecure)
+            console.check()
+        except ConsoleError as exc:
+            print(f"deadstop serve: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     return serve(args.config, state_dir=args.state_dir or default_state_dir(),
-                 runtime_dir=args.runtime_dir or default_runtime_dir(), binds=args.bind, keys_dir=args.keys_dir)
+                 runtime_dir=args.runtime_dir or default_runtime_dir(), binds=args.bind, keys_dir=args.keys_dir,
+                 console=console)
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:
@@ -113,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--bind", action="append", metavar="ENDPOINT", help="also listen here (tcp:// needs CURVE keys)")
     serve.add_argument("--keys-dir", metavar="DIR", help="CURVE keys for tcp:// (default: STATE_DIR/keys)")
     serve.add_argument("--check", action="store_true", help="check the configuration file and exit")
+    serve.add_argument("--console", metavar="[HOST:]PORT",
+                       help="serve the web console here (default: 127.0.0.1:7420, or a free port if that one is taken)")
+    serve.add_argument("--no-console", action="store_true", help="serve no web console")
+    serve.add_argument("--console-cert", metavar="PEM", help="TLS certificate chain for the console (with --console-key)")
+    serve.add_argument("--console-key", metavar="PEM", help="TLS private key for the console")
+    serve.add_argument("--console-insecure", action="store_true",
+                       help="allow plain HTTP on an address other than loopback (logins cross the network in the clear)")
     serve.set_defaults(func=_cmd_serve)
     keys = sub.add_parser("keys", help="CURVE keys of clients that reach the daemon over tcp://")
     ksub = keys.add_subparsers(dest="action", required=True)
@@ -123,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--state-dir", metavar="DIR", help="the daemon's state directory (its keys are in keys/)")
     gen.set_defaults(func=_cmd_keys)
     parsers.add_parsers(sub, parsers.common_options(), _non_negative)
+    parsers.add_console_parser(sub, parsers.common_options())
     demo = sub.add_parser("demo", help="start misbehaving runs, stop them, print their stop reports")
     demo.add_argument("--containment", choices=["auto", "cgroup", "process-group"], default="auto")
     demo.add_argument("--grace", type=_non_negative, default=0.5, help="seconds between SIGTERM and SIGKILL")

@@ -77,6 +77,14 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser, non_negative: Callabl
         p.set_defaults(remote='daemon_verb', verb_name=verb)
 
 
+def add_console_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("console", parents=[common], help="print a one-time login link to the daemon's web console "
+                                                         "(and open it when a browser is at hand)")
+    p.add_argument("--read-only", action="store_true", help="a login that sees everything and changes nothing")
+    p.add_argument("--no-browser", action="store_true", help="only print the link")
+    p.set_defaults(remote="console")
+
+
 def common_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print the daemon's reply as JSON")

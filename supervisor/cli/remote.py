@@ -1,4 +1,4 @@
-"""The command line's verbs that talk to a daemon: sessions, agents, events, daemon.
+"""The command line's verbs that talk to a daemon: sessions, agents, events, daemon, console.
 
 Each is one control verb through the blocking Client (which imports no
 engine); `--json` prints the daemon's reply exactly as it came. Faults map
@@ -15,6 +15,7 @@ from typing import Any, Callable, TextIO
 
 import msgspec
 
+from ...ipc import gateway
 from ...ipc.control import ControlFault, Fault
 from ..client.client import Client
 
@@ -203,4 +204,22 @@ def _daemon_verb(client: Client, args: argparse.Namespace, out: TextIO) -> int:
         _print(out, reply)
     else:
         print("the daemon is stopping every run, then itself", file=out)
+    return EXIT_OK
+
+
+def _console(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    """A one-time login link to the daemon's web console; opened in a browser when a person is at a terminal."""
+    link = client.call(gateway.ConsoleLogin(scope="read" if args.read_only else "write"))
+    if args.json:
+        _print(out, link)
+        return EXIT_OK
+    print(link.login, file=out, flush=True)
+    if not args.no_browser and out.isatty():
+        import webbrowser
+
+        try:
+            webbrowser.get()
+        except webbrowser.Error:
+            return EXIT_OK  # no browser here: the link above is for one elsewhere
+        webbrowser.open(link.login)
     return EXIT_OK

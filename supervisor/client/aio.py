@@ -35,7 +35,7 @@ class AsyncClient(_Verbs):
     Use as ``async with AsyncClient() as c:``; every verb is a coroutine.
     """
 
-    def __init__(self, daemon: str | None = None, *, kind: str = "gateway", name: str | None = None,
+    def __init__(self, daemon: "str | gateway.ConnectionFile | None" = None, *, kind: str = "gateway", name: str | None = None,
                  timeout: float | None = 60.0, key: str | None = None, server_key: str | None = None):
         self._daemon, self._kind, self._name, self.timeout = daemon, kind, name, timeout
         self._key, self._server_key = key, server_key
@@ -47,7 +47,7 @@ class AsyncClient(_Verbs):
     async def open(self) -> "AsyncClient":
         import zmq.asyncio
 
-        self.where = locate(self._daemon)
+        self.where = self._daemon if isinstance(self._daemon, gateway.ConnectionFile) else locate(self._daemon)
         self._transport = _Transport(self.where, self._key, self._server_key)
         self._ctx = zmq.asyncio.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
@@ -142,7 +142,8 @@ class AsyncClient(_Verbs):
             pass  # refused as late: the run was revoked meanwhile
 
     # -- events -------------------------------------------------------------------------------------
-    async def events(self, session: str | None = None) -> AsyncIterator[gateway.EventMessage]:
+    async def subscribe(self, session: str | None = None) -> "AsyncEventStream":
+        """The event stream (all sessions, or one), confirmed in place: every event after this returns is in it."""
         sub = self._ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.SUBSCRIBE, gateway.event_topic(session) if session is not None else b"s:")
@@ -154,20 +155,42 @@ class AsyncClient(_Verbs):
         try:
             # Subscribed before the first event is handed out: a ping of ours must come through first.
             deadline = asyncio.get_running_loop().time() + SUBSCRIBE_WAIT
-            marked = False
-            while not marked:
+            while True:
                 if asyncio.get_running_loop().time() > deadline:
                     raise ControlFault(Fault.TIMED_OUT, f"the event stream did not come up within {SUBSCRIBE_WAIT:g} s")
                 await self.call(gateway.EventsPing(token=token, session=session))
                 while await sub.poll(50):
                     _topic, body = await sub.recv_multipart()
                     if is_mark(decoder.decode(body), token):
-                        marked = True
-                        break
-            while True:
-                _topic, body = await sub.recv_multipart()
-                event = decoder.decode(body)
-                if event.kind != "stream.ping":  # another subscriber's marker
-                    yield event
-        finally:
+                        return AsyncEventStream(sub, decoder)
+        except BaseException:
             sub.close()
+            raise
+
+    async def events(self, session: str | None = None) -> AsyncIterator[gateway.EventMessage]:
+        stream = await self.subscribe(session)
+        try:
+            async for event in stream:
+                yield event
+        finally:
+            await stream.aclose()
+
+
+class AsyncEventStream:
+    """A confirmed subscription: iterate it for events; aclose() when done."""
+
+    def __init__(self, sub: Any, decoder: "msgspec.json.Decoder[gateway.EventMessage]"):
+        self._sub, self._decoder = sub, decoder
+
+    def __aiter__(self) -> "AsyncEventStream":
+        return self
+
+    async def __anext__(self) -> gateway.EventMessage:
+        while True:
+            _topic, body = await self._sub.recv_multipart()
+            event = self._decoder.decode(body)
+            if event.kind != "stream.ping":  # another subscriber's marker
+                return event
+
+    async def aclose(self) -> None:
+        self._sub.close()

@@ -255,6 +255,21 @@ class ControlAPI:
             self.policy.check_may_act(who, owner, "stop")
         return run
 
+    def egress(self, who: Principal, run_id: str, offset: int = 0, limit: int = 100) -> wire.EgressReply:
+        """A page of the run's egress log, read from the journal, and the after-revoke check over all of it."""
+        self._verb(who, "runs.egress")
+        if offset < 0 or not 1 <= limit <= 1000:
+            raise ControlFault(Fault.BAD_ARGUMENTS, "offset must be >= 0 and limit 1..1000")
+        self.run_info(who, run_id)  # RunNotFound for a run the caller may not see
+        db = self._engine.journal.db
+        self._engine.journal.commit_now()  # the newest rows too
+        rows, total = queries.egress_page(db, run_id, offset, limit)
+        revoked = queries.revocation(db, run_id)
+        late = queries.dispatched_rows_after_revoke(db, run_id)
+        return wire.EgressReply(run_id=run_id, rows=[wire.EgressRow(**r) for r in rows], offset=offset, total=total,
+                                revoked_at=revoked[0] if revoked else None, revoke_source=revoked[1] if revoked else None,
+                                dispatched_after_revoke=[wire.EgressRow(**r) for r in late])
+
     # -- agents, events, health -------------------------------------------------------------------------
     def agents(self, who: Principal = LIBRARY) -> list["AgentSpec"]:
         self._verb(who, "agents.list")
@@ -326,6 +341,8 @@ class ControlAPI:
             except StopIncomplete:
                 pass  # the report below names the survivors
             return self.run_info(who, r.run_id)
+        if isinstance(r, wire.RunsEgress):
+            return self.egress(who, r.run_id, r.offset, r.limit)
         if isinstance(r, wire.AgentsList):
             return [agent_info(a) for a in self.agents(who)]
         if isinstance(r, wire.HealthCheck):

@@ -28,8 +28,9 @@ import zmq
 import zmq.asyncio
 
 from ...ipc import gateway
-from ...ipc.control import ControlFault, Fault
+from ...ipc.control import ControlFault, Fault, Scope
 from .._version import __version__
+from ..console.server import ConsoleError, ConsoleServer, ConsoleSettings
 from ..client.locate import FILE_NAME, default_runtime_dir, pid_alive, well_known_file
 from ..control.api import fault_of
 from ..control.policy import ALL_SCOPES, Principal
@@ -49,8 +50,11 @@ class DaemonRunning(ControlFault):
 
 class Daemon:
     def __init__(self, config_path: str | None, *, state_dir: str, runtime_dir: str, binds: list[str] | None = None,
-                 keys_dir: str | None = None):
+                 keys_dir: str | None = None, console: ConsoleSettings | None = None):
         self.binds = list(binds or [])
+        self.console_settings = console
+        self.console: ConsoleServer | None = None
+        self._console_login: str | None = None
         for bind in self.binds:
             host, _, port = bind[len("tcp://"):].rpartition(":")
             if not bind.startswith("tcp://") or not host or not port.isdigit():
@@ -86,6 +90,7 @@ class Daemon:
             self.providers = Providers(self.sup.tools, self._push, self._session_of)
             self._apply_config(cfg)
             self._open_sockets()
+            await self._start_console()
             self._write_connection_file()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -97,6 +102,8 @@ class Daemon:
             log.info("deadstop daemon %s serving on %s", self.sup.id, self.endpoints)
             await self._stopping.wait()
         finally:
+            if self.console is not None:
+                await asyncio.to_thread(self.console.stop)  # no click lands while the runs are stopped
             for task in readers:
                 task.cancel()  # no new request from here on
             await self.sup.close()  # every live run killed, its report journaled
@@ -181,10 +188,53 @@ class Daemon:
             return None  # admitted under an older list of keys; no longer authorized
         return Principal("gateway", name, scopes)
 
+    async def _start_console(self) -> None:
+        if self.console_settings is None:
+            return
+        where = gateway.ConnectionFile(control=self.endpoints["control"], events=self.endpoints["events"],
+                                       pid=os.getpid(), started=self.started, state_dir=self.sup.state_dir,
+                                       supervisor_id=self.sup.id)
+        self.console = ConsoleServer(self.console_settings, where)
+        try:
+            url = await asyncio.to_thread(self.console.start)
+        except ConsoleError as exc:
+            self.console = None
+            raise ControlFault(Fault.BAD_ARGUMENTS, f"console: {exc}") from None
+        self._new_file_login()
+        log.info("deadstop console on %s (`deadstop console` prints a login link)", url)
+
+    def _new_file_login(self) -> None:
+        """The connection file's login link: good once; when it is used, the file gets a fresh one."""
+        assert self.console is not None
+        loop = asyncio.get_running_loop()
+
+        def used() -> None:  # on the console's thread
+            loop.call_soon_threadsafe(self._file_login_used)
+
+        self._console_login = self.console.login_link("write", ttl=None, on_use=used)
+
+    def _file_login_used(self) -> None:
+        if self.console is not None and not self._stopping.is_set():
+            self._new_file_login()
+            self._write_connection_file()
+
+    def console_login(self, who: Principal, scope: str) -> gateway.ConsoleLink:
+        if self.console is None:
+            raise ControlFault(Fault.NOT_RUNNING, "this daemon serves no console (it was started with --no-console)")
+        if scope not in ("read", "write"):
+            raise ControlFault(Fault.BAD_ARGUMENTS, f"a console login is for scope read or write, not {scope!r}")
+        if scope == "write" and Scope.WRITE not in who.scopes:
+            raise ControlFault(Fault.FORBIDDEN, f"{who.describe()} holds no write scope: ask for scope read")
+        ttl = 300.0
+        return gateway.ConsoleLink(url=self.console.url, login=self.console.login_link(scope, ttl), scope=scope,
+                                   expires_in=ttl)
+
     def _write_connection_file(self) -> None:
         info = gateway.ConnectionFile(control=self.endpoints["control"], events=self.endpoints["events"],
                                       server_key=self.server_key, pid=os.getpid(), started=self.started,
-                                      state_dir=self.sup.state_dir, supervisor_id=self.sup.id)
+                                      state_dir=self.sup.state_dir, supervisor_id=self.sup.id,
+                                      console=self.console.url if self.console else None,
+                                      console_login=self._console_login)
         path = os.path.join(self.runtime_dir, FILE_NAME)
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
@@ -315,6 +365,8 @@ class Daemon:
         if isinstance(request, gateway.EventsPing):
             self._send_event(request.session, "", "stream.ping", {"token": request.token}, 0)
             return True
+        if isinstance(request, gateway.ConsoleLogin):
+            return self.console_login(who, request.scope)
         if isinstance(request, gateway.DaemonStop):
             asyncio.get_running_loop().call_soon(self._stopping.set)
             return True
@@ -326,6 +378,7 @@ class Daemon:
                 "state_dir": self.sup.state_dir, "runtime_dir": self.runtime_dir, "endpoints": self.endpoints,
                 "agents": sorted(self.sup.registry.agents), "tools": self.sup.tools.names(),
                 "provided_tools": sorted(self.providers.by_tool), "version": __version__,
+                "console": self.console.url if self.console else None,
                 "gateway_version": gateway.VERSION.decode()}
 
     def _departed(self, listener: Listener) -> Callable[[bytes], Any]:
@@ -371,6 +424,8 @@ def principal_of(ident: bytes) -> Principal:
         return Principal("operator", name)
     if kind == "console":
         return Principal("console", name, ALL_SCOPES)
+    if kind == "console-read":  # the console acting for a read-only login: the policy refuses the rest
+        return Principal("console", name, frozenset({Scope.READ}))
     return Principal("gateway", name if kind == "gateway" else ident.hex()[:16], ALL_SCOPES)
 
 
@@ -382,10 +437,11 @@ def _unlink(endpoint: str) -> None:
 
 
 def serve(config_path: str | None, *, state_dir: str, runtime_dir: str, binds: list[str] | None = None,
-          keys_dir: str | None = None) -> int:
+          keys_dir: str | None = None, console: ConsoleSettings | None = None) -> int:
     """Run a daemon in this process until it is told to stop; the exit status."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    daemon = Daemon(config_path, state_dir=state_dir, runtime_dir=runtime_dir, binds=binds, keys_dir=keys_dir)
+    daemon = Daemon(config_path, state_dir=state_dir, runtime_dir=runtime_dir, binds=binds, keys_dir=keys_dir,
+                    console=console)
     return asyncio.run(daemon.run())
 
 

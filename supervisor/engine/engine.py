@@ -49,6 +49,10 @@ log = logging.getLogger("deadstop")
 #: Events delivered even once their session moved on: they say what happened to it.
 UNFENCED_KINDS = frozenset({"run.ended", "run.fenced", "events.dropped", "session.message", "session.stopped"})
 
+#: Seconds between two `run.sample` events of a live run (lifecycle subscribers only): live
+#: usage for consoles and gateways, at a cadence far below the limit sampler's.
+USAGE_EVENT_INTERVAL = 1.0
+
 #: Ended runs kept as objects, newest first out, so that a caller who just saw a
 #: run end can still read its result from it; every older run is only its
 #: stored record (ControlAPI.run_info). Memory is O(live runs + this).
@@ -80,6 +84,7 @@ class Engine:
         self._subscribers: list[Subscription] = []
         self._lifecycle_subscribers = 0  # how many of them want lifecycle events (egress path: one int test)
         self._sampler: asyncio.Task | None = None
+        self._usage_task: asyncio.Task | None = None
         self._sampled: dict[str, AsyncRun] = {}  # live runs whose limits need sampling
         self.sample_interval = sample_interval
         self.closed = False
@@ -135,8 +140,9 @@ class Engine:
         self.broker.close()
         for sub in self._subscribers:
             sub.close()
-        if self._sampler is not None:
-            self._sampler.cancel()
+        for task in (self._sampler, self._usage_task):
+            if task is not None:
+                task.cancel()
         self.journal.supervisor_ended(self.id)
         self.journal.close()
         self._cleanup_dirs()
@@ -297,6 +303,7 @@ class Engine:
         others = lambda: {r.pid for r in self.runs.values() if r.pid is not None and r.pid != started.pid}  # noqa: E731
         run.attach(started.pid, started.create_time, started.pidfd, self.host.containment_for(prov, started.pid, others))
         self._lifecycle(run, "run.started", {"pid": started.pid, "kind": kind, "target": desc})
+        self._ensure_usage_events()
         if limits is not None and (limits.cpu_seconds or limits.memory_bytes or limits.processes):
             self._sampled[run.id] = run
             self._ensure_sampler()
@@ -455,6 +462,7 @@ class Engine:
         entry = Subscription(session, lifecycle)
         self._subscribers.append(entry)
         self._lifecycle_subscribers += lifecycle
+        self._ensure_usage_events()
         try:
             while True:
                 event = await entry.get()
@@ -491,3 +499,28 @@ class Engine:
                 except Exception:  # the run ended under us
                     continue
             await asyncio.sleep(self.sample_interval)
+
+    def _ensure_usage_events(self) -> None:
+        if self._lifecycle_subscribers and self.runs and (self._usage_task is None or self._usage_task.done()):
+            self._usage_task = self.loop.create_task(self._usage_events(), name="deadstop-usage-events")
+
+    async def _usage_events(self) -> None:
+        """A `run.sample` per live run every USAGE_EVENT_INTERVAL while a lifecycle subscriber listens.
+
+        What it carries is what is true now (CPU so far, memory and processes
+        at this moment, tokens and tool calls so far), not the run's peaks:
+        a chart of it shows a run at rest as at rest.
+        """
+        while not self.closed and self._lifecycle_subscribers and self.runs:
+            for run in list(self.runs.values()):
+                if run.state not in (RunState.RUNNING, RunState.PAUSED) or run.containment is None:
+                    continue
+                try:
+                    cpu, memory, processes = run.containment.measure()
+                except Exception:  # ended under us
+                    continue
+                usage = run.live_usage()
+                self._lifecycle(run, "run.sample", {
+                    "cpu_seconds": max(cpu, usage.cpu_seconds), "memory_bytes": memory, "processes": processes,
+                    "tokens": usage.tokens, "tool_calls": usage.tool_calls, "state": run.state.value})
+            await asyncio.sleep(USAGE_EVENT_INTERVAL)

@@ -23,8 +23,8 @@ class Event:
 
 #: The supervisor's own events about runs and sessions, for subscribers that ask for them
 #: (the daemon's event stream does); run.ended and events.dropped go to every subscriber.
-LIFECYCLE_KINDS = frozenset({"run.started", "run.tool_call", "run.usage", "run.fenced", "session.message",
-                             "session.stopped"})
+LIFECYCLE_KINDS = frozenset({"run.started", "run.tool_call", "run.usage", "run.sample", "run.fenced",
+                             "session.message", "session.stopped"})
 
 #: Events a subscriber may have waiting before newer ones are dropped (counted).
 SUBSCRIBER_BACKLOG = 10_000

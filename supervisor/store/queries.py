@@ -129,6 +129,31 @@ def egress(db: sqlite3.Connection, run_id: str, limit: int = 1000) -> list[dict[
     return [dict(zip(cols, r)) for r in rows]
 
 
+_EGRESS_COLS = ("seq", "t_ns", "req_id", "verb", "tool", "decision", "code", "detail")
+
+
+def egress_page(db: sqlite3.Connection, run_id: str, offset: int, limit: int) -> tuple[list[dict[str, Any]], int]:
+    """Rows `offset`.. of the run's egress log (oldest first), and how many it has in all."""
+    rows = db.execute(f"SELECT {', '.join(_EGRESS_COLS)} FROM egress WHERE run_id = ? ORDER BY seq LIMIT ? OFFSET ?",
+                      (run_id, limit, offset))
+    total = db.execute("SELECT COUNT(*) FROM egress WHERE run_id = ?", (run_id,)).fetchone()[0]
+    return [dict(zip(_EGRESS_COLS, r)) for r in rows], int(total)
+
+
+def revocation(db: sqlite3.Connection, run_id: str) -> tuple[int, str] | None:
+    """When the run's egress was revoked, and by what (api, exit, quota, ...)."""
+    row = db.execute("SELECT t_ns, source FROM revocations WHERE run_id = ?", (run_id,)).fetchone()
+    return (int(row[0]), str(row[1])) if row else None
+
+
+def dispatched_rows_after_revoke(db: sqlite3.Connection, run_id: str) -> list[dict[str, Any]]:
+    """Every `dispatched` row of the run later than its revocation, whole (the console shows them)."""
+    cols = ", ".join(f"e.{c}" for c in _EGRESS_COLS)
+    rows = db.execute(f"SELECT {cols} FROM egress e JOIN revocations r USING (run_id)"
+                      " WHERE e.run_id = ? AND e.decision = 'dispatched' AND e.t_ns > r.t_ns ORDER BY e.seq", (run_id,))
+    return [dict(zip(_EGRESS_COLS, r)) for r in rows]
+
+
 def dispatched_after_revoke(db: sqlite3.Connection, run_id: str) -> list[dict[str, Any]]:
     """The proof: tool calls dispatched after the run's revocation (must be empty)."""
     rows = db.execute("SELECT e.t_ns, e.req_id, e.tool FROM egress e JOIN revocations r USING (run_id)"

@@ -1,0 +1,1 @@
+"""The web console: served by the daemon, a client of its control verbs (see server.py)."""
