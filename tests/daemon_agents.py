@@ -46,6 +46,15 @@ def busy_tree(message, **context):
         x += 1
 
 
+def console_worker(message, **context):
+    """Three busy children, and a stream of `llm` calls of 7 tokens each: CPU and tokens grow while it runs."""
+    busy_children(3)
+    _ready(message, session=context["session"])
+    for _ in range(100_000):  # bounded; the test stops it long before
+        egress.call("llm", 7)
+        time.sleep(0.05)
+
+
 def spender(message, **context):
     """Spends message["tokens"] tokens through the `llm` tool, then waits."""
     egress.call("llm", message["tokens"])

@@ -64,8 +64,11 @@ class Daemon:
 
     def start(self, *extra: str, default_layout: bool = False) -> "Daemon":
         """default_layout: no --runtime-dir; $XDG_RUNTIME_DIR (a directory of the test's) decides,
-        and clients find the daemon at the well-known path, with no $DEADSTOP_DAEMON."""
+        and clients find the daemon at the well-known path, with no $DEADSTOP_DAEMON.
+        No web console unless `extra` asks for one (--console ...)."""
         where = ["--runtime-dir", self.runtime]
+        if not any(arg.startswith("--console") for arg in extra):
+            extra = (*extra, "--no-console")
         if default_layout:
             xdg = self.dir / "xdg"
             xdg.mkdir(exist_ok=True)
@@ -89,6 +92,10 @@ class Daemon:
                 pass
             time.sleep(0.02)
         raise AssertionError(f"the daemon did not announce itself within {START_WAIT:g} s: {self.output()}")
+
+    def connection(self) -> dict:
+        with open(os.path.join(self.runtime, "daemon.json")) as f:
+            return json.load(f)
 
     def output(self) -> str:
         self.log.flush()

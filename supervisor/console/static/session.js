@@ -92,20 +92,22 @@
   const MARKS = [["requested_at", "requested"], ["revoked_at", "revoked"], ["term_sent_at", "SIGTERM"],
                  ["kill_sent_at", "SIGKILL"], ["reaped_at", "reaped"]];
 
+  // The stop drawn to scale: a tick per step on one bar, and beneath it the steps in order with their times.
   function timeline(report) {
-    const t0 = report.requested_at;
-    const end = Math.max(...MARKS.map(([f]) => report[f] || 0));
-    const span = Math.max(end - t0, 1);
+    const present = MARKS.filter(([f]) => report[f]);
+    const t0 = Math.min(...present.map(([f]) => report[f]));  // the revoke may precede the request's own stamp
+    const span = Math.max(Math.max(...present.map(([f]) => report[f])) - t0, 1);
+    const offset = (f) => `+${ds.ms(report[f] - t0)}`;
     const bar = ds.el("div", { class: "timeline", role: "img",
-      "aria-label": "stop timeline: " + MARKS.filter(([f]) => report[f]).map(([f, l]) => `${l} +${ds.ms(report[f] - t0)}`).join(", ") });
-    for (const [field, label] of MARKS) {
-      if (!report[field]) continue;
-      const at = ((report[field] - t0) / span) * 100;
-      bar.append(ds.el("span", { class: `mark mark-${field}`, style: `left: ${at}%`, dataset: { mark: field },
-                                 title: `${label} +${ds.ms(report[field] - t0)}` },
-                       ds.el("span", { class: "tick" }), ds.el("span", { class: "label", text: `${label} +${ds.ms(report[field] - t0)}` })));
+      "aria-label": "stop timeline: " + present.map(([f, l]) => `${l} ${offset(f)}`).join(", ") });
+    for (const [field, label] of present) {
+      bar.append(ds.el("span", { class: `mark mark-${field}`, style: `left: ${((report[field] - t0) / span) * 100}%`,
+                                 dataset: { mark: field }, title: `${label} ${offset(field)}` }));
     }
-    return bar;
+    const legend = ds.el("ol", { class: "legend" }, ...present.map(([f, l]) =>
+      ds.el("li", { class: `mark-${f}` }, ds.el("span", { class: "swatch" }), `${l} ${offset(f)}`)));
+    return ds.el("div", { class: "stop" }, bar, ds.el("div", { class: "scale" }, ds.el("span", { text: "0" }),
+                 ds.el("span", { text: ds.ms(span) })), legend);
   }
 
   function reportBlock(run) {

@@ -7,6 +7,7 @@
   const tbody = document.querySelector("#sessions tbody");
   const FIELDS = ["key", "agent", "state", "generation", "tokens", "tool_calls", "cpu", "memory", "processes", "age",
                   "parent", "report"];
+  const LABELS = [...document.querySelectorAll("#sessions thead th")].map((th) => th.textContent);
 
   function cells(row) {
     const u = row.usage || {};
@@ -26,13 +27,14 @@
   function makeRow(key) {
     const tr = ds.el("tr", { dataset: { session: key } });
     for (const field of FIELDS) {
-      const td = ds.el(field === "key" ? "th" : "td", { dataset: { field }, scope: field === "key" ? "row" : null });
+      const label = LABELS[FIELDS.indexOf(field)];
+      const td = ds.el(field === "key" ? "th" : "td", { dataset: { field, label }, scope: field === "key" ? "row" : null });
       if (["tokens", "tool_calls", "cpu", "memory", "processes", "age"].includes(field)) td.className = "num";
       if (field === "key") td.append(ds.el("a", { href: `/session?key=${encodeURIComponent(key)}` }));
       tr.append(td);
     }
     const acts = ds.el("td", { class: "acts", dataset: { field: "actions" } });
-    if (ds.mayAct) acts.append(...ds.actionButtons(key, replied));
+    if (ds.mayAct) acts.append(ds.el("div", { class: "buttons-row" }, ...ds.actionButtons(key, replied)));
     tr.append(acts);
     return tr;
   }
