@@ -512,6 +512,7 @@ class Engine:
         a chart of it shows a run at rest as at rest.
         """
         while not self.closed and self._lifecycle_subscribers and self.runs:
+            await asyncio.sleep(USAGE_EVENT_INTERVAL)  # a sample at a run's first instant says nothing
             for run in list(self.runs.values()):
                 if run.state not in (RunState.RUNNING, RunState.PAUSED) or run.containment is None:
                     continue
@@ -523,4 +524,3 @@ class Engine:
                 self._lifecycle(run, "run.sample", {
                     "cpu_seconds": max(cpu, usage.cpu_seconds), "memory_bytes": memory, "processes": processes,
                     "tokens": usage.tokens, "tool_calls": usage.tool_calls, "state": run.state.value})
-            await asyncio.sleep(USAGE_EVENT_INTERVAL)
