@@ -242,6 +242,11 @@ def test_a_read_only_login_sees_everything_and_no_button_and_its_post_is_refused
     _until(browser, lambda d: _cell(d, "chat", "state") == "running")
     assert browser.find_elements(By.CSS_SELECTOR, "[data-action]") == []
     assert browser.find_element(By.CSS_SELECTOR, ".scope").text == "read"
+    # the page's own call path shows the daemon's refusal with its number (what a button would show)
+    shown = browser.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "ds.call('sessions.stop', {key: 'chat'}).then((r) => done(ds.replyText('sessions.stop', 'chat', r)));")
+    assert shown.startswith("sessions.stop chat: refused: fault 20 FORBIDDEN"), shown
 
     jar, opener = _session()
     opener.open(_login_link(daemon, "--read-only"))

@@ -227,15 +227,16 @@ async def api_events(request: web.Request) -> web.StreamResponse:
         except asyncio.TimeoutError:
             return response
         await response.write(_sse("snapshot", state.feed.public_rows()))
+        sid = request["web"].sid
         while not state.closing.is_set():
             try:
                 item = await asyncio.wait_for(queue.get(), 15)
             except asyncio.TimeoutError:
-                await response.write(b": still here\n\n")  # keeps proxies and idle timers from closing it
-                continue
-            if item is None:
-                break
-            await response.write(_sse(*item))
+                item = ("", None)
+            if item is None or state.logins.session(sid) is None:
+                break  # dropped for falling behind (the page reconnects and gets a snapshot), or logged out
+            # a comment line every 15 s keeps proxies and idle timers from closing a quiet stream
+            await response.write(_sse(*item) if item[0] else b": still here\n\n")
     except (ConnectionResetError, asyncio.CancelledError):
         pass
     finally:

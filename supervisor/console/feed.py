@@ -46,6 +46,8 @@ class Feed:
         self.series: collections.OrderedDict[str, collections.deque[dict[str, Any]]] = collections.OrderedDict()
         self._pages: set[asyncio.Queue[tuple[str, Any] | None]] = set()
         self._stale: set[str] = set()
+        self._seqs: dict[str, int] = {}
+        self._resync = False  # the stream lost events: read every row again
         self._wake = asyncio.Event()
         self.ready = asyncio.Event()
 
@@ -91,20 +93,30 @@ class Feed:
         stream = await self.client.subscribe()  # in place before the snapshot: no change falls between
         refresher = asyncio.ensure_future(self._refresh_forever())
         try:
-            infos = await self.client.sessions()
-            self.rows = {s.key: self._row(msgspec.to_builtins(s)) for s in infos}
+            await self._snapshot()
             self.ready.set()
-            self._broadcast("snapshot", self.public_rows())
             async for event in stream:
                 self._apply(event)
         finally:
             refresher.cancel()
             await stream.aclose()
 
+    async def _snapshot(self) -> None:
+        infos = await self.client.sessions()
+        self.rows = {s.key: self._row(msgspec.to_builtins(s), self.rows.get(s.key)) for s in infos}
+        self._broadcast("snapshot", self.public_rows())
+
     def _apply(self, event: Any) -> None:
         key = event.session
+        if event.kind == "events.dropped":
+            self._resync = True  # what was missed is unknown: every row is read again
+            self._wake.set()
         if not key:
             return
+        last = self._seqs.get(key)
+        if last is not None and event.seq > last + 1:  # ZeroMQ dropped some for us: this row is stale
+            self._mark(key)
+        self._seqs[key] = event.seq
         if event.kind == "run.sample":
             self._sample(key, event.run_id, event.data or {})
         elif event.kind in _ROW_EVENTS:
@@ -136,6 +148,10 @@ class Feed:
             await self._wake.wait()
             await asyncio.sleep(COALESCE)
             self._wake.clear()
+            if self._resync:
+                self._resync, self._stale = False, set()
+                await self._snapshot()
+                continue
             keys, self._stale = self._stale, set()
             await asyncio.gather(*(self._refresh(k) for k in keys))
 
@@ -143,6 +159,8 @@ class Feed:
         try:
             info = msgspec.to_builtins(await self.client.session(key))
         except ControlFault as exc:
+            if exc.fault is Fault.NO_SUCH_SESSION:
+                self._seqs.pop(key, None)
             if exc.fault is Fault.NO_SUCH_SESSION and self.rows.pop(key, None) is not None:
                 self._broadcast("remove", {"key": key})
             return
