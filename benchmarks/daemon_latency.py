@@ -20,18 +20,34 @@ cli list     `deadstop sessions list` with 100 sessions, wall time, beside a
 events       A run emits 20,000 events back to back (pipelined aemit); a
              subscriber counts them. Rate from the first to the last one
              received. Target: >= 10,000 events/s.
+rpc+console  The rpc stop figure again, on a daemon serving its console with
+             a page following its feed. Floor: rpc stop. Target: + 0.5 ms.
+console stop The web console's button path: POST /api/call/sessions.stop on a
+             kept-alive HTTP connection with the session cookie and CSRF
+             token, t0 -> the reply with the report. Floor: rpc+console.
+             Target: + 2 ms.
+console shows A stop through the RPC, t0 before the call -> the console's
+             live feed (server-sent events, read by this process) delivers
+             the row with the session idle. Floor: rpc+console.
+             Target: + 150 ms (the feed coalesces a burst for 50 ms,
+             then reads the row with sessions.show).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import http.client
 import json
 import os
+import queue
+import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.parse
 from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
@@ -43,6 +59,8 @@ from benchmarks.kill_latency import MS, arg_parser, log, run, trial_count
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RPC_MARGIN_NS = 0.5 * MS
+CONSOLE_MARGIN_NS = 2 * MS
+SHOWN_MARGIN_NS = 150 * MS
 LIST_SESSIONS = 100
 EVENTS = 20_000
 
@@ -97,7 +115,7 @@ def library_stops(cfg: Config, chan: ReadyChannel, work: str) -> list[int]:
 
 
 class DaemonProcess:
-    def __init__(self, work: str):
+    def __init__(self, work: str, console: bool = False):
         self.dir = tempfile.mkdtemp(prefix="ds-bench-daemon-")
         self.runtime = os.path.join(self.dir, "run")
         config = os.path.join(self.dir, "deadstop.toml")
@@ -106,7 +124,8 @@ class DaemonProcess:
         self.env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
                     "DEADSTOP_DAEMON": self.runtime}
         self.proc = subprocess.Popen([sys.executable, "-m", "deadstop.supervisor", "serve", "--config", config,
-                                      "--state-dir", os.path.join(self.dir, "state"), "--runtime-dir", self.runtime],
+                                      "--state-dir", os.path.join(self.dir, "state"), "--runtime-dir", self.runtime,
+                                      *(["--console", "127.0.0.1:0"] if console else ["--no-console"])],
                                      env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
         path = os.path.join(self.runtime, "daemon.json")
@@ -150,6 +169,87 @@ def cli_stops(cfg: Config, chan: ReadyChannel, client: Any, env: dict[str, str])
                               capture_output=True, timeout=60)
         out.append(time.monotonic_ns() - t0)
         assert done.returncode == 0, done.stderr
+    return out
+
+
+class ConsoleSession:
+    """A logged-in console session over plain HTTP: a kept-alive connection for POSTs, one for the feed."""
+
+    def __init__(self, runtime: str):
+        with open(os.path.join(runtime, "daemon.json")) as f:
+            info = json.load(f)
+        url = urllib.parse.urlsplit(info["console"])
+        self.host, self.port = url.hostname or "127.0.0.1", url.port or 80
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=60)
+        conn.request("GET", urllib.parse.urlsplit(info["console_login"]).path + "?" +
+                     urllib.parse.urlsplit(info["console_login"]).query)
+        response = conn.getresponse()
+        response.read()
+        self.cookie = response.getheader("Set-Cookie", "").split(";", 1)[0]
+        conn.request("GET", "/", headers={"Cookie": self.cookie})
+        page = conn.getresponse().read().decode()
+        match = re.search(r'name="csrf-token" content="([^"]+)"', page)
+        assert match, "no CSRF token on the sessions page"
+        self.csrf = match.group(1)
+        self.conn = conn
+        self.rows: queue.Queue[tuple[int, dict[str, Any]]] = queue.Queue()
+        self._feed = http.client.HTTPConnection(self.host, self.port, timeout=120)
+        self._feed.request("GET", "/api/events", headers={"Cookie": self.cookie})
+        self._stream = self._feed.getresponse()
+        threading.Thread(target=self._read_feed, daemon=True).start()
+
+    def _read_feed(self) -> None:
+        kind = ""
+        try:
+            for raw in self._stream:
+                line = raw.decode().rstrip("\n")
+                if line.startswith("event: "):
+                    kind = line[7:]
+                elif line.startswith("data: ") and kind == "row":
+                    self.rows.put((time.monotonic_ns(), json.loads(line[6:])))
+        except Exception:  # closed under us at the end of the run
+            return
+
+    def stop(self, key: str) -> dict[str, Any]:
+        self.conn.request("POST", "/api/call/sessions.stop", body=json.dumps({"key": key}),
+                          headers={"Cookie": self.cookie, "X-CSRF-Token": self.csrf, "Content-Type": "application/json"})
+        return json.loads(self.conn.getresponse().read())
+
+    def close(self) -> None:
+        self.conn.close()
+        self._feed.close()
+
+
+def console_stops(cfg: Config, chan: ReadyChannel, client: Any, console: ConsoleSession) -> list[int]:
+    out = []
+    for i in range(cfg.trials):
+        client.send(f"web-{i}", {"ready": chan.path, "tag": f"web-{i}"}, agent="sleeper")
+        chan.wait(1)
+        time.sleep(cfg.settle)
+        t0 = time.monotonic_ns()
+        reply = console.stop(f"web-{i}")
+        out.append(time.monotonic_ns() - t0)
+        assert reply["ok"] and reply["result"]["reports"][0]["survivors"] == 0, reply
+    return out
+
+
+def console_shows(cfg: Config, chan: ReadyChannel, client: Any, console: ConsoleSession) -> list[int]:
+    """RPC stop, then the feed's row saying the session is idle: from before the call to that row."""
+    out = []
+    for i in range(cfg.trials):
+        key = f"shown-{i}"
+        client.send(key, {"ready": chan.path, "tag": key}, agent="sleeper")
+        chan.wait(1)
+        time.sleep(cfg.settle)
+        while not console.rows.empty():
+            console.rows.get_nowait()
+        t0 = time.monotonic_ns()
+        client.stop(key)
+        while True:
+            at, row = console.rows.get(timeout=30)
+            if row["key"] == key and row["state"] == "idle":
+                out.append(at - t0)
+                break
     return out
 
 
@@ -206,6 +306,21 @@ def measure(cfg: Config, chan: ReadyChannel) -> list[Row]:
             rate, got = event_rate(client)
     finally:
         status = daemon.stop()
+    log("daemon with its web console: starting `deadstop serve --console`")
+    daemon = DaemonProcess(work, console=True)
+    try:
+        with Client(daemon.runtime, name="bench") as client:
+            console = ConsoleSession(daemon.runtime)
+            try:
+                log(f"console: {cfg.trials} RPC stops with a console logged in and following")
+                beside = Dist(rpc_stops(cfg, chan, client))
+                log(f"console: {cfg.trials} stops through its HTTP button path, {cfg.trials} stops seen on its feed")
+                web = Dist(console_stops(cfg, chan, client, console))
+                shown = Dist(console_shows(cfg, chan, client, console))
+            finally:
+                console.close()
+    finally:
+        daemon.stop()
     section = "deadstop serve (a real daemon process, ipc://)"
     rows = [
         latency_row("floors, measured in this run", "session stop through the library (Supervisor)", lib),
@@ -217,6 +332,15 @@ def measure(cfg: Config, chan: ReadyChannel) -> list[Row]:
                     "python + argparse", "<= 150 ms", 150 * MS),
         Row(section, f"event stream, {EVENTS:,} events back to back", "calls/s", rate, rate, 1, target=">= 10,000/s",
             limit=10_000, higher_is_better=True, note=f"{got:,} received; daemon exit status {status}"),
+    ]
+    section = "deadstop serve --console (its web console on its own thread, a page following)"
+    rows += [
+        latency_row(section, "session stop through the RPC, console attached", beside, rpc, "RPC, no console",
+                    "<= RPC + 0.5 ms", rpc.p(50) + RPC_MARGIN_NS),
+        latency_row(section, "console Stop (HTTP POST -> the daemon's report)", web, beside, "RPC", "<= RPC + 2 ms",
+                    beside.p(50) + CONSOLE_MARGIN_NS),
+        latency_row(section, "a stop shown by the console's live feed (RPC stop -> SSE row idle)", shown, beside, "RPC",
+                    "<= RPC + 150 ms", beside.p(50) + SHOWN_MARGIN_NS),
     ]
     return rows
 
