@@ -7,6 +7,7 @@ tests/test_console.py` refreshes the README's), else to the test's own directory
 
 from __future__ import annotations
 
+import http.client
 import http.cookiejar
 import json
 import os
@@ -179,10 +180,28 @@ def test_an_operator_watches_pauses_resumes_and_stops_a_tree_from_the_browser(da
     browser.save_screenshot(os.path.join(_shots(tmp_path), "console-session.png"))
     browser.set_window_size(1280, 900)
 
+    # the egress log pages: 50 rows a page, the rest on the next
+    caption = browser.find_element(By.CSS_SELECTOR, f'[data-run="{run}"] table.egress caption').text
+    total = int(caption.rsplit(" of ", 1)[1])
+    if total > 50:
+        browser.find_element(By.CSS_SELECTOR, f'[data-run="{run}"] .pager button:last-child').click()
+        _until(browser, lambda d: d.find_element(By.CSS_SELECTOR, f'[data-run="{run}"] table.egress caption').text
+               == f"Egress log: rows 51–{total} of {total}")
+
     # Stop all, confirmed: every active tree ends
     browser.find_element(By.CSS_SELECTOR, "header h1 a").click()
     _until(browser, lambda d: _cell(d, "planner", "state") == "running")
     live = [daemon.cli_json("sessions", "show", k)["active_run"] for k in ("idle-chat", "planner", child)]
+    # filters: one agent's sessions only, then everyone again
+    from selenium.webdriver.support.ui import Select
+
+    Select(browser.find_element(By.ID, "f-agent")).select_by_value("sleeper")
+
+    def shown(d):
+        return [tr.get_attribute("data-session") for tr in d.find_elements(By.CSS_SELECTOR, "tbody tr") if tr.is_displayed()]
+
+    _until(browser, lambda d: shown(d) == ["idle-chat"])
+    Select(browser.find_element(By.ID, "f-agent")).select_by_value("")
     browser.find_element(By.CSS_SELECTOR, '[data-action="stop-all"]').click()
     _until(browser, lambda d: d.find_element(By.ID, "confirm-stop-all").is_displayed())
     browser.find_element(By.ID, "confirm-stop").click()
@@ -267,6 +286,34 @@ def test_the_console_is_loopback_unless_told_otherwise(tmp_path, workspace):
     try:
         none = d.cli("console", "--no-browser")
         assert none.returncode == 1 and "no console" in none.stderr
+    finally:
+        d.stop()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed (it makes the test's certificate)")
+def test_the_console_serves_tls_with_a_secure_cookie(tmp_path, workspace):
+    import ssl
+    import subprocess
+
+    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", key, "-out", cert],
+                   check=True, capture_output=True, timeout=60)
+    d = Daemon(tmp_path, CONFIG, workspace).start("--console", "127.0.0.1:0", "--console-cert", cert,
+                                                   "--console-key", key)
+    try:
+        info = d.connection()
+        assert info["console"].startswith("https://127.0.0.1:")
+        tls = ssl.create_default_context(cafile=cert)
+        jar = http.cookiejar.CookieJar()
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar),
+                                             urllib.request.HTTPSHandler(context=tls))
+        assert opener.open(info["console_login"], timeout=30).status == 200
+        (cookie,) = list(jar)
+        assert cookie.secure and cookie.has_nonstandard_attr("HttpOnly")
+        plain = "http://" + info["console"].split("://", 1)[1] + "api/sessions"
+        with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
+            urllib.request.urlopen(plain, timeout=30)  # no plain HTTP on a TLS console
     finally:
         d.stop()
 

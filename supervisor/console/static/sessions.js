@@ -135,6 +135,7 @@
   });
   for (const id of ["f-active", "f-tokens", "f-agent", "f-age"]) {
     document.getElementById(id).addEventListener("input", render);
+    document.getElementById(id).addEventListener("change", render);
   }
   setInterval(render, 15000);  // the age column only: no request is made
 
