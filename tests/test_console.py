@@ -91,9 +91,12 @@ def _shots(tmp_path) -> str:
 
 
 def _until(driver, what, timeout: float = WAIT):
+    """Wait for `what` to hold; an element replaced while it was read (the page re-rendered) is read again."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, timeout, poll_frequency=0.05).until(lambda d: what(d))
+    return WebDriverWait(driver, timeout, poll_frequency=0.05,
+                         ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)).until(what)
 
 
 def _cell(driver, key: str, field: str):
@@ -169,11 +172,12 @@ def test_an_operator_watches_pauses_resumes_and_stops_a_tree_from_the_browser(da
     # the session page: the stop report drawn to scale, and the after-revoke check read from the journal
     browser.find_element(By.CSS_SELECTOR, 'tr[data-session="work"] [data-field="key"] a').click()
     _until(browser, lambda d: d.find_elements(By.CSS_SELECTOR, f'[data-report="{run}"] [data-mark="reaped_at"]'))
-    marks = {m.get_attribute("data-mark"): float(m.value_of_css_property("left").rstrip("px"))
-             for m in browser.find_elements(By.CSS_SELECTOR, f'[data-report="{run}"] [data-mark]')}
+    marks = _until(browser, lambda d: {m.get_attribute("data-mark"): float(m.value_of_css_property("left").rstrip("px"))
+                                       for m in d.find_elements(By.CSS_SELECTOR, f'[data-report="{run}"] [data-mark]')})
     assert min(marks.values()) >= 0 and marks["revoked_at"] <= marks["term_sent_at"] <= marks["reaped_at"]
     _until(browser, lambda d: d.find_elements(By.CSS_SELECTOR, f'[data-run="{run}"] [data-check="pass"]'))
-    decisions = {td.text for td in browser.find_elements(By.CSS_SELECTOR, f'[data-run="{run}"] td.decision')}
+    decisions = _until(browser, lambda d: {td.text for td in d.find_elements(By.CSS_SELECTOR,
+                                                                            f'[data-run="{run}"] td.decision')})
     assert "dispatched" in decisions  # the llm calls, each journaled
     assert browser.find_elements(By.CSS_SELECTOR, '[data-chart="cpu_seconds"] polyline')
     browser.set_window_size(1280, 1500)
@@ -181,7 +185,7 @@ def test_an_operator_watches_pauses_resumes_and_stops_a_tree_from_the_browser(da
     browser.set_window_size(1280, 900)
 
     # the egress log pages: 50 rows a page, the rest on the next
-    caption = browser.find_element(By.CSS_SELECTOR, f'[data-run="{run}"] table.egress caption').text
+    caption = _until(browser, lambda d: d.find_element(By.CSS_SELECTOR, f'[data-run="{run}"] table.egress caption').text)
     total = int(caption.rsplit(" of ", 1)[1])
     if total > 50:
         browser.find_element(By.CSS_SELECTOR, f'[data-run="{run}"] .pager button:last-child').click()
