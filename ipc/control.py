@@ -140,7 +140,7 @@ class EgressRow(_Info):
     seq: int
     t_ns: int
     verb: str  # call | emit | result | error | inbox | ...
-    decision: str  # dispatched | completed | failed | refused | cancelled | held | allowed | fenced
+    decision: str  # dispatched | completed | failed | refused | cancelled | outlived_revoke | held | allowed | fenced
     req_id: Union[int, None] = None
     tool: Union[str, None] = None
     code: Union[int, None] = None  # the refusal's or cancellation's error code
@@ -161,6 +161,8 @@ class EgressReply(_Info):
     revoked_at: Union[int, None] = None
     revoke_source: Union[str, None] = None
     dispatched_after_revoke: list[EgressRow] = []
+    #: calls whose blocking handler was running at the revoke and returned after it (effect possible)
+    outlived_revoke: list[EgressRow] = []
 
 
 class StopReply(_Info):

@@ -328,9 +328,9 @@ def leaves_children_behind(out_dir: str) -> str:
     return "bye"
 
 
-def slow_tool_caller() -> None:
+def slow_tool_caller(tool: str = "slow") -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    egress.call("slow")
+    egress.call(tool)
 
 
 def duplicate_ids(copies: int = 2) -> None:

@@ -118,6 +118,13 @@ def _feedback(driver) -> str:
     return driver.find_element(By.ID, "feedback").text
 
 
+def _samples(driver, run_id: str) -> int:
+    """How many usage samples of the run the console holds (its own /api/usage, read through the page)."""
+    return driver.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "ds.get('/api/usage?run=' + arguments[0]).then((r) => done(r.ok ? r.points.length : -1));", run_id)
+
+
 def _login_link(daemon: Daemon, *flags: str) -> str:
     return daemon.cli_json("console", *flags)["login"]
 
@@ -158,6 +165,7 @@ def test_an_operator_watches_pauses_resumes_and_stops_a_tree_from_the_browser(da
     time.sleep(0.3)
     assert cpu_seconds(pids) > frozen, "resume must thaw the tree"
 
+    _until(browser, lambda d: _samples(d, run) >= 2)  # enough of the run seen for a chart of it
     _until(browser, lambda d: _button(d, "work", "stop").is_enabled())
     _button(browser, "work", "stop").click()
     _until(browser, lambda d: _cell(d, "work", "state") == "idle")

@@ -124,31 +124,91 @@ def test_in_flight_async_handler_is_cancelled_and_its_result_discarded(tmp_path)
 
 
 def test_in_flight_sync_handler_cannot_pass_its_commit_gate_after_revoke(tmp_path) -> None:
-    entered, release, decided = threading.Event(), threading.Event(), threading.Event()
+    """A thread cannot be stopped, but its ctx.check() refuses: the stop waits for it (within the
+    grace), and it is then cancelled for real (its effect never ran)."""
+    entered = threading.Event()
     outcome: list[str] = []
-    with Supervisor() as sup:
+    with Supervisor(state_dir=str(tmp_path)) as sup:
         def slow(ctx) -> str:
             entered.set()
-            release.wait(60)
+            while not ctx.revoked:  # bounded by the test's stop below
+                time.sleep(0.005)
             try:
                 ctx.check()
             except ToolCancelled:
                 outcome.append("cancelled at the gate")
                 raise
-            else:
-                outcome.append("committed")
-            finally:
-                decided.set()
+            outcome.append("committed")
             return "sent"
 
         sup.register_tool("slow", slow)
-        run = sup.start(behaviours.slow_tool_caller, tools=["slow"], grace=0.2)
+        run = sup.start(behaviours.slow_tool_caller, tools=["slow"], grace=5)
         assert entered.wait(30)
         report = run.stop()
-        assert report.handlers_cancelled == 1
+        assert outcome == ["cancelled at the gate"], "stop() returned before the handler it waits for decided"
+        assert report.handlers_cancelled == 1 and report.handlers_outlived_revoke == []
+        rows = _egress_rows(sup, run.id, "slow")
+    assert [r[0] for r in rows] == ["dispatched", "cancelled"] and "commit gate" in rows[1][1]
+
+
+def test_a_sync_handler_with_no_check_outlives_the_revoke_and_the_report_says_so(tmp_path) -> None:
+    """The effect of a blocking handler already running cannot be taken back: stop() waits for it
+    within the grace; the report and the journal name it, with the time it returned after the revoke,
+    instead of calling it cancelled."""
+    entered = threading.Event()
+    effects: list[int] = []
+    with Supervisor(state_dir=str(tmp_path)) as sup:
+        def send_email(ctx) -> str:
+            entered.set()
+            while not ctx.revoked:  # bounded by the test's stop below
+                time.sleep(0.005)
+            time.sleep(0.2)  # the SMTP conversation goes on: no ctx.check() anywhere
+            effects.append(time.monotonic_ns())
+            return "sent"
+
+        sup.register_tool("send_email", send_email)
+        run = sup.start(behaviours.slow_tool_caller, "send_email", tools=["send_email"], grace=5)
+        assert entered.wait(30)
+        report = run.stop()
+        stop_returned = time.monotonic_ns()
+        assert len(effects) == 1 and report.revoked_at < effects[0] < stop_returned, "stop() waited for the effect"
+        (outlived,) = report.handlers_outlived_revoke
+        assert outlived["tool"] == "send_email" and report.revoked_at < outlived["returned_at"] <= stop_returned
+        assert report.handlers_cancelled == 0
+        rows = _egress_rows(sup, run.id, "send_email")
+    assert [r[0] for r in rows] == ["dispatched", "outlived_revoke"] and "returned" in rows[1][1]
+
+
+def test_a_sync_handler_past_the_grace_is_reported_still_running(tmp_path) -> None:
+    entered, release, returned = threading.Event(), threading.Event(), threading.Event()
+    with Supervisor(state_dir=str(tmp_path)) as sup:
+        def stuck(ctx) -> str:
+            entered.set()
+            release.wait(60)
+            returned.set()
+            return "late"
+
+        sup.register_tool("stuck", stuck)
+        run = sup.start(behaviours.slow_tool_caller, "stuck", tools=["stuck"], grace=0.2)
+        assert entered.wait(30)
+        report = run.stop()
+        assert report.handlers_outlived_revoke == [{"tool": "stuck", "call_id": 1, "returned_at": None}]
         release.set()
-        assert decided.wait(30)
-    assert outcome == ["cancelled at the gate"]
+        assert returned.wait(30)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and len(_egress_rows(sup, run.id, "stuck")) < 2:  # the row follows it
+            time.sleep(0.02)
+        rows = _egress_rows(sup, run.id, "stuck")
+    assert [r[0] for r in rows] == ["dispatched", "outlived_revoke"]
+
+
+def _egress_rows(sup, run_id: str, tool: str) -> list[tuple[str, str]]:
+    db = sqlite3.connect(sup.journal_path)
+    try:
+        return db.execute("SELECT decision, COALESCE(detail, '') FROM egress WHERE run_id=? AND tool=? ORDER BY seq",
+                          (run_id, tool)).fetchall()
+    finally:
+        db.close()
 
 
 def test_events_reach_subscribers_in_order() -> None:

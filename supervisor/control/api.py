@@ -268,7 +268,9 @@ class ControlAPI:
         late = queries.dispatched_rows_after_revoke(db, run_id)
         return wire.EgressReply(run_id=run_id, rows=[wire.EgressRow(**r) for r in rows], offset=offset, total=total,
                                 revoked_at=revoked[0] if revoked else None, revoke_source=revoked[1] if revoked else None,
-                                dispatched_after_revoke=[wire.EgressRow(**r) for r in late])
+                                dispatched_after_revoke=[wire.EgressRow(**r) for r in late],
+                                outlived_revoke=[wire.EgressRow(**r) for r in
+                                                 queries.rows_decided(db, run_id, "outlived_revoke")])
 
     # -- agents, events, health -------------------------------------------------------------------------
     def agents(self, who: Principal = LIBRARY) -> list["AgentSpec"]:

@@ -237,8 +237,14 @@ class Broker:
         if not first:
             return rec
         self.journal.revoked(chan.run_id, rec.at, source, reason, commit=commit)
-        for handle, ctx in list(chan.in_flight.values()):
-            ctx.cancelled = True
+        for key, (handle, ctx) in list(chan.in_flight.items()):
+            ctx.cancelled = True  # ctx.check() refuses from here on
+            if ctx.on_thread:
+                # A thread cannot be stopped: its effect may still happen. It is not called cancelled;
+                # the stop waits for it within the grace and the report names it (outlived the revoke).
+                chan.outliving[key] = (handle, ctx)
+                chan.outlived.append(ctx)
+                continue
             handle.cancel()  # an async handler stops at its next await; a queued sync one never starts
             chan.cancelled_at_revoke += 1
         now = time.monotonic_ns()
@@ -577,6 +583,9 @@ class Broker:
     def _finished(self, ident: bytes, chan: Channel, key: int, req_id: int, ctx: ToolContext,
                   fut: asyncio.Future) -> None:
         chan.in_flight.pop(key, None)
+        if chan.outliving.pop(key, None) is not None:
+            self._outlived(ident, chan, req_id, ctx, fut)
+            return
         try:
             self._answer(ident, chan, req_id, ctx, fut)
         finally:
@@ -585,6 +594,25 @@ class Broker:
             # the run before anything else of it is dispatched.
             if ctx.usage:
                 self.sink.on_usage(chan.run_id, ctx.tool, ctx.usage)
+
+    def _outlived(self, ident: bytes, chan: Channel, req_id: int, ctx: ToolContext, fut: asyncio.Future) -> None:
+        """A synchronous handler that was running at the revoke has returned: say when, and how."""
+        ctx.returned_at = t = time.monotonic_ns()
+        exc = None if fut.cancelled() else fut.exception()
+        revoked_at = chan.revocation.at if chan.revocation is not None else t
+        if isinstance(exc, ToolCancelled):  # its ctx.check() refused: the effect never happened
+            chan.outlived.remove(ctx)
+            chan.cancelled_at_revoke += 1
+            self.journal.egress(chan.run_id, t, req_id, "call", ctx.tool, "cancelled", int(ErrorCode.CANCELLED),
+                                f"refused at its commit gate {(t - revoked_at) / 1e6:.1f} ms after the revoke")
+            self._reply_error(ident, req_id, ErrorCode.CANCELLED, str(exc))
+            return
+        how = "returned" if exc is None else f"raised {type(exc).__name__}: {exc}"[:500]
+        self.journal.egress(chan.run_id, t, req_id, "call", ctx.tool, "outlived_revoke", int(ErrorCode.CANCELLED),
+                            f"running on a thread at the revoke; {how} {(t - revoked_at) / 1e6:.1f} ms after it "
+                            "(its effect may have happened)")
+        self._reply_error(ident, req_id, ErrorCode.CANCELLED,
+                          f"tool {ctx.tool!r}: run {chan.run_id} was revoked while it ran", chan.revoked_reason())
 
     def _answer(self, ident: bytes, chan: Channel, req_id: int, ctx: ToolContext, fut: asyncio.Future) -> None:
         t = time.monotonic_ns()
@@ -659,4 +687,5 @@ def _run_sync_handler(tool: Tool, ctx: ToolContext, chan: Channel, args: list[An
     with chan.gate:
         if ctx.cancelled or chan.revocation is not None:
             raise ToolCancelled(f"run {chan.run_id}: tool {tool.name!r} revoked before it started")
+        ctx.on_thread = True  # under the gate: a revoke sees either this or the refusal above
     return tool.fn(*args, **kwargs)

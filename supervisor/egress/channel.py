@@ -74,7 +74,7 @@ class Channel:
     __slots__ = ("run_id", "_credential", "_digest", "allowed", "generation", "current", "revocation", "gate",
                  "in_flight", "refused_after_revoke", "cancelled_at_revoke", "calls", "max_calls", "held",
                  "held_bytes", "address", "endpoint", "peer_uid", "peer_gid", "peers", "budget",
-                 "abused")
+                 "abused", "outliving", "outlived")
 
     def __init__(self, run_id: str, credential: bytes, allowed: frozenset[str], generation: int = 0,
                  current: GenerationCell | None = None, max_calls: int | None = None, *,
@@ -103,7 +103,11 @@ class Channel:
         self.gate = threading.Lock()
         self.in_flight: dict[int, Any] = {}  # broker call sequence -> (asyncio handle, ToolContext)
         self.refused_after_revoke = 0
-        self.cancelled_at_revoke = 0
+        self.cancelled_at_revoke = 0  # handlers the revoke stopped before their effect (never started, or cancelled)
+        #: synchronous handlers already running on a thread at the revoke: nothing can stop a thread, so
+        #: they are waited for (within the grace) and reported, never counted as cancelled
+        self.outliving: dict[int, Any] = {}  # broker call sequence -> (asyncio handle, ToolContext)
+        self.outlived: list[Any] = []  # their ToolContexts, in revoke order (returned_at set when they return)
         self.calls = 0
 
     def authenticates(self, presented: bytes) -> bool:

@@ -30,7 +30,7 @@ class ToolCancelled(DeadstopError):
 
 class ToolContext:
     __slots__ = ("run_id", "tool", "call_id", "started_at", "committed_at", "cancelled", "_gate",
-                 "_revoked", "usage")
+                 "_revoked", "usage", "on_thread", "returned_at")
 
     def __init__(self, run_id: str, tool: str, call_id: int, gate: threading.Lock,
                  revoked: Callable[[], str | None]):
@@ -43,6 +43,8 @@ class ToolContext:
         self._gate = gate
         self._revoked = revoked
         self.usage: dict[str, float] = {}
+        self.on_thread = False  # a synchronous handler past its start gate: its code is running
+        self.returned_at: int | None = None  # when a handler that outlived the revoke returned
 
     @property
     def revoked(self) -> bool:

@@ -12,7 +12,9 @@ its StopReports for runs of a supervisor that no longer exists.)
 Guarantees kept here (docs/guarantees.md):
 G1 the channel is revoked and the revocation committed to the journal before
    the first signal;
-G2 in-flight handlers are cancelled by the same revoke;
+G2 in-flight handlers are cancelled by the same revoke (a synchronous one already
+   running on a thread cannot be: it is waited for within the grace and reported
+   in handlers_outlived_revoke, never counted as cancelled);
 G3 every process of the run is gone (layer kill, then sweep) before return;
 G4 every wait is bounded: grace for SIGTERM, KILL_BOUND after SIGKILL.
 """
@@ -143,6 +145,14 @@ async def stop_sequence(run: "AsyncRun", req: StopRequest) -> StopReport:
         log.exception("run %s: stop sequence failed; killing and sweeping its layer", run.id)
         await _failsafe(run, layer, report, exc)
 
+    # 3b. Synchronous handlers that were running on a thread at the revoke may still
+    #     make their effect: nothing stops a thread. Wait for them within the grace
+    #     (counted from the revoke; a kill does not wait), and name each in the report.
+    await _wait_outliving(run, req, rec.at)
+    report.handlers_cancelled = run.channel.cancelled_at_revoke  # with those refused at their commit gate since
+    report.handlers_outlived_revoke = [{"tool": c.tool, "call_id": c.call_id, "returned_at": c.returned_at}
+                                       for c in run.channel.outlived]
+
     progress.phase = "reap"
     # 4. Reap the leader; until now its zombie pinned the process group id.
     #    A leader still alive after the kill bound (its pidfd never fired) is
@@ -157,6 +167,16 @@ async def stop_sequence(run: "AsyncRun", req: StopRequest) -> StopReport:
     report.refused_after_revoke = run.channel.refused_after_revoke
     report.outcome = run.final_state(req.mode, report.exit_code).value
     return report
+
+
+async def _wait_outliving(run: "AsyncRun", req: StopRequest, revoked_at: int) -> None:
+    handles = [handle for handle, _ctx in run.channel.outliving.values()]
+    if not handles or req.mode is StopMode.KILL or (run.progress is not None and run.progress.kill_requested):
+        return
+    left = (revoked_at + int(req.grace * 1e9) - time.monotonic_ns()) / 1e9
+    if left > 0:
+        await asyncio.wait(handles, timeout=left)
+        await asyncio.sleep(0)  # their done-callbacks (the journal rows, returned_at) run first
 
 
 async def _signal_and_sweep(run: "AsyncRun", req: StopRequest, layer: Containment, report: StopReport) -> None:

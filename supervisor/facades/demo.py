@@ -80,7 +80,8 @@ def run_demo(out: TextIO, containment: str = "auto", grace: float = 0.5) -> int:
     out.write(header + "\n" + "-" * len(header) + "\n")
     ok = True
     for name, rep in reports.items():
-        late = sum(1 for run_id, t in effects if run_id == rep.run_id and t > rep.revoked_at)
+        late = sum(1 for run_id, t in effects if run_id == rep.run_id and t > rep.revoked_at) + \
+            len(rep.handlers_outlived_revoke)
         row_ok = after[name] == 0 and rep.survivors == 0 and late == 0
         ok = ok and row_ok
         stop_ms = (rep.reaped_at - rep.requested_at) / 1e6
@@ -93,6 +94,7 @@ def run_demo(out: TextIO, containment: str = "auto", grace: float = 0.5) -> int:
                   f"{after[name]:>12}\n")
     out.write(f"\n* includes the {grace:.1f} s grace before SIGKILL (the run ignored SIGTERM)\n")
     out.write(f"containment: {next(iter(reports.values())).containment}; "
-              f"late fx = tool calls that started after the run's revoke (must be 0)\n")
+              f"late fx = tool calls that started after the run's revoke, or were still running\n"
+              f"on a thread at it (must be 0)\n")
     out.write("result: " + ("every run is gone and nothing ran after stop\n" if ok else "FAILED\n"))
     return 0 if ok else 1

@@ -154,6 +154,12 @@ def dispatched_rows_after_revoke(db: sqlite3.Connection, run_id: str) -> list[di
     return [dict(zip(_EGRESS_COLS, r)) for r in rows]
 
 
+def rows_decided(db: sqlite3.Connection, run_id: str, decision: str) -> list[dict[str, Any]]:
+    rows = db.execute(f"SELECT {', '.join(_EGRESS_COLS)} FROM egress WHERE run_id = ? AND decision = ? ORDER BY seq",
+                      (run_id, decision))
+    return [dict(zip(_EGRESS_COLS, r)) for r in rows]
+
+
 def dispatched_after_revoke(db: sqlite3.Connection, run_id: str) -> list[dict[str, Any]]:
     """The proof: tool calls dispatched after the run's revocation (must be empty)."""
     rows = db.execute("SELECT e.t_ns, e.req_id, e.tool FROM egress e JOIN revocations r USING (run_id)"

@@ -49,7 +49,11 @@ class StopReport:
     survivor_pids: list[int] = dataclasses.field(default_factory=list)
     swept: int = 0  # processes the sweep had to kill after the layer's signal
     refused_after_revoke: int = 0
+    #: handlers the revoke stopped before their effect: async ones cancelled, queued sync ones never started
     handlers_cancelled: int = 0
+    #: synchronous handlers already running on a thread at the revoke (their effect may have happened):
+    #: {"tool", "call_id", "returned_at"}, returned_at None if it had not returned when the stop did
+    handlers_outlived_revoke: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     exit_code: int | None = None  # leader's exit status, if it exited
     exit_signal: int | None = None  # signal that ended the leader, if any
     #: processes of the run found outside its containment (left its cgroup or

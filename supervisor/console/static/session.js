@@ -143,6 +143,9 @@
         : ds.el("div", { class: "check fail", dataset: { check: "fail" } },
                 ds.el("p", { text: `FAIL: ${late.length} call(s) dispatched after the revoke:` }),
                 ds.el("ul", {}, ...late.map((x) => ds.el("li", { text: `#${x.seq} ${x.tool} at +${ds.ms(x.t_ns - reply.revoked_at)}` }))));
+    const outlived = reply.outlived_revoke.length === 0 ? null : ds.el("div", { class: "check warn", dataset: { check: "outlived" } },
+      ds.el("p", { text: `${reply.outlived_revoke.length} blocking handler(s) were running at the revoke and could not be cut (no ctx.check() before their effect):` }),
+      ds.el("ul", {}, ...reply.outlived_revoke.map((x) => ds.el("li", { text: `#${x.seq} ${x.tool}: ${x.detail}` }))));
     const rows = reply.rows.map((x) => ds.el("tr", { dataset: { decision: x.decision } },
       ds.el("td", { class: "num", text: String(x.seq) }),
       ds.el("td", { class: "num", text: reply.revoked_at ? `${x.t_ns > reply.revoked_at ? "+" : ""}${ds.ms(x.t_ns - reply.revoked_at)}` : "" }),
@@ -158,7 +161,7 @@
                         disabled: offset === 0, onclick: () => { egressOffset.set(runId, Math.max(0, offset - PAGE)); egress(runId, box); } }),
       ds.el("button", { type: "button", text: "Next page →", "aria-label": `next page of run ${runId}'s egress log`,
                         disabled: offset + PAGE >= reply.total, onclick: () => { egressOffset.set(runId, offset + PAGE); egress(runId, box); } }));
-    box.replaceChildren(check, table, pager);
+    box.replaceChildren(...[check, outlived, table, pager].filter((n) => n));
   }
 
   function runCard(run) {
