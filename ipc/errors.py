@@ -35,6 +35,8 @@ class ErrorCode(enum.IntEnum):
     INTERNAL = 16  # bug in deadstop; the request had no effect
     QUEUE_FULL = 17  # the run is paused and its held queue is at its cap (count or bytes)
     RESERVED_KIND = 18  # emit of an event kind the supervisor keeps for itself (run.*, session.*)
+    TOOL_UNAVAILABLE = 19  # the tool's server is down (crashed, failed to start, restarting after a backoff)
+    TOOL_TIMEOUT = 20  # no answer within the tool's timeout; the call was cancelled at its server
 
 
 class EgressRefused(DeadstopError):
@@ -91,6 +93,8 @@ _CLASS_BY_CODE: dict[ErrorCode, type[EgressRefused]] = {
     ErrorCode.UNKNOWN_TOOL: ToolDenied,
     ErrorCode.POLICY_DENIED: ToolDenied,
     ErrorCode.TOOL_ERROR: ToolError,
+    ErrorCode.TOOL_UNAVAILABLE: ToolError,
+    ErrorCode.TOOL_TIMEOUT: ToolError,
     ErrorCode.CANCELLED: Revoked,
     ErrorCode.QUOTA_EXCEEDED: QuotaExceeded,
 }

@@ -362,3 +362,8 @@ def busy_for(seconds: float, **context) -> None:
 def identity() -> dict:
     """Who the run is: its uid and how many pids its /proc shows (1 under hidepid)."""
     return {"uid": os.getuid(), "visible_pids": sum(1 for p in os.listdir("/proc") if p.isdigit())}
+
+
+def calls_with(tool: str, arguments: dict) -> dict:
+    """calls_and_reports with keyword arguments (start() passes positional ones only)."""
+    return calls_and_reports(tool, **arguments)

@@ -39,7 +39,7 @@ from ...ipc import framing, schema
 from ...ipc.errors import ErrorCode
 from .channel import Channel, GenerationCell, RevokeRecord, TokenBucket
 from ..store.journal import Journal
-from .tools import PolicyDenied, Tool, ToolCancelled, ToolContext, ToolRegistry
+from .tools import PolicyDenied, Tool, ToolCancelled, ToolContext, ToolFailure, ToolRegistry
 
 log = logging.getLogger("deadstop.broker")
 
@@ -632,6 +632,10 @@ class Broker:
         if isinstance(exc, ToolCancelled):
             self.journal.egress(chan.run_id, t, req_id, "call", ctx.tool, "cancelled", int(ErrorCode.CANCELLED), str(exc))
             self._reply_error(ident, req_id, ErrorCode.CANCELLED, str(exc))
+            return
+        if isinstance(exc, ToolFailure):  # a failure with its own code (a tool server down, a timeout)
+            self.journal.egress(chan.run_id, t, req_id, "call", ctx.tool, "failed", int(exc.code), str(exc)[:4000])
+            self._reply_error(ident, req_id, ErrorCode(exc.code), f"tool {ctx.tool!r}: {exc}")
             return
         if exc is not None:
             text = f"{type(exc).__name__}: {exc}"[:4000]

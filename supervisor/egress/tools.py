@@ -70,10 +70,19 @@ class ToolContext:
             self.usage[key] = self.usage.get(key, 0) + value
 
 
-class Tool:
-    __slots__ = ("name", "fn", "is_async", "wants_ctx", "signature")
+class ToolFailure(Exception):
+    """A handler's failure with its own wire code (TOOL_UNAVAILABLE, TOOL_TIMEOUT, ...), not TOOL_ERROR."""
 
-    def __init__(self, name: str, fn: Callable[..., Any]):
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class Tool:
+    __slots__ = ("name", "fn", "is_async", "wants_ctx", "signature", "check_arguments")
+
+    def __init__(self, name: str, fn: Callable[..., Any],
+                 check_arguments: Callable[[list[Any], dict[str, Any]], None] | None = None):
         if not callable(fn):
             raise TypeError(f"tool {name!r}: handler {fn!r} is not callable")
         self.name = name
@@ -85,11 +94,15 @@ class Tool:
         except (TypeError, ValueError):
             self.signature = None
         self.wants_ctx = bool(self.signature and "ctx" in self.signature.parameters)
+        #: raises TypeError for arguments the tool refuses (an MCP tool's input schema), before the call leaves
+        self.check_arguments = check_arguments
 
     def bind(self, args: list[Any], kwargs: dict[str, Any], ctx: ToolContext) -> tuple[list[Any], dict[str, Any]]:
         """Fit the wire arguments to the handler; TypeError names what does not fit."""
         if "ctx" in kwargs:
             raise TypeError("'ctx' is reserved for the tool context")
+        if self.check_arguments is not None:
+            self.check_arguments(args, kwargs)
         if self.wants_ctx:
             kwargs = {**kwargs, "ctx": ctx}
         if self.signature is not None:
@@ -101,10 +114,14 @@ class ToolRegistry:
     def __init__(self) -> None:
         self._tools: dict[str, Tool] = {}
 
-    def register(self, name: str, fn: Callable[..., Any]) -> None:
+    def register(self, name: str, fn: Callable[..., Any],
+                 check_arguments: Callable[[list[Any], dict[str, Any]], None] | None = None) -> None:
         if not isinstance(name, str) or not 1 <= len(name) <= 200:
             raise ValueError("tool name must be a string of 1 to 200 characters (the wire's limit for names)")
-        self._tools[name] = Tool(name, fn)
+        self._tools[name] = Tool(name, fn, check_arguments)
+
+    def unregister(self, name: str) -> None:
+        self._tools.pop(name, None)
 
     def get(self, name: str) -> Tool | None:
         return self._tools.get(name)

@@ -26,6 +26,7 @@ import psutil
 
 from ...ipc import framing
 from ..egress.broker import Broker
+from ..egress.mcp import McpServers, McpServerSpec
 from ..egress.tools import ToolRegistry
 from ..errors import DeadstopError, InvalidTarget, RunNotFound, SupervisorClosed
 from ..host.local import LocalHost
@@ -79,6 +80,7 @@ class Engine:
         self._max_request_bytes = max_request_bytes
         self._tool_threads = tool_threads
         self.tools = ToolRegistry()
+        self.mcp = McpServers(self.tools.register, self.tools.unregister)
         self.runs: dict[str, AsyncRun] = {}  # live runs (starting, running, paused, stopping)
         self._ended: collections.OrderedDict[str, AsyncRun] = collections.OrderedDict()
         self._subscribers: list[Subscription] = []
@@ -138,6 +140,7 @@ class Engine:
                 log.error("run %s: kill at close failed: %s", r.id, res)
         await self.host.close()
         self.broker.close()
+        await self.mcp.close()  # after every run is gone: nothing of theirs is in flight at a server
         for sub in self._subscribers:
             sub.close()
         for task in (self._sampler, self._usage_task):
@@ -199,6 +202,19 @@ class Engine:
     def register_tool(self, name: str, fn: Callable[..., Any]) -> None:
         """Make `fn` callable from runs whose allow-list names `name`."""
         self.tools.register(name, fn)
+
+    async def register_mcp_server(self, name: str, command: Sequence[str], *, env: dict[str, str] | None = None,
+                                  cwd: str | None = None, timeout: float = 60.0, scope: str = "supervisor") -> list[str]:
+        """Start an MCP server (stdio) and register each of its tools as `NAME.TOOL`; their names.
+
+        Runs call them like any tool (on their allow-list, keyword arguments
+        checked against the tool's input schema). See supervisor/egress/mcp.py
+        for cancellation at the revoke and what happens when a server fails.
+        Registering a name again replaces that server.
+        """
+        self.check_open()
+        spec = McpServerSpec(name, list(command), dict(env) if env else None, cwd, float(timeout), scope)
+        return await self.mcp.add(spec)
 
     # -- runs ----------------------------------------------------------------------------
     def check_open(self) -> None:

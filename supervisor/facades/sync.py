@@ -220,6 +220,12 @@ class Supervisor:
     def register_tool(self, name: str, fn: Callable[..., Any]) -> None:
         self._core.register_tool(name, fn)
 
+    def register_mcp_server(self, name: str, command: Sequence[str], *, env: dict[str, str] | None = None,
+                            cwd: str | None = None, timeout: float = 60.0, scope: str = "supervisor") -> list[str]:
+        """Start an MCP server and register its tools as `NAME.TOOL`; their names (see Engine.register_mcp_server)."""
+        return self._call(self._core.register_mcp_server(name, command, env=env, cwd=cwd, timeout=timeout,
+                                                         scope=scope))
+
     def register_agent(self, name: str, target: Any, **options: Any) -> None:
         """See AsyncSupervisor.register_agent."""
         self._call(_value(lambda: self._core.register_agent(name, target, **options)))

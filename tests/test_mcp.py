@@ -1,0 +1,120 @@
+"""MCP servers as tool sources, against real server processes over stdio: the tests' own server for
+the fault cases (tests/mcp_servers/faults.py) and servers the project did not write.
+
+What a server did is read from its own log (a FIFO the test waits on), never from deadstop.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import sys
+import time
+
+import pytest
+
+import behaviours
+from daemonctl import Ready
+from deadstop.supervisor import Supervisor
+
+pytest.importorskip("mcp", reason="the mcp SDK is not installed (pip install -e '.[test]')")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FAULTS = [sys.executable, os.path.join(HERE, "mcp_servers", "faults.py")]
+
+
+@pytest.fixture
+def log(tmp_path):
+    r = Ready(tmp_path)
+    yield r
+    r.close()
+
+
+def _rows(sup, run_id: str) -> list[tuple[str, str, str]]:
+    db = sqlite3.connect(sup.journal_path)
+    try:
+        return db.execute("SELECT tool, decision, COALESCE(detail, '') FROM egress WHERE run_id=? AND verb='call'"
+                          " ORDER BY seq", (run_id,)).fetchall()
+    finally:
+        db.close()
+
+
+def test_an_mcp_servers_tools_are_brokered_and_checked_against_their_schemas(tmp_path, log) -> None:
+    with Supervisor(state_dir=str(tmp_path / "state")) as sup:
+        names = sup.register_mcp_server("faults", FAULTS, env={"FAULTS_LOG": log.path})
+        assert {"faults.echo", "faults.slow", "faults.crash", "faults.hang", "faults.fail"} <= set(names)
+        allowed = ["faults.echo", "faults.fail"]
+        ok = sup.start(behaviours.calls_with, "faults.echo", {"text": "hi", "times": 2}, tools=allowed).result(30)
+        assert ok["ok"] and ok["value"]["content"][0]["text"] == "hihi"
+        assert ok["value"]["isError"] is False and ok["value"]["structuredContent"] == {"result": "hihi"}
+        assert log.wait(1)[0]["text"] == "hi"  # it reached the server
+
+        # refused at the broker by the tool's input schema: never reaches the server
+        bad = sup.start(behaviours.calls_with, "faults.echo", {"times": "x"}, tools=allowed)
+        bad_result = bad.result(30)
+        assert not bad_result["ok"] and bad_result["code"] == 11, bad_result  # BAD_ARGUMENTS
+        assert "text" in bad_result["message"] or "times" in bad_result["message"]
+        denied = sup.start(behaviours.calls_with, "faults.crash", {}, tools=allowed).result(30)
+        assert not denied["ok"] and denied["code"] == 7  # not on the allow-list
+        failed = sup.start(behaviours.calls_with, "faults.fail", {"why": "disk full"}, tools=allowed).result(30)
+        assert not failed["ok"] and failed["code"] == 9 and "Error executing tool fail" in failed["message"]  # its words
+        echo_calls = [r for r in _rows(sup, bad.id)]
+        assert [d for _, d, _ in echo_calls] == ["refused"]
+    with pytest.raises(AssertionError):
+        log.wait(1, timeout=0.5)  # nothing else reached the server: the bad call never left
+
+
+def test_the_revoke_cancels_an_mcp_call_at_its_server(tmp_path, log) -> None:
+    with Supervisor(state_dir=str(tmp_path / "state")) as sup:
+        sup.register_mcp_server("faults", FAULTS, env={"FAULTS_LOG": log.path})
+        run = sup.start(behaviours.calls_with, "faults.slow", {"seconds": 60}, tools=["faults.slow"], grace=0.5)
+        assert log.wait(1)[0]["event"] == "started"
+        report = run.stop()
+        assert report.handlers_cancelled == 1 and report.survivors == 0
+        assert log.wait(1)[0]["event"] == "cancelled", "the server was told (notifications/cancelled)"
+        rows = _rows(sup, run.id)
+        assert [(t, d) for t, d, _ in rows] == [("faults.slow", "dispatched"), ("faults.slow", "cancelled")]
+        # the server is still there for the next run
+        again = sup.start(behaviours.calls_with, "faults.echo", {"text": "after"}, tools=["faults.echo"]).result(30)
+        assert again["ok"]
+        assert log.wait(1)[0]["text"] == "after"
+
+
+def test_a_server_that_crashes_fails_its_call_and_the_next_call_starts_it_again(tmp_path, log) -> None:
+    with Supervisor(state_dir=str(tmp_path / "state")) as sup:
+        sup.register_mcp_server("faults", FAULTS, env={"FAULTS_LOG": log.path})
+        sup.register_mcp_server("bystander", FAULTS)
+        tools = ["faults.crash", "faults.echo", "bystander.echo"]
+        crashed = sup.start(behaviours.calls_with, "faults.crash", {}, tools=tools).result(30)
+        first_pid = log.wait(1)[0]["pid"]
+        assert not crashed["ok"] and crashed["code"] == 19, crashed  # TOOL_UNAVAILABLE
+        other = sup.start(behaviours.calls_with, "bystander.echo", {"text": "fine"}, tools=tools).result(30)
+        assert other["ok"], "another server is not touched"
+        again = sup.start(behaviours.calls_with, "faults.echo", {"text": "back"}, tools=tools).result(30)
+        assert again["ok"], again
+        line = log.wait(1)[0]
+        assert line["text"] == "back" and line["pid"] != first_pid, "a fresh server process answered"
+
+
+def test_a_server_that_stops_answering_times_out_and_is_replaced(tmp_path, log) -> None:
+    with Supervisor(state_dir=str(tmp_path / "state")) as sup:
+        sup.register_mcp_server("faults", FAULTS, env={"FAULTS_LOG": log.path}, timeout=1.0)
+        tools = ["faults.hang", "faults.echo"]
+        t0 = time.monotonic()
+        hung = sup.start(behaviours.calls_with, "faults.hang", {}, tools=tools).result(30)
+        assert not hung["ok"] and hung["code"] == 20, hung  # TOOL_TIMEOUT
+        assert time.monotonic() - t0 < 20
+        hung_pid = log.wait(1)[0]["pid"]
+        again = sup.start(behaviours.calls_with, "faults.echo", {"text": "new"}, tools=tools).result(30)
+        assert again["ok"], again
+        assert log.wait(1)[0]["pid"] != hung_pid
+
+
+def test_a_server_that_cannot_start_is_refused_at_registration(tmp_path) -> None:
+    from deadstop.supervisor.egress.mcp import McpUnavailable
+
+    with Supervisor(state_dir=str(tmp_path / "state")) as sup:
+        with pytest.raises(McpUnavailable, match="nothing"):
+            sup.register_mcp_server("nothing", [sys.executable, "-c", "import sys; sys.exit(1)"], timeout=5)
+        with pytest.raises(ValueError, match="without '.'"):
+            sup.register_mcp_server("a.b", FAULTS)
