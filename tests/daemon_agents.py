@@ -103,3 +103,14 @@ def emitter(message, **context):
     for i in range(message["count"]):
         egress.emit("progress", {"i": i})
     return message["count"]
+
+
+def tool_caller(message, **context):
+    """Calls message["tool"] with message["args"] and says what came back on the ready FIFO."""
+    try:
+        outcome = {"ok": True, "value": egress.call(message["tool"], **message.get("args", {}))}
+    except Exception as exc:
+        outcome = {"ok": False, "code": int(getattr(exc, "code", 0)), "message": str(exc)}
+    _ready(message, session=context["session"], **outcome)
+    while True:
+        time.sleep(1)

@@ -66,7 +66,7 @@ def ready(workspace):
 @pytest.fixture
 def browser(tmp_path):
     if not (CHROMIUM and CHROMEDRIVER):
-        if os.environ.get("DEADSTOP_REQUIRE_BROWSER"):
+        if os.environ.get("DEADSTOP_CI"):
             pytest.fail(NO_BROWSER)
         pytest.skip(NO_BROWSER)
     from selenium import webdriver

@@ -118,3 +118,111 @@ def test_a_server_that_cannot_start_is_refused_at_registration(tmp_path) -> None
             sup.register_mcp_server("nothing", [sys.executable, "-c", "import sys; sys.exit(1)"], timeout=5)
         with pytest.raises(ValueError, match="without '.'"):
             sup.register_mcp_server("a.b", FAULTS)
+
+
+def test_the_daemon_serves_mcp_servers_from_its_configuration(tmp_path, workspace) -> None:
+    import json
+
+    from daemonctl import Daemon
+
+    config = f"""
+[mcp_servers.faults]
+command = "{sys.executable}"
+args = ["{FAULTS[1]}"]
+timeout = 30
+
+[agents.caller]
+target = "daemon_agents:tool_caller"
+cwd = "{{work}}"
+tools = ["faults.echo"]
+"""
+    d = Daemon(tmp_path, config, workspace).start()
+    ready = Ready(workspace)
+    try:
+        info = d.cli_json("daemon", "info")
+        assert "faults.echo" in info["mcp_servers"]["faults"] and "faults.echo" in info["tools"]
+        message = json.dumps({"ready": ready.path, "tool": "faults.echo", "args": {"text": "via the daemon"}})
+        assert d.cli("sessions", "send", "c1", message, "--agent", "caller").returncode == 0
+        (line,) = ready.wait(1)
+        assert line["ok"] and line["value"]["content"][0]["text"] == "via the daemon", line
+        assert d.cli("daemon", "reload").returncode == 0  # unchanged: the server stays
+        assert d.cli_json("daemon", "info")["mcp_servers"] == info["mcp_servers"]
+        stopped = d.cli_json("sessions", "stop", "c1")
+        assert stopped["reports"][0]["survivors"] == 0
+    finally:
+        ready.close()
+        assert d.stop() == 0
+    (tmp_path / "bad.toml").write_text("[mcp_servers.x]\nargs = ['y']\n")
+    checked = d.cli("serve", "--check", "--config", str(tmp_path / "bad.toml"))
+    assert checked.returncode == 1 and "mcp_servers.x: needs command" in checked.stderr, checked.stderr
+
+
+# -- servers the project did not write ------------------------------------------------------------------------
+EVERYTHING = os.path.join(HERE, "mcp_node", "node_modules", "@modelcontextprotocol", "server-everything", "dist",
+                          "index.js")
+
+
+def _require(present: bool, why: str) -> None:
+    if not present:
+        if os.environ.get("DEADSTOP_CI"):
+            pytest.fail(why)  # CI installs it: missing there is a broken setup, not a reason to skip
+        pytest.skip(why)
+
+
+def _journal_has(sup, run_id: str, decision: str, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:  # bounded: the row is written in the step that dispatches the call
+        if any(d == decision for _, d, _ in _rows(sup, run_id)):
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_server_everything_answers_and_its_long_operation_is_cut_at_the_revoke(tmp_path) -> None:
+    import shutil
+
+    _require(shutil.which("node") is not None and os.path.exists(EVERYTHING),
+             "@modelcontextprotocol/server-everything is not installed (npm ci --prefix tests/mcp_node)")
+    with Supervisor(state_dir=str(tmp_path / "state")) as sup:
+        names = sup.register_mcp_server("everything", ["node", EVERYTHING, "stdio"])
+        assert {"everything.echo", "everything.get-sum", "everything.trigger-long-running-operation"} <= set(names)
+        tools = ["everything.echo", "everything.get-sum", "everything.trigger-long-running-operation"]
+        echoed = sup.start(behaviours.calls_with, "everything.echo", {"message": "hi"}, tools=tools).result(30)
+        assert echoed["ok"] and "hi" in echoed["value"]["content"][0]["text"]
+        summed = sup.start(behaviours.calls_with, "everything.get-sum", {"a": 2, "b": 40}, tools=tools).result(30)
+        assert summed["ok"] and "42" in summed["value"]["content"][0]["text"]
+        refused = sup.start(behaviours.calls_with, "everything.get-sum", {"a": "two", "b": 40}, tools=tools).result(30)
+        assert not refused["ok"] and refused["code"] == 11  # its schema says number: refused at the broker
+
+        long = sup.start(behaviours.calls_with, "everything.trigger-long-running-operation",
+                         {"duration": 60, "steps": 60}, tools=tools, grace=0.5)
+        assert _journal_has(sup, long.id, "dispatched")
+        report = long.stop()
+        assert report.handlers_cancelled == 1 and report.survivors == 0
+        assert [d for _, d, _ in _rows(sup, long.id)] == ["dispatched", "cancelled"]
+        after = sup.start(behaviours.calls_with, "everything.echo", {"message": "still here"}, tools=tools).result(30)
+        assert after["ok"], "the server serves the next run"
+
+
+def test_mcp_server_git_reads_the_repository_it_was_given(tmp_path) -> None:
+    import importlib.util
+    import subprocess
+
+    _require(importlib.util.find_spec("mcp_server_git") is not None,
+             "mcp-server-git is not installed (pip install -e '.[test]')")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    (repo / "notes.txt").write_text("first\n")
+    subprocess.run([*git, "add", "notes.txt"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "the first note"], check=True)
+    (repo / "notes.txt").write_text("first\nsecond\n")
+    with Supervisor(state_dir=str(tmp_path / "state")) as sup:
+        names = sup.register_mcp_server("git", [sys.executable, "-m", "mcp_server_git", "--repository", str(repo)])
+        assert {"git.git_status", "git.git_log", "git.git_diff_unstaged"} <= set(names)
+        tools = ["git.git_log", "git.git_diff_unstaged"]
+        logged = sup.start(behaviours.calls_with, "git.git_log", {"repo_path": str(repo)}, tools=tools).result(30)
+        assert logged["ok"] and "the first note" in logged["value"]["content"][0]["text"], logged
+        diff = sup.start(behaviours.calls_with, "git.git_diff_unstaged", {"repo_path": str(repo)}, tools=tools).result(30)
+        assert diff["ok"] and "+second" in diff["value"]["content"][0]["text"], diff

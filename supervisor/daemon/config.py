@@ -23,6 +23,13 @@
     target = "mytools:send_email"    # loaded in the daemon, or
     # provided = true                # relayed to the gateway client that provides it (tools.provide)
 
+    [mcp_servers.git]                # the mcpServers shape: its tools become git.git_log, git.git_diff, ...
+    command = "uvx"                  # or the whole argv as a list
+    args = ["mcp-server-git", "--repository", "/srv/repo"]
+    env = { GIT_AUTHOR_NAME = "agent" }
+    cwd = "/srv"
+    timeout = 60                     # seconds a call may take (TOOL_TIMEOUT past it)
+
 These keys stay; new ones may be added. An unknown key, a wrong type or a
 target that cannot be imported is a ConfigError naming the file, the key
 and what is wrong. `module:function` targets are imported with the
@@ -50,6 +57,7 @@ _AGENT_KEYS = {"target": str, "command": list, "cwd": str, "tools": list, "limit
                "may_stop_sessions": bool, "network": str, "private_tmp": bool, "grace": (int, float), "env": dict,
                "isolation": str}
 _TOOL_KEYS = {"target": str, "provided": bool}
+_MCP_KEYS = {"command": (str, list), "args": list, "env": dict, "cwd": str, "timeout": (int, float)}
 _CHOICES = {"containment": ("auto", "cgroup", "process-group"), "isolation": ("auto", "strict", "off"),
             "network": ("none", "host")}
 
@@ -72,6 +80,15 @@ class ToolConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class McpServerConfig:
+    name: str
+    command: tuple[str, ...]  # argv: command and args
+    env: tuple[tuple[str, str], ...] = ()
+    cwd: str | None = None
+    timeout: float = 60.0
+
+
+@dataclasses.dataclass(frozen=True)
 class DaemonConfig:
     path: str | None
     grace: float = 1.0
@@ -79,6 +96,7 @@ class DaemonConfig:
     isolation: str = "auto"
     agents: tuple[AgentConfig, ...] = ()
     tools: tuple[ToolConfig, ...] = ()
+    mcp_servers: tuple[McpServerConfig, ...] = ()
 
 
 def load(path: str | None) -> DaemonConfig:
@@ -94,7 +112,7 @@ def load(path: str | None) -> DaemonConfig:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     where = _Where(path)
-    where.only(data, "", {"defaults": dict, "agents": dict, "tools": dict})
+    where.only(data, "", {"defaults": dict, "agents": dict, "tools": dict, "mcp_servers": dict})
     defaults = data.get("defaults", {})
     where.only(defaults, "defaults", _DEFAULT_KEYS)
     for key, choices in _CHOICES.items():
@@ -108,8 +126,9 @@ def load(path: str | None) -> DaemonConfig:
         sys.path.insert(0, folder)  # before the supervisor opens: its spawner (and every run) inherits it
     tools = tuple(_tool(where, name, spec) for name, spec in data.get("tools", {}).items())
     agents = tuple(_agent(where, name, spec) for name, spec in data.get("agents", {}).items())
+    servers = tuple(_mcp_server(where, name, spec) for name, spec in data.get("mcp_servers", {}).items())
     return DaemonConfig(path, grace, defaults.get("containment", "auto"), defaults.get("isolation", "auto"),
-                        agents, tools)
+                        agents, tools, servers)
 
 
 class _Where:
@@ -153,6 +172,28 @@ def _tool(where: _Where, name: str, spec: Any) -> ToolConfig:
     if spec.get("provided"):
         return ToolConfig(name, None)
     return ToolConfig(name, _import(where, f"tools.{name}.target", spec["target"]))
+
+
+def _mcp_server(where: _Where, name: str, spec: Any) -> McpServerConfig:
+    key = f"mcp_servers.{name}"
+    where.only(spec, key, _MCP_KEYS)
+    if "." in name:
+        raise where.error(key, "a server's name may not contain '.' (its tools are named SERVER.TOOL)")
+    if "command" not in spec:
+        raise where.error(key, "needs command = 'program' (with args = [...]) or command = [argv...]")
+    command = [spec["command"]] if isinstance(spec["command"], str) else list(spec["command"])
+    command += list(spec.get("args", []))
+    if not command or not all(isinstance(a, str) and a for a in command):
+        raise where.error(f"{key}.command", "command and args must be non-empty strings")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in spec.get("env", {}).items()):
+        raise where.error(f"{key}.env", "must map names to strings")
+    timeout = float(spec.get("timeout", 60.0))
+    if timeout <= 0:
+        raise where.error(f"{key}.timeout", "must be > 0")
+    cwd = spec.get("cwd")
+    if cwd is not None and not os.path.isabs(cwd):
+        cwd = os.path.join(os.path.dirname(where.path), cwd)
+    return McpServerConfig(name, tuple(command), tuple(sorted(spec.get("env", {}).items())), cwd, timeout)
 
 
 def _agent(where: _Where, name: str, spec: Any) -> AgentConfig:

@@ -30,6 +30,7 @@ import zmq.asyncio
 from ...ipc import gateway
 from ...ipc.control import ControlFault, Fault, Scope
 from .._version import __version__
+from ..errors import DeadstopError
 from ..console.server import ConsoleError, ConsoleServer, ConsoleSettings
 from ..client.locate import FILE_NAME, default_runtime_dir, pid_alive, well_known_file
 from ..control.api import fault_of
@@ -88,7 +89,7 @@ class Daemon:
         others: list[asyncio.Task[None]] = []
         try:
             self.providers = Providers(self.sup.tools, self._push, self._session_of)
-            self._apply_config(cfg)
+            await self._apply_config(cfg)
             self._open_sockets()
             await self._start_console()
             self._write_connection_file()
@@ -262,23 +263,38 @@ class Daemon:
             pass
 
     # -- configuration ---------------------------------------------------------------------------------
-    def _apply_config(self, cfg: config_mod.DaemonConfig) -> dict[str, list[str]]:
+    async def _apply_config(self, cfg: config_mod.DaemonConfig) -> dict[str, list[str]]:
+        """Tools, then MCP servers (their tools), then agents, whose allow-lists may name any of them."""
         for tool in cfg.tools:
             if tool.target is None:
                 self.providers.declare(tool.name)
             else:
                 self.sup.register_tool(tool.name, tool.target)
+        running = {s.name: s for s in self.config.mcp_servers} if cfg is not self.config else {}
+        mcp_tools: list[str] = []
+        for server in cfg.mcp_servers:
+            if running.get(server.name) == server and server.name in self.sup.mcp.servers:
+                mcp_tools += sorted(t.qualified for t in self.sup.mcp.servers[server.name].tools.values())
+                continue  # unchanged: its process (and any call in flight) is left alone
+            try:
+                mcp_tools += await self.sup.register_mcp_server(server.name, list(server.command), env=dict(server.env),
+                                                                cwd=server.cwd, timeout=server.timeout)
+            except DeadstopError as exc:
+                raise config_mod.ConfigError(f"{cfg.path}: mcp_servers.{server.name}: {exc}") from None
+        for gone in set(self.sup.mcp.servers) - {s.name for s in cfg.mcp_servers}:
+            await self.sup.mcp.remove(gone)
         for agent in cfg.agents:
             self.sup.register_agent(agent.name, agent.target, **agent.options)
-        return {"agents": [a.name for a in cfg.agents], "tools": [t.name for t in cfg.tools]}
+        return {"agents": [a.name for a in cfg.agents], "tools": [t.name for t in cfg.tools] + mcp_tools}
 
-    def reload(self) -> dict[str, Any]:
-        """Re-read agents and tools; live runs keep what they started with. ConfigError leaves all as it was."""
+    async def reload(self) -> dict[str, Any]:
+        """Re-read agents, tools and MCP servers; live runs keep what they started with. ConfigError leaves
+        agents and tools as they were (a server that fails to start is named)."""
         cfg = config_mod.load(self.config_path)
         if (cfg.grace, cfg.containment, cfg.isolation) != (self.config.grace, self.config.containment,
                                                            self.config.isolation):
             log.warning("deadstop: [defaults] changed; they apply at the next start of the daemon")
-        applied = self._apply_config(cfg)
+        applied = await self._apply_config(cfg)
         if hasattr(self, "auth"):
             self._load_keys()  # a key removed from authorized/ is refused from its next connection
         for name in {a.name for a in self.config.agents} - set(applied["agents"]):
@@ -287,8 +303,13 @@ class Daemon:
         return applied
 
     def _reload_from_signal(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._reload_logged())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _reload_logged(self) -> None:
         try:
-            self.reload()
+            await self.reload()
             log.info("deadstop: configuration reloaded (SIGHUP)")
         except Exception as exc:  # a bad file changes nothing
             log.error("deadstop: reload failed, configuration unchanged: %s", exc)
@@ -359,7 +380,7 @@ class Daemon:
             return self.info()
         if isinstance(request, gateway.DaemonReload):
             try:
-                return self.reload()
+                return await self.reload()
             except config_mod.ConfigError as exc:
                 raise ControlFault(Fault.BAD_ARGUMENTS, f"reload refused, configuration unchanged: {exc}") from None
         if isinstance(request, gateway.EventsPing):
@@ -379,6 +400,8 @@ class Daemon:
                 "agents": sorted(self.sup.registry.agents), "tools": self.sup.tools.names(),
                 "provided_tools": sorted(self.providers.by_tool), "version": __version__,
                 "console": self.console.url if self.console else None,
+                "mcp_servers": {name: sorted(t.qualified for t in server.tools.values())
+                                for name, server in self.sup.mcp.servers.items()},
                 "gateway_version": gateway.VERSION.decode()}
 
     def _departed(self, listener: Listener) -> Callable[[bytes], Any]:
