@@ -43,6 +43,9 @@ class Start(_Op, tag="start"):
     fds: int = 0  # descriptors that follow over SCM_RIGHTS (the credential)
     in_cgroup: bool = False
     credential_fd: Union[int, None] = None
+    #: bind a TCP listener on 127.0.0.1:proxy_port inside the run's network namespace, before the run
+    #: exists, and hand it to the supervisor with Started (its egress proxy; see supervisor/egress/proxy.py)
+    proxy_port: Union[int, None] = None
 
 
 class Probe(_Op, tag="probe"):
@@ -89,6 +92,7 @@ class Started(_Op, tag="started"):
     pid: int
     create_time: float
     has_pidfd: bool
+    has_proxy: bool = False  # the proxy listener follows the pidfd in the same SCM_RIGHTS message
 
 
 class StartFailed(_Op, tag="start_failed"):

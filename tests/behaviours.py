@@ -367,3 +367,51 @@ def identity() -> dict:
 def calls_with(tool: str, arguments: dict) -> dict:
     """calls_and_reports with keyword arguments (start() passes positional ones only)."""
     return calls_and_reports(tool, **arguments)
+
+
+# -- through the network proxy (tests/test_proxy.py) ------------------------------------------------------
+def fetch_all(url: str, refused_url: str, direct: tuple[str, int]) -> dict:
+    """The same allowed URL through urllib, requests and curl (each honours HTTP_PROXY), one refused URL,
+    and one attempt to go around the proxy."""
+    import socket
+    import subprocess
+    import urllib.error
+    import urllib.request
+
+    import requests
+
+    out: dict = {"urllib": urllib.request.urlopen(url, timeout=30).read().decode()}
+    out["requests"] = requests.get(url, timeout=30).text
+    curl = subprocess.run(["curl", "-sS", "--max-time", "30", url], capture_output=True, text=True, timeout=60)
+    out["curl"] = curl.stdout or curl.stderr
+    try:
+        urllib.request.urlopen(refused_url, timeout=30)
+        out["refused"] = "not refused"
+    except urllib.error.HTTPError as exc:
+        out["refused"] = f"{exc.code} {exc.headers.get('X-Deadstop-Refused', '')}"
+    try:
+        socket.create_connection(direct, timeout=5).close()
+        out["direct"] = "connected"
+    except OSError as exc:
+        out["direct"] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
+def uploads_for_ever(url: str, marker_dir: str) -> None:
+    """POSTs an endless body through the proxy, counting what it handed to its socket."""
+    import http.client
+    import os
+    import urllib.parse
+
+    proxy = urllib.parse.urlsplit(os.environ["HTTP_PROXY"])
+    conn = http.client.HTTPConnection(proxy.hostname, proxy.port, timeout=60)
+    conn.putrequest("POST", url)
+    conn.putheader("Content-Length", str(1 << 40))
+    conn.endheaders()
+    chunk = b"x" * 65536
+    sent = 0
+    while True:
+        conn.send(chunk)
+        sent += len(chunk)
+        with open(os.path.join(marker_dir, "sent"), "w") as f:
+            f.write(str(sent))

@@ -114,3 +114,19 @@ def tool_caller(message, **context):
     _ready(message, session=context["session"], **outcome)
     while True:
         time.sleep(1)
+
+
+def fetcher(message, **context):
+    """GETs message["url"] (through HTTP_PROXY when the agent is proxied) and says what came back."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        outcome = {"ok": True, "body": urllib.request.urlopen(message["url"], timeout=30).read().decode()}
+    except urllib.error.HTTPError as exc:
+        outcome = {"ok": False, "status": exc.code}
+    except OSError as exc:
+        outcome = {"ok": False, "error": str(exc)}
+    _ready(message, session=context["session"], **outcome)
+    while True:
+        time.sleep(1)

@@ -291,3 +291,31 @@ class NetnsPool:
 
     def take(self) -> int | None:
         return self._ready.pop() if self._ready else None
+
+    def take_now(self) -> int | None:
+        """A namespace now: one made ahead, else one made on the spot."""
+        if not self._ready and not self.broken:
+            self.fill_one()
+        return self.take()
+
+    def listen_inside(self, netns: int, port: int) -> int:
+        """A TCP listener on 127.0.0.1:port inside `netns` (its loopback is the run's own).
+
+        The spawner enters the namespace only for the socket() call: a socket
+        belongs to the namespace it was made in for its whole life, wherever
+        its descriptor goes, so the supervisor can serve it from its own.
+        """
+        import socket
+
+        p.setns(netns, p.CLONE_NEWNET)
+        try:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        finally:
+            p.setns(self._own, p.CLONE_NEWNET)
+        try:
+            sock.bind(("127.0.0.1", port))
+            sock.listen(128)
+        except OSError:
+            sock.close()
+            raise
+        return sock.detach()

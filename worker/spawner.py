@@ -215,15 +215,29 @@ class Spawner:
             plan["bounding_empty"] = self.bounding_empty
         if plan and plan.get("uid") is not None:
             self.run_of_uid[plan["uid"]] = msg.run_id
+        proxy_fd = None
         if plan and "network" in plan.get("namespaces", ()) and self.netns is not None:
-            plan["netns_fd"] = self.netns.take()
+            plan["netns_fd"] = self.netns.take_now() if msg.proxy_port else self.netns.take()
         try:
-            self._fork_run(msg)
+            if msg.proxy_port:
+                # The listener exists before the run does: its first connection cannot race it.
+                if not plan or plan.get("netns_fd") is None:
+                    self._send(wire.StartFailed(run_id=msg.run_id, error="a proxied run needs a network namespace "
+                                                "prepared by a root spawner (none is available here)"))
+                    return
+                try:
+                    proxy_fd = self.netns.listen_inside(plan["netns_fd"], msg.proxy_port)  # type: ignore[union-attr]
+                except OSError as exc:
+                    self._send(wire.StartFailed(run_id=msg.run_id, error=f"the proxy listener failed: {exc}"))
+                    return
+            self._fork_run(msg, proxy_fd)
         finally:
             if plan and plan.get("netns_fd") is not None:
                 os.close(plan["netns_fd"])  # the run has its own copy
+            if proxy_fd is not None:
+                os.close(proxy_fd)  # the supervisor has its copy (or the start failed)
 
-    def _fork_run(self, msg: wire.Start) -> None:
+    def _fork_run(self, msg: wire.Start, proxy_fd: int | None = None) -> None:
         if msg.cgroup_procs:
             self.cgroups.append(os.path.dirname(msg.cgroup_procs))
         # Block every signal across fork: a SIGTERM aimed at the new run before
@@ -268,9 +282,12 @@ class Spawner:
             create_time = psutil.Process(pid).create_time()
         except psutil.Error:
             create_time = 0.0
-        self._send(wire.Started(run_id=msg.run_id, pid=pid, create_time=create_time, has_pidfd=pidfd >= 0))
+        self._send(wire.Started(run_id=msg.run_id, pid=pid, create_time=create_time, has_pidfd=pidfd >= 0,
+                                has_proxy=proxy_fd is not None))
+        fds = ([pidfd] if pidfd >= 0 else []) + ([proxy_fd] if proxy_fd is not None else [])
+        if fds:
+            socket.send_fds(self.sock, [bytes([len(fds)])], fds)  # = multiprocess.reduction.sendfds
         if pidfd >= 0:
-            socket.send_fds(self.sock, [bytes([1])], [pidfd])  # = multiprocess.reduction.sendfds
             os.close(pidfd)
 
     def _probe(self, msg: wire.Probe) -> None:

@@ -13,7 +13,7 @@
     limits = { tokens = 50000, wall_clock = 600 }
     peers = ["writer"]
     may_stop_sessions = false
-    network = "none"                 # none | host
+    network = "none"                 # none | host | { proxy = ["api.example.com:443", "*.example.org"] }
     private_tmp = true
     grace = 2.0
     isolation = "strict"             # or "off" (trusted); default: [defaults] isolation
@@ -50,11 +50,12 @@ else:  # pragma: no cover - 3.10
     import tomli as tomllib
 
 from ..errors import DeadstopError
+from ..egress.proxy import Proxy
 from ..mechanisms.limits import Limits
 
 _DEFAULT_KEYS = {"grace": (int, float), "containment": str, "isolation": str}
 _AGENT_KEYS = {"target": str, "command": list, "cwd": str, "tools": list, "limits": dict, "peers": list,
-               "may_stop_sessions": bool, "network": str, "private_tmp": bool, "grace": (int, float), "env": dict,
+               "may_stop_sessions": bool, "network": (str, dict), "private_tmp": bool, "grace": (int, float), "env": dict,
                "isolation": str}
 _TOOL_KEYS = {"target": str, "provided": bool}
 _MCP_KEYS = {"command": (str, list), "args": list, "env": dict, "cwd": str, "timeout": (int, float)}
@@ -213,9 +214,21 @@ def _agent(where: _Where, name: str, spec: Any) -> AgentConfig:
             raise where.error(f"{key}.{list_key}", "must be a list of strings")
     if "isolation" in spec and spec["isolation"] not in _CHOICES["isolation"]:
         raise where.error(f"{key}.isolation", f"must be one of {list(_CHOICES['isolation'])}, not {spec['isolation']!r}")
-    if "network" in spec and spec["network"] not in _CHOICES["network"]:
-        raise where.error(f"{key}.network", f"must be one of {list(_CHOICES['network'])}, not {spec['network']!r}")
+    network = spec.get("network", "none")
+    if isinstance(network, dict):
+        if set(network) != {"proxy"} or not isinstance(network["proxy"], list):
+            raise where.error(f"{key}.network", "a table is { proxy = [\"HOST:PORT\", ...] }: the run reaches only "
+                                                "those, through the supervisor's proxy")
+        try:
+            network = Proxy(allow=network["proxy"])
+        except ValueError as exc:
+            raise where.error(f"{key}.network.proxy", str(exc)) from None
+    elif network not in _CHOICES["network"]:
+        raise where.error(f"{key}.network", f"must be one of {list(_CHOICES['network'])} or {{ proxy = [...] }}, "
+                                            f"not {network!r}")
     options: dict[str, Any] = {k: v for k, v in spec.items() if k not in ("target", "command", "limits")}
+    if "network" in spec:
+        options["network"] = network
     if "limits" in spec:
         try:
             options["limits"] = Limits.coerce(spec["limits"])

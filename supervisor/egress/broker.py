@@ -217,6 +217,8 @@ class Broker:
         chan = self.channels.pop(run_id, None)
         if chan is None:
             return
+        if chan.proxy is not None:
+            chan.proxy.cut()
         self._unbind(chan)
         if chan.peer_uid is not None and self._by_uid.get(chan.peer_uid) == run_id:
             del self._by_uid[chan.peer_uid]
@@ -237,6 +239,8 @@ class Broker:
         if not first:
             return rec
         self.journal.revoked(chan.run_id, rec.at, source, reason, commit=commit)
+        if chan.proxy is not None:
+            chan.proxy.cut()  # its network too, in this step: listener closed, every connection reset
         for key, (handle, ctx) in list(chan.in_flight.items()):
             ctx.cancelled = True  # ctx.check() refuses from here on
             if ctx.on_thread:

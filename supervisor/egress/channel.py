@@ -74,7 +74,7 @@ class Channel:
     __slots__ = ("run_id", "_credential", "_digest", "allowed", "generation", "current", "revocation", "gate",
                  "in_flight", "refused_after_revoke", "cancelled_at_revoke", "calls", "max_calls", "held",
                  "held_bytes", "address", "endpoint", "peer_uid", "peer_gid", "peers", "budget",
-                 "abused", "outliving", "outlived")
+                 "abused", "outliving", "outlived", "proxy")
 
     def __init__(self, run_id: str, credential: bytes, allowed: frozenset[str], generation: int = 0,
                  current: GenerationCell | None = None, max_calls: int | None = None, *,
@@ -108,6 +108,7 @@ class Channel:
         #: they are waited for (within the grace) and reported, never counted as cancelled
         self.outliving: dict[int, Any] = {}  # broker call sequence -> (asyncio handle, ToolContext)
         self.outlived: list[Any] = []  # their ToolContexts, in revoke order (returned_at set when they return)
+        self.proxy: Any = None  # the run's network proxy (egress/proxy.py RunProxy), cut with the revoke
         self.calls = 0
 
     def authenticates(self, presented: bytes) -> bool:

@@ -27,6 +27,7 @@ import psutil
 from ...ipc import framing
 from ..egress.broker import Broker
 from ..egress.mcp import McpServers, McpServerSpec
+from ..egress.proxy import PROXY_PORT, Proxy, RunProxy
 from ..egress.tools import ToolRegistry
 from ..errors import DeadstopError, InvalidTarget, RunNotFound, SupervisorClosed
 from ..host.local import LocalHost
@@ -263,10 +264,15 @@ class Engine:
                                   limits=Limits.coerce(limits), network=network, private_tmp=private_tmp,
                                   isolation=isolation)
 
-    def check_run_options(self, tools: Sequence[str], cwd: str | None, network: str,
+    def check_run_options(self, tools: Sequence[str], cwd: str | None, network: "str | Proxy",
                           isolation: str | None = None) -> None:
         """Refuse what no run could use, at registration instead of at the first message."""
         self._check_tools(tools)
+        if isinstance(network, Proxy):
+            why = self.host.proxy_unavailable(isolation)
+            if why:
+                raise InvalidTarget(f"network=Proxy(...) cannot be served here: {why}")
+            network = "none"
         self.host.check_options(cwd, network, isolation)
 
     def _check_tools(self, tools: Sequence[str]) -> None:
@@ -285,6 +291,12 @@ class Engine:
         self.check_run_options(tools, cwd, network, isolation)
         plan = self.check_limits(limits)  # LimitUnenforceable before anything exists
         run_id = secrets.token_hex(framing.RUN_ID_CHARS // 2)
+        proxy = network if isinstance(network, Proxy) else None
+        if proxy is not None:
+            network = "none"  # a namespace of its own, whose only way out is the proxy on its loopback
+            address = f"http://127.0.0.1:{PROXY_PORT}"
+            env = {**(env or {}), **{k: address for k in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy",
+                                                           "https_proxy", "all_proxy")}, "NO_PROXY": "", "no_proxy": ""}
         prov = self.host.provision(run_id, argv, cwd, env, network, private_tmp, limits, plan,
                                    masks=self.journal.files() + [self._state_lock.path, self.state_dir],
                                    trusted=isolation == "off")
@@ -304,6 +316,8 @@ class Engine:
         self.runs[run_id] = run
         msg = self.host.start_message(prov, blob=blob, argv=argv, generation=generation, egress=channel.address,
                                       limits=limits)
+        if proxy is not None:
+            msg.proxy_port = PROXY_PORT
         try:
             started = await self.host.launch(msg, credential)
         except BaseException as exc:
@@ -317,6 +331,10 @@ class Engine:
                 raise
             raise DeadstopError(f"run {run_id} could not be started: {exc}") from exc
         others = lambda: {r.pid for r in self.runs.values() if r.pid is not None and r.pid != started.pid}  # noqa: E731
+        if proxy is not None and started.proxy_fd is not None:
+            # Served before the run is marked running: its first connection may already wait in the backlog.
+            channel.proxy = RunProxy(run_id, started.proxy_fd, proxy, self.journal)
+            await channel.proxy.start()
         run.attach(started.pid, started.create_time, started.pidfd, self.host.containment_for(prov, started.pid, others))
         self._lifecycle(run, "run.started", {"pid": started.pid, "kind": kind, "target": desc})
         self._ensure_usage_events()

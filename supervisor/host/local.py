@@ -182,6 +182,17 @@ class LocalHost:
             raise InvalidTarget(f"limits must be a Limits, not {type(limits).__name__}")
         return self.limit_support.plan(limits)
 
+    def proxy_unavailable(self, isolation: str | None) -> str:
+        """Why a proxied run cannot be served here ('' when it can): it needs a network namespace the
+        spawner prepares as root, so that the proxy's listener is inside it before the run exists."""
+        if isolation == "off" or self.isolation.mode == "off":
+            return "the run is not isolated (isolation='off'): it would share the host's network"
+        if not self.isolation.has("namespace:network"):
+            return "network namespaces are not available on this host (see deadstop doctor)"
+        if os.geteuid() != 0:
+            return "the spawner is not root, and only a root spawner prepares the runs' network namespaces"
+        return ""
+
     def check_options(self, cwd: str | None, network: str, isolation: str | None = None) -> None:
         if network not in iso.NETWORK_CHOICES:
             raise ValueError(f"network must be one of {iso.NETWORK_CHOICES}, not {network!r}")

@@ -43,12 +43,13 @@ class SpawnerLost(DeadstopError):
 
 
 class Started:
-    __slots__ = ("pid", "create_time", "pidfd")
+    __slots__ = ("pid", "create_time", "pidfd", "proxy_fd")
 
-    def __init__(self, pid: int, create_time: float, pidfd: int | None):
+    def __init__(self, pid: int, create_time: float, pidfd: int | None, proxy_fd: int | None = None):
         self.pid = pid
         self.create_time = create_time
         self.pidfd = pidfd
+        self.proxy_fd = proxy_fd  # a listener inside the run's network namespace (a proxied run)
 
 
 class SpawnerClient:
@@ -199,12 +200,17 @@ class SpawnerClient:
             if not self._ready.done():
                 self._ready.set_result(msg)
         elif isinstance(msg, wire.Started):
-            pidfd = reduction.recvfds(self.sock, 1)[0] if msg.has_pidfd else None
+            count = int(msg.has_pidfd) + int(msg.has_proxy)
+            fds = reduction.recvfds(self.sock, count) if count else []
+            pidfd = fds.pop(0) if msg.has_pidfd else None
+            proxy_fd = fds.pop(0) if msg.has_proxy else None
             fut = self._starts.get(msg.run_id)
             if fut is not None and not fut.done():
-                fut.set_result(Started(msg.pid, msg.create_time, pidfd))
-            elif pidfd is not None:
-                os.close(pidfd)
+                fut.set_result(Started(msg.pid, msg.create_time, pidfd, proxy_fd))
+            else:
+                for fd in (pidfd, proxy_fd):
+                    if fd is not None:
+                        os.close(fd)
         elif isinstance(msg, wire.Probed):
             if self._probe is not None and not self._probe.done():
                 self._probe.set_result(msg.results)
