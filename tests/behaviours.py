@@ -415,3 +415,18 @@ def uploads_for_ever(url: str, marker_dir: str) -> None:
         sent += len(chunk)
         with open(os.path.join(marker_dir, "sent"), "w") as f:
             f.write(str(sent))
+
+
+def blocking_send(to: str, ready_path: str, outbox: str) -> str:
+    """A blocking tool with no commit gate: says it started, takes its time, then makes its effect."""
+    import json
+    import os
+    import time
+
+    fd = os.open(ready_path, os.O_WRONLY)
+    os.write(fd, (json.dumps({"pid": os.getpid(), "to": to}) + "\n").encode())
+    os.close(fd)
+    time.sleep(0.5)
+    with open(os.path.join(outbox, f"sent-to-{to}"), "w") as f:
+        f.write("sent")
+    return f"sent to {to}"

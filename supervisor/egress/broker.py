@@ -241,6 +241,8 @@ class Broker:
         self.journal.revoked(chan.run_id, rec.at, source, reason, commit=commit)
         if chan.proxy is not None:
             chan.proxy.cut()  # its network too, in this step: listener closed, every connection reset
+        for hook in list(chan.on_revoke):
+            chan.revoke_tasks.append(hook())  # an isolated tool's helper: revoked and killed from this step
         for key, (handle, ctx) in list(chan.in_flight.items()):
             ctx.cancelled = True  # ctx.check() refuses from here on
             if ctx.on_thread:

@@ -74,7 +74,7 @@ class Channel:
     __slots__ = ("run_id", "_credential", "_digest", "allowed", "generation", "current", "revocation", "gate",
                  "in_flight", "refused_after_revoke", "cancelled_at_revoke", "calls", "max_calls", "held",
                  "held_bytes", "address", "endpoint", "peer_uid", "peer_gid", "peers", "budget",
-                 "abused", "outliving", "outlived", "proxy")
+                 "abused", "outliving", "outlived", "proxy", "on_revoke", "revoke_tasks")
 
     def __init__(self, run_id: str, credential: bytes, allowed: frozenset[str], generation: int = 0,
                  current: GenerationCell | None = None, max_calls: int | None = None, *,
@@ -109,6 +109,10 @@ class Channel:
         self.outliving: dict[int, Any] = {}  # broker call sequence -> (asyncio handle, ToolContext)
         self.outlived: list[Any] = []  # their ToolContexts, in revoke order (returned_at set when they return)
         self.proxy: Any = None  # the run's network proxy (egress/proxy.py RunProxy), cut with the revoke
+        #: called in the revoke's step (an isolated tool's helper run is killed by one); what they return
+        #: (the helpers' stop tasks) is kept in revoke_tasks, for the stop to wait on
+        self.on_revoke: list[Any] = []
+        self.revoke_tasks: list[Any] = []
         self.calls = 0
 
     def authenticates(self, presented: bytes) -> bool:

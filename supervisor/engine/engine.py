@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import inspect
 import logging
 import os
 import secrets
@@ -28,7 +29,7 @@ from ...ipc import framing
 from ..egress.broker import Broker
 from ..egress.mcp import McpServers, McpServerSpec
 from ..egress.proxy import PROXY_PORT, Proxy, RunProxy
-from ..egress.tools import ToolRegistry
+from ..egress.tools import ToolCancelled, ToolRegistry
 from ..errors import DeadstopError, InvalidTarget, RunNotFound, SupervisorClosed
 from ..host.local import LocalHost
 from ..host.recovery import recover
@@ -200,9 +201,53 @@ class Engine:
                 self.loop.create_task(run.kill(source="spawner", reason=why))
 
     # -- tools -----------------------------------------------------------------------
-    def register_tool(self, name: str, fn: Callable[..., Any]) -> None:
-        """Make `fn` callable from runs whose allow-list names `name`."""
-        self.tools.register(name, fn)
+    def register_tool(self, name: str, fn: Callable[..., Any], *, isolated: bool = False, network: str = "none",
+                      cwd: str | None = None, env: dict[str, str] | None = None) -> None:
+        """Make `fn` callable from runs whose allow-list names `name`.
+
+        isolated: each call runs `fn` in a helper run of its own (contained
+        and isolated like any run, with this network, cwd and env), which the
+        caller's revoke kills in the same step: a blocking handler with no
+        ctx.check() is cut mid-call instead of finishing its effect. It takes
+        no ctx (the kill is its cancellation) and JSON arguments and result.
+        """
+        if not isolated:
+            self.tools.register(name, fn)
+            return
+        signature = inspect.signature(fn)
+        if "ctx" in signature.parameters:
+            raise ValueError(f"isolated tool {name!r}: takes no ctx (the caller's revoke kills it instead)")
+        self.check_run_options((), cwd, network)
+
+        def fits(args: list[Any], kwargs: dict[str, Any]) -> None:
+            signature.bind(*args, **kwargs)
+
+        async def isolated_handler(*args: Any, ctx: Any, **kwargs: Any) -> Any:
+            return await self._isolated_call(fn, list(args), kwargs, ctx, network, cwd, env)
+
+        isolated_handler.__qualname__ = f"isolated:{name}"
+        self.tools.register(name, isolated_handler, fits)
+
+    async def _isolated_call(self, fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any], ctx: Any,
+                             network: str, cwd: str | None, env: dict[str, str] | None) -> Any:
+        caller = self.broker.channels.get(ctx.run_id)
+        helper = await self.start(fn, *args, kwargs=kwargs, network=network, cwd=cwd, env=env, grace=0.0)
+
+        def kill() -> "asyncio.Task[StopReport]":
+            return helper.begin_end(StopMode.KILL, "parent", f"its caller, run {ctx.run_id}, was revoked")
+
+        if caller is None or caller.revocation is not None:  # revoked while the helper started
+            await asyncio.shield(kill())
+            raise ToolCancelled(f"run {ctx.run_id} was revoked while its isolated tool started")
+        caller.on_revoke.append(kill)
+        try:
+            return await helper.result()
+        except asyncio.CancelledError:
+            kill()  # the same task as the revoke's, if it already began
+            raise
+        finally:
+            if kill in caller.on_revoke:
+                caller.on_revoke.remove(kill)
 
     async def register_mcp_server(self, name: str, command: Sequence[str], *, env: dict[str, str] | None = None,
                                   cwd: str | None = None, timeout: float = 60.0, scope: str = "supervisor") -> list[str]:

@@ -149,6 +149,9 @@ async def stop_sequence(run: "AsyncRun", req: StopRequest) -> StopReport:
     #     make their effect: nothing stops a thread. Wait for them within the grace
     #     (counted from the revoke; a kill does not wait), and name each in the report.
     await _wait_outliving(run, req, rec.at)
+    if run.channel.revoke_tasks:  # isolated tools' helpers: killed from the revoke's step; gone before we return
+        await asyncio.wait([asyncio.shield(t) for t in run.channel.revoke_tasks], timeout=KILL_BOUND)
+        report.helpers_killed = len(run.channel.revoke_tasks)
     report.handlers_cancelled = run.channel.cancelled_at_revoke  # with those refused at their commit gate since
     report.handlers_outlived_revoke = [{"tool": c.tool, "call_id": c.call_id, "returned_at": c.returned_at}
                                        for c in run.channel.outlived]

@@ -217,8 +217,11 @@ class Supervisor:
         """The isolation layers runs get here, and why any is missing (see supervisor/mechanisms/isolation.py)."""
         return self._core.isolation
 
-    def register_tool(self, name: str, fn: Callable[..., Any]) -> None:
-        self._core.register_tool(name, fn)
+    def register_tool(self, name: str, fn: Callable[..., Any], *, isolated: bool = False, network: str = "none",
+                      cwd: str | None = None, env: dict[str, str] | None = None) -> None:
+        """See Engine.register_tool (isolated=True: each call in a helper run the caller's stop kills)."""
+        self._call(_value(lambda: self._core.register_tool(name, fn, isolated=isolated, network=network, cwd=cwd,
+                                                           env=env)))
 
     def register_mcp_server(self, name: str, command: Sequence[str], *, env: dict[str, str] | None = None,
                             cwd: str | None = None, timeout: float = 60.0, scope: str = "supervisor") -> list[str]:

@@ -54,6 +54,8 @@ class StopReport:
     #: synchronous handlers already running on a thread at the revoke (their effect may have happened):
     #: {"tool", "call_id", "returned_at"}, returned_at None if it had not returned when the stop did
     handlers_outlived_revoke: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    #: helper runs of isolated tools (register_tool(..., isolated=True)) in flight at the revoke, killed with it
+    helpers_killed: int = 0
     exit_code: int | None = None  # leader's exit status, if it exited
     exit_signal: int | None = None  # signal that ended the leader, if any
     #: processes of the run found outside its containment (left its cgroup or
