@@ -430,3 +430,8 @@ def blocking_send(to: str, ready_path: str, outbox: str) -> str:
     with open(os.path.join(outbox, f"sent-to-{to}"), "w") as f:
         f.write("sent")
     return f"sent to {to}"
+
+
+def asks_the_model(prompt: str) -> str:
+    """One chat call through the brokered `chat` tool (examples/model_tool.py)."""
+    return egress.call("chat", messages=[{"role": "user", "content": prompt}], model="test-model")

@@ -29,6 +29,7 @@ import concurrent.futures
 import itertools
 import logging
 import os
+import sys
 import time
 from typing import Any, Protocol
 
@@ -538,7 +539,8 @@ class Broker:
                          f"run {run_id} reached its limit of {chan.max_calls} tool calls", t)
             self.sink.on_quota(run_id, "tool_calls")
             return
-        ctx = ToolContext(run_id, req.tool, req.id, chan.gate, chan.revoked_reason)
+        ctx = ToolContext(run_id, req.tool, req.id, chan.gate, chan.revoked_reason,
+                          lambda kind, data: self._emit_for(chan, kind, data))
         try:
             args, kwargs = tool.bind(req.args, req.kwargs, ctx)
         except TypeError as exc:
@@ -565,26 +567,29 @@ class Broker:
         chan.in_flight[key] = (handle, ctx)
         handle.add_done_callback(lambda fut: self._finished(ident, chan, key, req.id, ctx, fut))
 
+    def _emit_for(self, chan: Channel, kind: str, data: Any) -> bool:
+        """A tool handler's event on behalf of its run: the run's own rules (reserved kinds, revoke, fence)."""
+        if kind.startswith(schema.RESERVED_KIND_PREFIXES):
+            raise ValueError(f"event kind {kind!r} is the supervisor's own")
+        if chan.revocation is not None or chan.stale:
+            return False
+        self.sink.on_event(chan.run_id, kind, data, time.monotonic_ns())
+        return True
+
     def _start_eagerly(self, coro: Any) -> asyncio.Future:
         """Run an async handler's first step now, in the dispatching loop turn.
 
         Most tool handlers finish without ever suspending (or suspend late);
         running the first step here saves two loop turns per call, and the
         handler's first line runs in the very step that checked the run was
-        not revoked. A handler that suspends continues in a task (what
-        Python 3.12's eager tasks do).
+        not revoked (a tool that pauses its caller holds the rest of the same
+        batch). It runs inside its Task from that first line, so aiohttp's and
+        anyio's timeouts, contextvars and current_task() work in it: an eager
+        Task on Python 3.12 and later, the same made by hand on 3.11.
         """
-        try:
-            yielded = coro.send(None)
-        except StopIteration as stop:
-            fut = self.loop.create_future()
-            fut.set_result(stop.value)
-            return fut
-        except BaseException as exc:
-            fut = self.loop.create_future()
-            fut.set_exception(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
-            return fut
-        return self.loop.create_task(_continue(coro, yielded))
+        if _EAGER_TASKS:
+            return asyncio.Task(coro, loop=self.loop, eager_start=True)  # type: ignore[call-arg]
+        return _eager_task_311(self.loop, coro)
 
     def _finished(self, ident: bytes, chan: Channel, key: int, req_id: int, ctx: ToolContext,
                   fut: asyncio.Future) -> None:
@@ -665,30 +670,43 @@ class Broker:
         self.ctx.term()
 
 
-async def _continue(coro: Any, yielded: Any) -> Any:
-    """Drive a coroutine whose first step already ran, as its Task would have.
+_EAGER_TASKS = sys.version_info >= (3, 12)
 
-    Waits on what it yielded (a Future, or None for a bare yield), then
-    resumes it with send(None), or throw() if the wait raised; cancelling
-    this task cancels the awaited future, and the CancelledError is thrown
-    into the handler at its await point.
+
+def _eager_task_311(loop: asyncio.AbstractEventLoop, coro: Any) -> asyncio.Future:
+    """Python 3.11's missing eager task: a Task whose first step runs now, inside it.
+
+    A Task schedules its first step with loop.call_soon from its constructor.
+    Here that one call is caught (an instance attribute shadows the method
+    for the constructor's duration; nothing else runs meanwhile: the loop is
+    single-threaded and this is its thread) and the step is run at once, in
+    the task's own context, so current_task() is the task. The pure-Python
+    Task is used because the C one cannot be given its first step back.
+    Private asyncio names are used (_PyTask, _enter_task, _leave_task), on
+    3.11 only, where nothing public does this.
     """
+    caught: list[tuple[Any, tuple[Any, ...], Any]] = []
+
+    def catch(callback: Any, *args: Any, context: Any = None) -> None:
+        caught.append((callback, args, context))
+
+    loop.call_soon = catch  # type: ignore[method-assign]
     try:
-        while True:
-            try:
-                if yielded is None:
-                    await asyncio.sleep(0)
-                else:
-                    # Take the future over from the handler, as Task.__step does,
-                    # or awaiting it again is refused.
-                    yielded._asyncio_future_blocking = False
-                    await yielded
-            except BaseException as exc:
-                yielded = coro.throw(exc)
-            else:
-                yielded = coro.send(None)
-    except StopIteration as stop:
-        return stop.value
+        task = asyncio.tasks._PyTask(coro, loop=loop)  # type: ignore[attr-defined]
+    finally:
+        del loop.call_soon  # type: ignore[attr-defined]
+    ((step, args, context),) = caught
+    # Dispatched from inside another task (held requests released by resume()): that task steps
+    # aside for this one's first step, as 3.12's eager start does.
+    outer = asyncio.current_task(loop)
+    if outer is not None:
+        asyncio.tasks._leave_task(loop, outer)  # type: ignore[attr-defined]
+    try:
+        context.run(step, *args)
+    finally:
+        if outer is not None:
+            asyncio.tasks._enter_task(loop, outer)  # type: ignore[attr-defined]
+    return task
 
 
 def _run_sync_handler(tool: Tool, ctx: ToolContext, chan: Channel, args: list[Any], kwargs: dict[str, Any]) -> Any:

@@ -30,10 +30,10 @@ class ToolCancelled(DeadstopError):
 
 class ToolContext:
     __slots__ = ("run_id", "tool", "call_id", "started_at", "committed_at", "cancelled", "_gate",
-                 "_revoked", "usage", "on_thread", "returned_at")
+                 "_revoked", "usage", "on_thread", "returned_at", "_emit")
 
     def __init__(self, run_id: str, tool: str, call_id: int, gate: threading.Lock,
-                 revoked: Callable[[], str | None]):
+                 revoked: Callable[[], str | None], emit: Callable[[str, Any], bool] | None = None):
         self.run_id = run_id
         self.tool = tool
         self.call_id = call_id
@@ -45,6 +45,7 @@ class ToolContext:
         self.usage: dict[str, float] = {}
         self.on_thread = False  # a synchronous handler past its start gate: its code is running
         self.returned_at: int | None = None  # when a handler that outlived the revoke returned
+        self._emit = emit
 
     @property
     def revoked(self) -> bool:
@@ -63,6 +64,14 @@ class ToolContext:
                                     f" ({reason or 'cancelled'})")
             self.committed_at = time.monotonic_ns()
             return self.committed_at
+
+    def emit(self, kind: str, data: Any = None) -> bool:
+        """An event on behalf of the calling run (a model's streamed delta, say), fenced like the run's own:
+        dropped (False) once the run is revoked or its session has moved to a newer generation. From the
+        loop's thread only (an async handler)."""
+        if self._emit is None or self.revoked:
+            return False
+        return self._emit(kind, data)
 
     def report_usage(self, **amounts: float) -> None:
         """Record usage (for example prompt_tokens=..., completion_tokens=...)."""
