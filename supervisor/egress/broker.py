@@ -680,10 +680,10 @@ def _eager_task_311(loop: asyncio.AbstractEventLoop, coro: Any) -> asyncio.Futur
     Here that one call is caught (an instance attribute shadows the method
     for the constructor's duration; nothing else runs meanwhile: the loop is
     single-threaded and this is its thread) and the step is run at once, in
-    the task's own context, so current_task() is the task. The pure-Python
-    Task is used because the C one cannot be given its first step back.
-    Private asyncio names are used (_PyTask, _enter_task, _leave_task), on
-    3.11 only, where nothing public does this.
+    the task's own context, so current_task() is the task (both Task
+    implementations look call_soon up on the loop object). Private asyncio
+    names are used (_enter_task, _leave_task), on 3.11 only, where nothing
+    public does this.
     """
     caught: list[tuple[Any, tuple[Any, ...], Any]] = []
 
@@ -692,7 +692,7 @@ def _eager_task_311(loop: asyncio.AbstractEventLoop, coro: Any) -> asyncio.Futur
 
     loop.call_soon = catch  # type: ignore[method-assign]
     try:
-        task = asyncio.tasks._PyTask(coro, loop=loop)  # type: ignore[attr-defined]
+        task = asyncio.Task(coro, loop=loop)
     finally:
         del loop.call_soon  # type: ignore[attr-defined]
     ((step, args, context),) = caught
