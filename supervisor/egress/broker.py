@@ -690,22 +690,22 @@ def _eager_task_311(loop: asyncio.AbstractEventLoop, coro: Any) -> asyncio.Futur
     def catch(callback: Any, *args: Any, context: Any = None) -> None:
         caught.append((callback, args, context))
 
-    loop.call_soon = catch  # type: ignore[method-assign]
+    setattr(loop, "call_soon", catch)  # an instance attribute: shadows the method until deleted
     try:
         task = asyncio.Task(coro, loop=loop)
     finally:
-        del loop.call_soon  # type: ignore[attr-defined]
+        delattr(loop, "call_soon")
     ((step, args, context),) = caught
     # Dispatched from inside another task (held requests released by resume()): that task steps
     # aside for this one's first step, as 3.12's eager start does.
     outer = asyncio.current_task(loop)
     if outer is not None:
-        asyncio.tasks._leave_task(loop, outer)  # type: ignore[attr-defined]
+        asyncio.tasks._leave_task(loop, outer)
     try:
         context.run(step, *args)
     finally:
         if outer is not None:
-            asyncio.tasks._enter_task(loop, outer)  # type: ignore[attr-defined]
+            asyncio.tasks._enter_task(loop, outer)
     return task
 
 
