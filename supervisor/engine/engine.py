@@ -231,23 +231,28 @@ class Engine:
     async def _isolated_call(self, fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any], ctx: Any,
                              network: str, cwd: str | None, env: dict[str, str] | None) -> Any:
         caller = self.broker.channels.get(ctx.run_id)
-        helper = await self.start(fn, *args, kwargs=kwargs, network=network, cwd=cwd, env=env, grace=0.0)
+        if caller is None or caller.revocation is not None:
+            raise ToolCancelled(f"run {ctx.run_id} is revoked: its isolated tool does not start")
+        start = asyncio.ensure_future(self.start(fn, *args, kwargs=kwargs, network=network, cwd=cwd, env=env, grace=0.0))
 
-        def kill() -> "asyncio.Task[StopReport]":
-            return helper.begin_end(StopMode.KILL, "parent", f"its caller, run {ctx.run_id}, was revoked")
+        async def end_helper() -> StopReport | None:
+            try:
+                helper = await asyncio.shield(start)  # still starting at the revoke: it is killed once it is up
+            except BaseException:
+                return None  # it never started (an aborted start kills whatever it forked)
+            return await helper.begin_end(StopMode.KILL, "parent", f"its caller, run {ctx.run_id}, was revoked")
 
-        if caller is None or caller.revocation is not None:  # revoked while the helper started
-            await asyncio.shield(kill())
-            raise ToolCancelled(f"run {ctx.run_id} was revoked while its isolated tool started")
-        caller.on_revoke.append(kill)
+        def on_revoke() -> "asyncio.Task[StopReport | None]":
+            return self.loop.create_task(end_helper())
+
+        # In place before the helper exists: a revoke at any point from here ends it, and the stop waits for that.
+        caller.on_revoke.append(on_revoke)
         try:
+            helper = await asyncio.shield(start)
             return await helper.result()
-        except asyncio.CancelledError:
-            kill()  # the same task as the revoke's, if it already began
-            raise
         finally:
-            if kill in caller.on_revoke:
-                caller.on_revoke.remove(kill)
+            if on_revoke in caller.on_revoke:
+                caller.on_revoke.remove(on_revoke)
 
     async def register_mcp_server(self, name: str, command: Sequence[str], *, env: dict[str, str] | None = None,
                                   cwd: str | None = None, timeout: float = 60.0, scope: str = "supervisor") -> list[str]:
