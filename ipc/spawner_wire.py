@@ -46,6 +46,10 @@ class Start(_Op, tag="start"):
     #: bind a TCP listener on 127.0.0.1:proxy_port inside the run's network namespace, before the run
     #: exists, and hand it to the supervisor with Started (its egress proxy; see supervisor/egress/proxy.py)
     proxy_port: Union[int, None] = None
+    #: an argv run whose stdin and stdout are a socket the supervisor holds the other end of (an MCP
+    #: server run per session speaks stdio); the socket follows the credential over SCM_RIGHTS
+    stdio: bool = False
+    stdio_fd: Union[int, None] = None
 
 
 class Probe(_Op, tag="probe"):

@@ -435,3 +435,8 @@ def blocking_send(to: str, ready_path: str, outbox: str) -> str:
 def asks_the_model(prompt: str) -> str:
     """One chat call through the brokered `chat` tool (examples/model_tool.py)."""
     return egress.call("chat", messages=[{"role": "user", "content": prompt}], model="test-model")
+
+
+def mcp_agent(message, **context):
+    """A session's agent: calls message["tool"] with message["args"]; the result is its answer."""
+    return egress.call(message["tool"], **message.get("args", {}))

@@ -226,3 +226,45 @@ def test_mcp_server_git_reads_the_repository_it_was_given(tmp_path) -> None:
         assert logged["ok"] and "the first note" in logged["value"]["content"][0]["text"], logged
         diff = sup.start(behaviours.calls_with, "git.git_diff_unstaged", {"repo_path": str(repo)}, tools=tools).result(30)
         assert diff["ok"] and "+second" in diff["value"]["content"][0]["text"], diff
+
+
+def test_a_session_scoped_server_is_a_run_of_each_session_and_dies_with_it(tmp_path, workspace) -> None:
+    """scope="session": each session's calls go to its own server process, started as a contained run;
+    stopping the session kills that process mid-call (its effect is cut), and the other session's
+    server goes on."""
+    from procscan import marked_processes
+
+    log = Ready(workspace)  # where a server run (its own uid) can write
+    try:
+        _session_scoped(tmp_path, workspace, log, marked_processes)
+    finally:
+        log.close()
+
+
+def _session_scoped(tmp_path, workspace, log, marked_processes) -> None:
+    with Supervisor(state_dir=str(tmp_path / "state")) as sup:
+        names = sup.register_mcp_server("faults", FAULTS, env={"FAULTS_LOG": log.path}, scope="session",
+                                        cwd=str(workspace))
+        assert "faults.slow" in names
+        sup.register_agent("mcp", behaviours.mcp_agent, tools=["faults.echo", "faults.slow"], cwd=str(workspace))
+        a, b = sup.session("a", "mcp"), sup.session("b", "mcp")
+        assert a.send({"tool": "faults.echo", "args": {"text": "A"}}).result(60)["content"][0]["text"] == "A"
+        pid_a = log.wait(1)[0]["pid"]
+        assert b.send({"tool": "faults.echo", "args": {"text": "B"}}).result(60)["content"][0]["text"] == "B"
+        pid_b = log.wait(1)[0]["pid"]
+        assert pid_a != pid_b, "a server per session"
+        servers = {r.id: r for r in sup.run_records() if r.target.startswith("mcp:faults")}
+        assert len([r for r in servers.values() if r.state == "running"]) == 2
+
+        a.send({"tool": "faults.slow", "args": {"seconds": 60}})
+        started = log.wait(1)[0]
+        assert started == {**started, "pid": pid_a, "event": "started"}, "session a's own server"
+        reports = a.stop()
+        killed = [r for r in reports if r.run_id in servers]
+        assert len(killed) == 1 and killed[0].outcome == "killed" and killed[0].survivors == 0
+        assert marked_processes(killed[0].run_id) == {}, "the server of the stopped session outlived it"
+        # session b's server is untouched and serves on
+        assert b.send({"tool": "faults.echo", "args": {"text": "B2"}}).result(60)["content"][0]["text"] == "B2"
+        assert log.wait(1)[0]["pid"] == pid_b
+    with pytest.raises(AssertionError):
+        log.wait(1, timeout=0.5)  # the cut call never finished: no "done"

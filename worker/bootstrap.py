@@ -187,6 +187,9 @@ def child_main(spec: wire.Start, spawner_pid: int, ready_fd: int, seccomp: Any =
             _ready(ready_fd, f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""))
             os._exit(EXIT_BOOTSTRAP_FAILED)
         _ready(ready_fd)  # the spawner may now tell the supervisor our pid
+        if spec.stdio_fd is not None:  # stdin and stdout are the supervisor's socket (an MCP server run)
+            os.dup2(spec.stdio_fd, 0)
+            os.dup2(spec.stdio_fd, 1)
         _reset_inherited_state(spec.credential_fd)  # handlers to default, unblock (the spawner blocked all)
         _apply_rlimits(spec.rlimits)
         platform.rewrite_exec_env(framing.ENV_MARKER, spec.run_id)

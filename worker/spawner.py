@@ -203,6 +203,8 @@ class Spawner:
     def _start(self, msg: wire.Start, fds: list[int]) -> None:
         if fds:
             msg.credential_fd = fds[0]
+        if msg.stdio and len(fds) > 1:
+            msg.stdio_fd = fds[1]
         try:
             self._start_run(msg)
         finally:

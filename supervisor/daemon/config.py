@@ -29,6 +29,7 @@
     env = { GIT_AUTHOR_NAME = "agent" }
     cwd = "/srv"
     timeout = 60                     # seconds a call may take (TOOL_TIMEOUT past it)
+    scope = "supervisor"             # or "session": a server per session, a contained run, killed with it
 
 These keys stay; new ones may be added. An unknown key, a wrong type or a
 target that cannot be imported is a ConfigError naming the file, the key
@@ -58,7 +59,7 @@ _AGENT_KEYS = {"target": str, "command": list, "cwd": str, "tools": list, "limit
                "may_stop_sessions": bool, "network": (str, dict), "private_tmp": bool, "grace": (int, float), "env": dict,
                "isolation": str}
 _TOOL_KEYS = {"target": str, "provided": bool}
-_MCP_KEYS = {"command": (str, list), "args": list, "env": dict, "cwd": str, "timeout": (int, float)}
+_MCP_KEYS = {"command": (str, list), "args": list, "env": dict, "cwd": str, "timeout": (int, float), "scope": str}
 _CHOICES = {"containment": ("auto", "cgroup", "process-group"), "isolation": ("auto", "strict", "off"),
             "network": ("none", "host")}
 
@@ -87,6 +88,7 @@ class McpServerConfig:
     env: tuple[tuple[str, str], ...] = ()
     cwd: str | None = None
     timeout: float = 60.0
+    scope: str = "supervisor"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,7 +196,10 @@ def _mcp_server(where: _Where, name: str, spec: Any) -> McpServerConfig:
     cwd = spec.get("cwd")
     if cwd is not None and not os.path.isabs(cwd):
         cwd = os.path.join(os.path.dirname(where.path), cwd)
-    return McpServerConfig(name, tuple(command), tuple(sorted(spec.get("env", {}).items())), cwd, timeout)
+    scope = spec.get("scope", "supervisor")
+    if scope not in ("supervisor", "session"):
+        raise where.error(f"{key}.scope", f"must be 'supervisor' or 'session', not {scope!r}")
+    return McpServerConfig(name, tuple(command), tuple(sorted(spec.get("env", {}).items())), cwd, timeout, scope)
 
 
 def _agent(where: _Where, name: str, spec: Any) -> AgentConfig:

@@ -276,12 +276,16 @@ class Daemon:
             if running.get(server.name) == server and server.name in self.sup.mcp.servers:
                 mcp_tools += sorted(t.qualified for t in self.sup.mcp.servers[server.name].tools.values())
                 continue  # unchanged: its process (and any call in flight) is left alone
+            if running.get(server.name) == server and server.name in self.sup.mcp.session_scoped:
+                mcp_tools += self.sup.mcp.session_tools[server.name]
+                continue
             try:
                 mcp_tools += await self.sup.register_mcp_server(server.name, list(server.command), env=dict(server.env),
-                                                                cwd=server.cwd, timeout=server.timeout)
+                                                                cwd=server.cwd, timeout=server.timeout,
+                                                                scope=server.scope)
             except DeadstopError as exc:
                 raise config_mod.ConfigError(f"{cfg.path}: mcp_servers.{server.name}: {exc}") from None
-        for gone in set(self.sup.mcp.servers) - {s.name for s in cfg.mcp_servers}:
+        for gone in (set(self.sup.mcp.servers) | set(self.sup.mcp.session_scoped)) - {s.name for s in cfg.mcp_servers}:
             await self.sup.mcp.remove(gone)
         for agent in cfg.agents:
             self.sup.register_agent(agent.name, agent.target, **agent.options)
@@ -400,8 +404,8 @@ class Daemon:
                 "agents": sorted(self.sup.registry.agents), "tools": self.sup.tools.names(),
                 "provided_tools": sorted(self.providers.by_tool), "version": __version__,
                 "console": self.console.url if self.console else None,
-                "mcp_servers": {name: sorted(t.qualified for t in server.tools.values())
-                                for name, server in self.sup.mcp.servers.items()},
+                "mcp_servers": {**{name: sorted(t.qualified for t in server.tools.values())
+                                   for name, server in self.sup.mcp.servers.items()}, **self.sup.mcp.session_tools},
                 "gateway_version": gateway.VERSION.decode()}
 
     def _departed(self, listener: Listener) -> Callable[[bytes], Any]:

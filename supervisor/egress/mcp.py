@@ -29,7 +29,7 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from ...ipc.errors import ErrorCode
 from ..errors import DeadstopError
@@ -58,16 +58,18 @@ class McpServerSpec:
     env: dict[str, str] | None = None
     cwd: str | None = None
     timeout: float = 60.0  # seconds a call may take before it is cancelled at the server (TOOL_TIMEOUT)
-    scope: str = "supervisor"  # one process for the supervisor (the only scope served so far)
+    #: "supervisor": one plain child process serves every run; "session": one per session, started as a
+    #: run of its own (contained and isolated like any run) and killed when its session stops
+    scope: str = "supervisor"
+    network: Any = "none"  # a session-scoped server's network: "none", "host" or a Proxy
 
     def __post_init__(self) -> None:
         if not self.name or SEPARATOR in self.name or len(self.name) > 100:
             raise ValueError(f"an MCP server's name is 1-100 characters without {SEPARATOR!r}: {self.name!r}")
         if not self.command or not all(isinstance(a, str) and a for a in self.command):
             raise ValueError(f"MCP server {self.name!r}: command must be a non-empty list of strings")
-        if self.scope != "supervisor":
-            raise ValueError(f"MCP server {self.name!r}: scope {self.scope!r} is not served; "
-                             "scope='supervisor' (one server process for every run) is")
+        if self.scope not in ("supervisor", "session"):
+            raise ValueError(f"MCP server {self.name!r}: scope is 'supervisor' or 'session', not {self.scope!r}")
         if self.timeout <= 0:
             raise ValueError(f"MCP server {self.name!r}: timeout must be > 0")
 
@@ -94,8 +96,11 @@ class McpServer:
     are made from the broker's tasks on the session it opened.
     """
 
-    def __init__(self, spec: McpServerSpec):
+    def __init__(self, spec: McpServerSpec, launcher: Callable[[], Any] | None = None):
         self.spec = spec
+        #: session scope: an async callable starting the server as a run -> (AsyncRun, its stdio socket)
+        self._launcher = launcher
+        self.run: Any = None  # that run, while it serves
         self.tools: dict[str, McpTool] = {}
         self._session: Any = None
         self._connection: asyncio.Task[None] | None = None
@@ -156,12 +161,17 @@ class McpServer:
             if not up.done():
                 up.set_exception(McpUnavailable("the mcp SDK is not installed: pip install 'deadstop[mcp]'"))
             return
-        env = {**_base_environment(), **(self.spec.env or {})}
+        env = {**server_environment(), **(self.spec.env or {})}
         params = StdioServerParameters(command=self.spec.command[0], args=self.spec.command[1:], env=env,
                                        cwd=self.spec.cwd)
         try:
             with open(os.devnull, "w") as quiet:
-                async with stdio_client(params, errlog=quiet) as (read, write):
+                if self._launcher is not None:
+                    self.run, sock = await self._launcher()
+                    streams: Any = _socket_streams(sock)
+                else:
+                    streams = stdio_client(params, errlog=quiet)
+                async with streams as (read, write):
                     async with ClientSession(read, write) as session:
                         await session.initialize()
                         listed = await session.list_tools()
@@ -177,6 +187,8 @@ class McpServer:
         finally:
             if self._up is up:  # this is still the current connection (not one replaced since)
                 self._session = None
+            if self.run is not None:  # a session-scoped server's run ends with its connection
+                self.kill_run("its MCP connection closed")
 
     async def _stop_connection(self) -> None:
         task, leave = self._connection, self._leave
@@ -195,6 +207,13 @@ class McpServer:
         self._failures += 1
         delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (self._failures - 1))
         self._not_before = time.monotonic() + delay
+
+    def kill_run(self, why: str) -> Any:
+        """A session-scoped server: kill its run now (revoked and SIGKILLed from this step); its stop task."""
+        run, self.run = self.run, None
+        if run is None:
+            return None
+        return run.begin_end("kill", "parent", why)
 
     async def close(self) -> None:
         """Shut the server down, and any earlier process of it still being shut down: none outlives this."""
@@ -235,6 +254,53 @@ class McpServer:
         return body
 
 
+def _socket_streams(sock: Any) -> Any:
+    """The SDK's two streams over a connected socket: a session-scoped server's stdin and stdout."""
+    import contextlib
+
+    @contextlib.asynccontextmanager
+    async def streams() -> Any:
+        import anyio
+        import mcp_types as types
+        from mcp.shared.message import SessionMessage
+
+        reader, writer = await asyncio.open_unix_connection(sock=sock, limit=16 << 20)
+        incoming_w, incoming = anyio.create_memory_object_stream[Any](0)
+        outgoing, outgoing_r = anyio.create_memory_object_stream[Any](0)
+
+        async def read_loop() -> None:
+            try:
+                async with incoming_w:
+                    while line := await reader.readline():
+                        try:
+                            message: Any = SessionMessage(types.jsonrpc_message_adapter.validate_json(line, by_name=False))
+                        except ValueError as exc:
+                            message = exc
+                        await incoming_w.send(message)
+            except (anyio.ClosedResourceError, anyio.BrokenResourceError, ConnectionError, ValueError):
+                pass
+
+        async def write_loop() -> None:
+            try:
+                async with outgoing_r:
+                    async for message in outgoing_r:
+                        writer.write(message.message.model_dump_json(by_alias=True, exclude_unset=True).encode() + b"\n")
+                        await writer.drain()
+            except (anyio.ClosedResourceError, anyio.BrokenResourceError, ConnectionError):
+                pass
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(read_loop)
+            group.start_soon(write_loop)
+            try:
+                yield incoming, outgoing
+            finally:
+                writer.close()
+                group.cancel_scope.cancel()
+
+    return streams()
+
+
 def schema_checker(schema: dict[str, Any]) -> Callable[[list[Any], dict[str, Any]], None]:
     """A check of a call's arguments against the tool's JSON Schema, raising TypeError (BAD_ARGUMENTS)."""
     import jsonschema
@@ -253,7 +319,7 @@ def schema_checker(schema: dict[str, Any]) -> Callable[[list[Any], dict[str, Any
     return check
 
 
-def _base_environment() -> dict[str, str]:
+def server_environment() -> dict[str, str]:
     """What a server inherits: enough to find its interpreter and its home, nothing of the supervisor's secrets."""
     keep = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "USER", "LOGNAME", "SHELL", "TERM", "NODE_PATH",
             "PYTHONPATH", "VIRTUAL_ENV")
@@ -261,15 +327,29 @@ def _base_environment() -> dict[str, str]:
 
 
 class McpServers:
-    """The supervisor's MCP servers, by name; they register their tools in a ToolRegistry."""
+    """The supervisor's MCP servers, by name; they register their tools in a ToolRegistry.
+
+    A session-scoped server's tools are registered once (read from a first
+    instance, which is then stopped); each session's calls go to a server
+    run of that session, started on its first call and killed when the
+    session stops (end_sessions).
+    """
 
     def __init__(self, register: Callable[..., None], unregister: Callable[[str], None]):
         self._register, self._unregister = register, unregister
         self.servers: dict[str, McpServer] = {}
+        self.session_scoped: dict[str, McpServerSpec] = {}
+        self.session_tools: dict[str, list[str]] = {}  # a session-scoped server's registered tool names
+        self.per_session: dict[tuple[str, str], McpServer] = {}
+        #: set by the engine: start a server as a run -> (AsyncRun, socket); a run id -> its session key
+        self.launch: Callable[[McpServerSpec], Any] | None = None
+        self.session_of: Callable[[str], str | None] = lambda run_id: None
 
     async def add(self, spec: McpServerSpec) -> list[str]:
-        if spec.name in self.servers:
+        if spec.name in self.servers or spec.name in self.session_scoped:
             await self.remove(spec.name)
+        if spec.scope == "session":
+            return await self._add_session_scoped(spec)
         server = McpServer(spec)
         tools = await server.start()
         self.servers[spec.name] = server
@@ -277,16 +357,73 @@ class McpServers:
             self._register(tool.qualified, _handler(server, tool.name), schema_checker(tool.input_schema))
         return sorted(t.qualified for t in tools)
 
+    async def _add_session_scoped(self, spec: McpServerSpec) -> list[str]:
+        if self.launch is None:
+            raise McpUnavailable(f"MCP server {spec.name!r}: session scope needs the engine's launcher")
+        launch = self.launch
+        first = McpServer(spec, lambda: launch(spec))
+        try:
+            tools = await first.start()
+        finally:
+            await first.close()
+            first.kill_run("its tools are listed")
+        self.session_scoped[spec.name] = spec
+        self.session_tools[spec.name] = sorted(t.qualified for t in tools)
+        for tool in tools:
+            self._register(tool.qualified, self._session_handler(spec, tool.name), schema_checker(tool.input_schema))
+        return sorted(t.qualified for t in tools)
+
+    def _session_handler(self, spec: McpServerSpec, tool: str) -> Callable[..., Any]:
+        async def call_session_mcp_tool(ctx: Any, **arguments: Any) -> Any:
+            key = self.session_of(ctx.run_id)
+            if key is None:
+                raise ToolFailure(ErrorCode.TOOL_UNAVAILABLE, f"MCP server {spec.name!r} is per session; "
+                                                              f"run {ctx.run_id} belongs to none")
+            server = self.per_session.get((spec.name, key))
+            if server is None or server.closed:
+                assert self.launch is not None
+                launch = self.launch
+                server = self.per_session[(spec.name, key)] = McpServer(spec, lambda: launch(spec))
+            return await server.call(tool, arguments)
+
+        call_session_mcp_tool.__qualname__ = f"mcp-session:{spec.name}.{tool}"
+        return call_session_mcp_tool
+
+    def end_sessions(self, keys: Iterable[str]) -> list[Any]:
+        """Kill the server runs of these sessions now (their stop tasks); their connections close after."""
+        keys = set(keys)
+        tasks = []
+        for slot in [slot for slot in self.per_session if slot[1] in keys]:
+            server = self.per_session.pop(slot)
+            server.closed = True
+            task = server.kill_run(f"its session {slot[1]} stopped")
+            if task is not None:
+                tasks.append(task)
+            asyncio.get_running_loop().create_task(server.close())
+        return tasks
+
     async def remove(self, name: str) -> None:
         server = self.servers.pop(name, None)
+        spec = self.session_scoped.pop(name, None)
         if server is not None:
             for tool in server.tools.values():
                 self._unregister(tool.qualified)
             await server.close()
+        if spec is not None:
+            for qualified in self.session_tools.pop(name, []):
+                self._unregister(qualified)
+            for slot in [slot for slot in self.per_session if slot[0] == name]:
+                doomed = self.per_session.pop(slot)
+                doomed.kill_run("its server was removed")
+                await doomed.close()
 
     async def close(self) -> None:
-        await asyncio.gather(*(s.close() for s in self.servers.values()), return_exceptions=True)
+        everyone = [*self.servers.values(), *self.per_session.values()]
+        for server in self.per_session.values():
+            server.kill_run("the supervisor is closing")
+        await asyncio.gather(*(s.close() for s in everyone), return_exceptions=True)
         self.servers.clear()
+        self.per_session.clear()
 
 
 def _handler(server: McpServer, tool: str) -> Callable[..., Any]:
@@ -297,4 +434,5 @@ def _handler(server: McpServer, tool: str) -> Callable[..., Any]:
     return call_mcp_tool
 
 
-__all__ = ["McpServer", "McpServerSpec", "McpServers", "McpTool", "McpUnavailable", "schema_checker"]
+__all__ = ["McpServer", "McpServerSpec", "McpServers", "McpTool", "McpUnavailable", "schema_checker",
+           "server_environment"]

@@ -18,6 +18,7 @@ import logging
 import os
 import secrets
 import shutil
+import socket
 import tempfile
 import time
 from typing import Any, AsyncIterator, Callable, Sequence
@@ -27,7 +28,7 @@ import psutil
 
 from ...ipc import framing
 from ..egress.broker import Broker
-from ..egress.mcp import McpServers, McpServerSpec
+from ..egress.mcp import McpServers, McpServerSpec, server_environment
 from ..egress.proxy import PROXY_PORT, Proxy, RunProxy
 from ..egress.tools import ToolCancelled, ToolRegistry
 from ..errors import DeadstopError, InvalidTarget, RunNotFound, SupervisorClosed
@@ -83,6 +84,8 @@ class Engine:
         self._tool_threads = tool_threads
         self.tools = ToolRegistry()
         self.mcp = McpServers(self.tools.register, self.tools.unregister)
+        self.mcp.launch = self._launch_mcp_run
+        self.mcp.session_of = self._session_of_run
         self.runs: dict[str, AsyncRun] = {}  # live runs (starting, running, paused, stopping)
         self._ended: collections.OrderedDict[str, AsyncRun] = collections.OrderedDict()
         self._subscribers: list[Subscription] = []
@@ -255,17 +258,45 @@ class Engine:
                 caller.on_revoke.remove(on_revoke)
 
     async def register_mcp_server(self, name: str, command: Sequence[str], *, env: dict[str, str] | None = None,
-                                  cwd: str | None = None, timeout: float = 60.0, scope: str = "supervisor") -> list[str]:
+                                  cwd: str | None = None, timeout: float = 60.0, scope: str = "supervisor",
+                                  network: Any = "none") -> list[str]:
         """Start an MCP server (stdio) and register each of its tools as `NAME.TOOL`; their names.
 
         Runs call them like any tool (on their allow-list, keyword arguments
         checked against the tool's input schema). See supervisor/egress/mcp.py
         for cancellation at the revoke and what happens when a server fails.
         Registering a name again replaces that server.
+
+        scope="session": each session's calls go to a server of its own,
+        started as a run (contained and isolated like any run, with this
+        network and cwd) at the session's first call, and killed when the
+        session stops, so an effect still running inside the server is cut.
         """
         self.check_open()
-        spec = McpServerSpec(name, list(command), dict(env) if env else None, cwd, float(timeout), scope)
+        spec = McpServerSpec(name, list(command), dict(env) if env else None, cwd, float(timeout), scope, network)
+        if scope == "session":
+            self.check_run_options((), cwd, network)
         return await self.mcp.add(spec)
+
+    async def _launch_mcp_run(self, spec: McpServerSpec) -> tuple[AsyncRun, socket.socket]:
+        """A session-scoped MCP server as a run: an argv run whose stdin and stdout are our socket."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            kind, desc, blob, argv = self.prepare_target(list(spec.command), (), {})
+            run = await self.launch(kind, f"mcp:{spec.name} {desc}", blob, argv, [], 0.0,
+                                    {**server_environment(), **(spec.env or {})}, spec.cwd, network=spec.network,
+                                    stdio_fd=theirs.fileno())
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        return run, ours
+
+    def _session_of_run(self, run_id: str) -> str | None:
+        run = self.runs.get(run_id)
+        return run.owner.key if run is not None and run.owner is not None else None
 
     # -- runs ----------------------------------------------------------------------------
     def check_open(self) -> None:
@@ -334,8 +365,10 @@ class Engine:
                      grace: float | None, env: dict[str, str] | None, cwd: str | None, *,
                      limits: Limits | None = None, owner: RunOwner | None = None,
                      inbox: dict[str, Any] | None = None, network: str = "none",
-                     private_tmp: bool | None = None, isolation: str | None = None) -> AsyncRun:
-        """Start a prepared target (see prepare_target) as a run of `owner` (a session, or none)."""
+                     private_tmp: bool | None = None, isolation: str | None = None,
+                     stdio_fd: int | None = None) -> AsyncRun:
+        """Start a prepared target (see prepare_target) as a run of `owner` (a session, or none).
+        stdio_fd: an argv run's stdin and stdout (the caller keeps the other end of the socket)."""
         if grace is not None and grace < 0:
             raise ValueError("grace must be >= 0")
         self.check_run_options(tools, cwd, network, isolation)
@@ -369,7 +402,7 @@ class Engine:
         if proxy is not None:
             msg.proxy_port = PROXY_PORT
         try:
-            started = await self.host.launch(msg, credential)
+            started = await self.host.launch(msg, credential, stdio_fd)
         except BaseException as exc:
             why = "start cancelled" if isinstance(exc, asyncio.CancelledError) else f"start failed: {exc}"
             report = abort_start(run, self.host.cgroup_layer(prov.cgroup) if prov.cgroup else None, why)

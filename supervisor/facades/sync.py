@@ -224,10 +224,11 @@ class Supervisor:
                                                            env=env)))
 
     def register_mcp_server(self, name: str, command: Sequence[str], *, env: dict[str, str] | None = None,
-                            cwd: str | None = None, timeout: float = 60.0, scope: str = "supervisor") -> list[str]:
+                            cwd: str | None = None, timeout: float = 60.0, scope: str = "supervisor",
+                            network: Any = "none") -> list[str]:
         """Start an MCP server and register its tools as `NAME.TOOL`; their names (see Engine.register_mcp_server)."""
         return self._call(self._core.register_mcp_server(name, command, env=env, cwd=cwd, timeout=timeout,
-                                                         scope=scope))
+                                                         scope=scope, network=network))
 
     def register_agent(self, name: str, target: Any, **options: Any) -> None:
         """See AsyncSupervisor.register_agent."""

@@ -247,11 +247,12 @@ class LocalHost:
             # v1 memory/pids groups, joined (as root, before any user code) right after the v2 cgroup
             join_cgroups=kernel.join_files() if kernel is not None else [])
 
-    async def launch(self, msg: spawner_wire.Start, credential: bytes) -> Started:
-        """Fork the run; its credential travels in a sealed memfd, never in its environment."""
+    async def launch(self, msg: spawner_wire.Start, credential: bytes, stdio_fd: int | None = None) -> Started:
+        """Fork the run; its credential travels in a sealed memfd, never in its environment.
+        stdio_fd: the run's stdin and stdout (an argv run)."""
         cred_fd = framing.credential_memfd(credential)
         try:
-            return await self.spawner.start(msg, cred_fd)
+            return await self.spawner.start(msg, cred_fd, stdio_fd)
         finally:
             os.close(cred_fd)
 

@@ -125,15 +125,17 @@ class SpawnerClient:
         """Tell the spawner what it must clean up should the supervisor die."""
         self._send(config)
 
-    async def start(self, msg: wire.Start, credential_fd: int | None = None) -> Started:
-        """Fork a run; `credential_fd` (a sealed memfd) goes to it over SCM_RIGHTS."""
+    async def start(self, msg: wire.Start, credential_fd: int | None = None, stdio_fd: int | None = None) -> Started:
+        """Fork a run; `credential_fd` (a sealed memfd) and `stdio_fd` go to it over SCM_RIGHTS."""
         fut = self.loop.create_future()
         self._starts[msg.run_id] = fut
-        msg.fds = 1 if credential_fd is not None else 0
+        fds = [fd for fd in (credential_fd, stdio_fd) if fd is not None]
+        msg.fds = len(fds)
+        msg.stdio = stdio_fd is not None
         try:
             self._send(msg)
-            if credential_fd is not None:
-                reduction.sendfds(self.sock, [credential_fd])
+            if fds:
+                reduction.sendfds(self.sock, fds)
             return await self._answer(fut, f"start of run {msg.run_id}")
         finally:
             self._starts.pop(msg.run_id, None)

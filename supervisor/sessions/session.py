@@ -271,6 +271,7 @@ class AsyncSession:
         """Bump, drop queued messages and revoke the whole tree now; the returned tasks finish the stops."""
         tasks = self._end_tree(mode=mode, source=source, reason=reason, include_self=True, bump=True,
                                clear_inbox=True, grace=grace)
+        tasks += self._end_servers()
         self._registry.engine.publish_session(self.key, "session.stopped", {"mode": mode, "source": source,
                                               "runs": len(tasks)}, self.generation)
         return tasks
@@ -283,7 +284,12 @@ class AsyncSession:
     async def kill(self, *, source: str = "api", reason: str = "session kill requested") -> list[StopReport]:
         tasks = self._end_tree(mode="kill", source=source, reason=reason, include_self=True, bump=True,
                                clear_inbox=True)
+        tasks += self._end_servers()
         return await self._await_reports(tasks)
+
+    def _end_servers(self) -> list[asyncio.Task[StopReport]]:
+        """The session-scoped MCP servers of this tree: killed with it (an effect running inside is cut too)."""
+        return self._registry.engine.mcp.end_sessions([self.key, *(s.key for s in self.descendants())])
 
     @staticmethod
     async def _await_reports(tasks: list[asyncio.Task[StopReport]]) -> list[StopReport]:
