@@ -155,6 +155,9 @@ tools = ["faults.echo"]
     (tmp_path / "bad.toml").write_text("[mcp_servers.x]\nargs = ['y']\n")
     checked = d.cli("serve", "--check", "--config", str(tmp_path / "bad.toml"))
     assert checked.returncode == 1 and "mcp_servers.x: needs command" in checked.stderr, checked.stderr
+    (tmp_path / "bad2.toml").write_text("[mcp_servers.x]\ncommand = 'y'\nnetwork = 'host'\n")
+    checked = d.cli("serve", "--check", "--config", str(tmp_path / "bad2.toml"))
+    assert checked.returncode == 1 and "applies to scope = 'session'" in checked.stderr, checked.stderr
 
 
 # -- servers the project did not write ------------------------------------------------------------------------

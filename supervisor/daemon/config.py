@@ -30,6 +30,7 @@
     cwd = "/srv"
     timeout = 60                     # seconds a call may take (TOOL_TIMEOUT past it)
     scope = "supervisor"             # or "session": a server per session, a contained run, killed with it
+    # network = "none"               # a session-scoped server's network, as an agent's (none | host | { proxy })
 
 These keys stay; new ones may be added. An unknown key, a wrong type or a
 target that cannot be imported is a ConfigError naming the file, the key
@@ -59,7 +60,8 @@ _AGENT_KEYS = {"target": str, "command": list, "cwd": str, "tools": list, "limit
                "may_stop_sessions": bool, "network": (str, dict), "private_tmp": bool, "grace": (int, float), "env": dict,
                "isolation": str}
 _TOOL_KEYS = {"target": str, "provided": bool}
-_MCP_KEYS = {"command": (str, list), "args": list, "env": dict, "cwd": str, "timeout": (int, float), "scope": str}
+_MCP_KEYS = {"command": (str, list), "args": list, "env": dict, "cwd": str, "timeout": (int, float), "scope": str,
+             "network": (str, dict)}
 _CHOICES = {"containment": ("auto", "cgroup", "process-group"), "isolation": ("auto", "strict", "off"),
             "network": ("none", "host")}
 
@@ -89,6 +91,7 @@ class McpServerConfig:
     cwd: str | None = None
     timeout: float = 60.0
     scope: str = "supervisor"
+    network: Any = "none"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,7 +202,28 @@ def _mcp_server(where: _Where, name: str, spec: Any) -> McpServerConfig:
     scope = spec.get("scope", "supervisor")
     if scope not in ("supervisor", "session"):
         raise where.error(f"{key}.scope", f"must be 'supervisor' or 'session', not {scope!r}")
-    return McpServerConfig(name, tuple(command), tuple(sorted(spec.get("env", {}).items())), cwd, timeout, scope)
+    network = _network(where, key, spec.get("network", "none"))
+    if network != "none" and scope != "session":
+        raise where.error(f"{key}.network", "applies to scope = 'session' (a supervisor-scoped server is a plain "
+                                            "child process with the daemon's own network)")
+    return McpServerConfig(name, tuple(command), tuple(sorted(spec.get("env", {}).items())), cwd, timeout, scope,
+                           network)
+
+
+def _network(where: _Where, key: str, network: Any) -> Any:
+    """none | host | { proxy = ["HOST:PORT", ...] } -> the run option."""
+    if isinstance(network, dict):
+        if set(network) != {"proxy"} or not isinstance(network["proxy"], list):
+            raise where.error(f"{key}.network", "a table is { proxy = [\"HOST:PORT\", ...] }: the run reaches only "
+                                                "those, through the supervisor's proxy")
+        try:
+            return Proxy(allow=network["proxy"])
+        except ValueError as exc:
+            raise where.error(f"{key}.network.proxy", str(exc)) from None
+    if network not in _CHOICES["network"]:
+        raise where.error(f"{key}.network", f"must be one of {list(_CHOICES['network'])} or {{ proxy = [...] }}, "
+                                            f"not {network!r}")
+    return network
 
 
 def _agent(where: _Where, name: str, spec: Any) -> AgentConfig:
@@ -219,18 +243,7 @@ def _agent(where: _Where, name: str, spec: Any) -> AgentConfig:
             raise where.error(f"{key}.{list_key}", "must be a list of strings")
     if "isolation" in spec and spec["isolation"] not in _CHOICES["isolation"]:
         raise where.error(f"{key}.isolation", f"must be one of {list(_CHOICES['isolation'])}, not {spec['isolation']!r}")
-    network = spec.get("network", "none")
-    if isinstance(network, dict):
-        if set(network) != {"proxy"} or not isinstance(network["proxy"], list):
-            raise where.error(f"{key}.network", "a table is { proxy = [\"HOST:PORT\", ...] }: the run reaches only "
-                                                "those, through the supervisor's proxy")
-        try:
-            network = Proxy(allow=network["proxy"])
-        except ValueError as exc:
-            raise where.error(f"{key}.network.proxy", str(exc)) from None
-    elif network not in _CHOICES["network"]:
-        raise where.error(f"{key}.network", f"must be one of {list(_CHOICES['network'])} or {{ proxy = [...] }}, "
-                                            f"not {network!r}")
+    network = _network(where, key, spec.get("network", "none"))
     options: dict[str, Any] = {k: v for k, v in spec.items() if k not in ("target", "command", "limits")}
     if "network" in spec:
         options["network"] = network

@@ -282,7 +282,7 @@ class Daemon:
             try:
                 mcp_tools += await self.sup.register_mcp_server(server.name, list(server.command), env=dict(server.env),
                                                                 cwd=server.cwd, timeout=server.timeout,
-                                                                scope=server.scope)
+                                                                scope=server.scope, network=server.network)
             except DeadstopError as exc:
                 raise config_mod.ConfigError(f"{cfg.path}: mcp_servers.{server.name}: {exc}") from None
         for gone in (set(self.sup.mcp.servers) | set(self.sup.mcp.session_scoped)) - {s.name for s in cfg.mcp_servers}:
