@@ -31,7 +31,7 @@ from ..egress.broker import Broker
 from ..egress.mcp import McpServers, McpServerSpec, server_environment
 from ..egress.proxy import PROXY_PORT, Proxy, RunProxy
 from ..egress.tools import ToolCancelled, ToolRegistry
-from ..errors import DeadstopError, InvalidTarget, RunNotFound, SupervisorClosed
+from ..errors import DeadstopError, InvalidTarget, RunNotFound, StopIncomplete, SupervisorClosed
 from ..host.local import LocalHost
 from ..host.recovery import recover
 from ..host.spawner_client import SpawnerClient
@@ -439,9 +439,22 @@ class Engine:
 
     async def stop_all(self, grace: float | None = None, *, source: str = "api",
                        reason: str = "stop all") -> list[StopReport]:
-        """Stop every live run at once (concurrently); returns their reports in start order."""
+        """Stop every live run at once (concurrently); returns their reports in start order.
+
+        Every run is revoked first, in this one step, and the revocations are
+        committed to the journal once (not once per run) before any signal.
+        """
+        StopRequest.of(StopMode.STOP, source, reason, 0.0, 0)  # an unknown source fails before any revoke
         live = [r for r in self.runs.values() if r.state in LIVE and r.containment is not None]
-        return list(await asyncio.gather(*(r.stop(grace, source=source, reason=reason) for r in live)))
+        for run in live:
+            run.revoke(source, reason, commit=False)
+        self.journal.commit_now()
+        tasks = [run.begin_end(StopMode.STOP, source, reason, grace) for run in live]
+        reports = await asyncio.gather(*(asyncio.shield(t) for t in tasks))
+        left = [r for r in reports if r.survivors]
+        if left:
+            raise StopIncomplete(left[0])
+        return list(reports)
 
     def find_run(self, run_id: str) -> AsyncRun | None:
         """The run if it is in memory: live, or among the ENDED_RETAINED newest ended ones."""
