@@ -310,3 +310,17 @@ def test_an_isolated_tool_is_killed_mid_call_by_its_callers_stop(tmp_path, works
     assert os.path.exists(os.path.join(outbox, "sent-to-ok"))
     assert not os.path.exists(os.path.join(outbox, "sent-to-cut")), "the effect happened after the stop"
 
+
+
+def test_stop_all_revokes_every_run_before_signalling_any(tmp_path) -> None:
+    ready = Countdown(4)
+    with Supervisor(state_dir=str(tmp_path / "state")) as sup:
+        sup.register_tool("ready", ready)
+        runs = [sup.start(behaviours.victim, tools=["ready"]) for _ in range(4)]
+        assert ready.wait(30)
+        reports = sup.stop_all(grace=1.0)
+    assert len(reports) == 4 and all(r.survivors == 0 for r in reports)
+    assert all(r.requested_at <= r.revoked_at for r in reports), "requested_at is taken before the revokes"
+    first_signal = min(r.term_sent_at or r.kill_sent_at for r in reports)
+    assert max(r.revoked_at for r in reports) < first_signal, "every run revoked before any is signalled"
+    assert all(marked_processes(r.id) == {} for r in runs)

@@ -444,12 +444,13 @@ class Engine:
         Every run is revoked first, in this one step, and the revocations are
         committed to the journal once (not once per run) before any signal.
         """
+        requested_at = time.monotonic_ns()  # every report's requested_at: before any revoke
         StopRequest.of(StopMode.STOP, source, reason, 0.0, 0)  # an unknown source fails before any revoke
         live = [r for r in self.runs.values() if r.state in LIVE and r.containment is not None]
         for run in live:
             run.revoke(source, reason, commit=False)
         self.journal.commit_now()
-        tasks = [run.begin_end(StopMode.STOP, source, reason, grace) for run in live]
+        tasks = [run.begin_end(StopMode.STOP, source, reason, grace, requested_at) for run in live]
         reports = await asyncio.gather(*(asyncio.shield(t) for t in tasks))
         left = [r for r in reports if r.survivors]
         if left:

@@ -238,6 +238,7 @@ class AsyncSession:
         step, no await between); signals go out when the stop tasks run,
         after every channel of the tree is closed.
         """
+        requested_at = time.monotonic_ns()  # each report's requested_at: before the revokes below
         StopRequest.of(mode, source, reason, 0.0, 0)  # an unknown mode or source fails here, before any revoke
         sessions = ([self] if include_self else []) + self.descendants()
         for s in sessions:
@@ -250,7 +251,7 @@ class AsyncSession:
         for run in runs:
             run.revoke(source, reason, commit=False)
         self._registry.engine.journal.commit_now()  # the whole tree's revocations, on record before any signal
-        tasks = [run.begin_end(mode, source, reason, grace) for run in runs]
+        tasks = [run.begin_end(mode, source, reason, grace, requested_at) for run in runs]
         self._ending.extend(tasks)
         return tasks
 
