@@ -73,3 +73,4 @@ def holds_tunnels(host: str, port: int, k: int, ready: str) -> None:
     os.close(fd)
     while True:
         time.sleep(1)
+

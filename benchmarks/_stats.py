@@ -112,6 +112,10 @@ def _fmt(value: float | None, unit: str) -> str:
     if unit == "ms":
         ms = value / 1e6
         return f"{ms:.3f} ms" if ms < 10 else f"{ms:.1f} ms"
+    if unit == "MiB":
+        return f"{value / (1 << 20):.2f} MiB"
+    if unit == "MiB/s":
+        return f"{value:,.0f} MiB/s"
     return f"{value:,.0f}/s"
 
 

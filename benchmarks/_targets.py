@@ -166,3 +166,11 @@ def zmq_echo_client(address: str, n: int, warmup: int, batches: int, batch: int)
     sock.close()
     ctx.term()
     return {"rtt": rtt, "pipelined": piped[1:]}
+
+
+def idle_ready() -> NoReturn:
+    """An idle run for the scale benchmark: says it is up through the `ready` tool, then sleeps."""
+    from deadstop.worker import egress
+
+    egress.call("ready")
+    sleep_forever()

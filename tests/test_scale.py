@@ -1,5 +1,8 @@
 """Many runs on one host, at a size CI affords: all started concurrently, all stopped in one stop_all,
-nothing left alive (an independent /proc scan), the supervisor's memory bounded."""
+nothing left alive (an independent /proc scan), the supervisor's memory bounded.
+
+300 at once is past where a burst of starts used to fill the spawner's socket both ways and take
+every run down with a "spawner stopped reading" (it failed so at 300 before the start window)."""
 
 from __future__ import annotations
 
@@ -12,13 +15,13 @@ import behaviours
 from procscan import marked_processes
 from deadstop.supervisor import AsyncSupervisor
 
-RUNS = 200
+RUNS = 300
 #: what RUNS idle runs may add to the supervisor's own resident memory (the runs are other processes;
 #: this process also holds pytest and whatever earlier tests imported, so its growth is what is bounded)
 RSS_GROWTH_BOUND = 60 << 20
 
 
-def test_two_hundred_runs_start_together_and_one_stop_all_ends_them(tmp_path) -> None:
+def test_three_hundred_runs_start_together_and_one_stop_all_ends_them(tmp_path) -> None:
     async def main() -> None:
         async with AsyncSupervisor(state_dir=str(tmp_path / "state")) as sup:
             up = asyncio.Semaphore(0)

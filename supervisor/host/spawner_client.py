@@ -36,6 +36,10 @@ from ..errors import DeadstopError
 #: stopped or wedged, and is treated as lost: every run is killed through
 #: its cgroup and no new run starts.
 ANSWER_TIMEOUT = 10.0
+#: Starts sent to the spawner and not yet answered, at most. The spawner forks them one after another;
+#: more in flight gains nothing, and a burst of hundreds would fill the socket both ways while this
+#: loop is blocked writing the next one (found by benchmarks/scale_latency.py at 500 concurrent starts).
+START_WINDOW = 16
 
 
 class SpawnerLost(DeadstopError):
@@ -62,6 +66,7 @@ class SpawnerClient:
         self.alive = True
         self._ready: asyncio.Future = loop.create_future()
         self._starts: dict[str, asyncio.Future] = {}
+        self._start_slots = asyncio.Semaphore(START_WINDOW)
         self._probe: asyncio.Future | None = None
         self.lost_reason = ""
         self.answer_timeout = ANSWER_TIMEOUT
@@ -127,18 +132,19 @@ class SpawnerClient:
 
     async def start(self, msg: wire.Start, credential_fd: int | None = None, stdio_fd: int | None = None) -> Started:
         """Fork a run; `credential_fd` (a sealed memfd) and `stdio_fd` go to it over SCM_RIGHTS."""
-        fut = self.loop.create_future()
-        self._starts[msg.run_id] = fut
-        fds = [fd for fd in (credential_fd, stdio_fd) if fd is not None]
-        msg.fds = len(fds)
-        msg.stdio = stdio_fd is not None
-        try:
-            self._send(msg)
-            if fds:
-                reduction.sendfds(self.sock, fds)
-            return await self._answer(fut, f"start of run {msg.run_id}")
-        finally:
-            self._starts.pop(msg.run_id, None)
+        async with self._start_slots:
+            fut = self.loop.create_future()
+            self._starts[msg.run_id] = fut
+            fds = [fd for fd in (credential_fd, stdio_fd) if fd is not None]
+            msg.fds = len(fds)
+            msg.stdio = stdio_fd is not None
+            try:
+                self._send(msg)
+                if fds:
+                    reduction.sendfds(self.sock, fds)
+                return await self._answer(fut, f"start of run {msg.run_id}")
+            finally:
+                self._starts.pop(msg.run_id, None)
 
     def run_ended(self, run_id: str) -> None:
         """The run's stop is complete: from now on the spawner kills any orphan of it it adopts."""
