@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import queue
 import socket
 import struct
+import threading
 import sys
 from typing import Any
 
@@ -78,6 +80,13 @@ class SpawnerClient:
         # of a large start message: the write fails instead, and the spawner
         # is declared lost like one that stopped answering.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", int(ANSWER_TIMEOUT), 0))
+        # Messages to the spawner are written by a thread of their own, in order, never by the loop: a burst
+        # (a thousand Ended at one stop_all) filling the socket while the spawner's replies fill the other
+        # way would otherwise block the loop that must read those replies (found at 1,000 runs).
+        self._outbox: queue.SimpleQueue[tuple[bytes, list[int]] | None] = queue.SimpleQueue()
+        self._writer = threading.Thread(target=self._write_forever, name=f"deadstop-spawner-{pid}-writer",
+                                        daemon=True)
+        self._writer.start()
         loop.add_reader(self.conn.fileno(), self._readable)
         # The spawner's death is seen on its pidfd, not as EOF on the socket:
         # its watchdog holds the spawner's end open (worker/watchdog.py).
@@ -117,14 +126,49 @@ class SpawnerClient:
         return client
 
     # -- requests --------------------------------------------------------------
-    def _send(self, msg: Any) -> None:
+    def _send(self, msg: Any, fds: list[int] | None = None) -> None:
+        """Queue a message (and descriptors that follow it, duplicated now) for the writer thread."""
         if not self.alive:
             raise SpawnerLost(self.lost_reason or f"spawner (pid {self.pid}) is gone")
-        try:
-            self.conn.send_bytes(wire.encode(msg))
-        except OSError as exc:
-            self.declare_lost(f"spawner (pid {self.pid}) stopped reading its control socket ({exc})")
-            raise SpawnerLost(self.lost_reason) from None
+        self._outbox.put((wire.encode(msg), [os.dup(fd) for fd in fds or []]))
+
+    def _write_forever(self) -> None:
+        """The writer thread: each message, then its descriptors, in order, until told to stop or a write fails."""
+        while True:
+            item = self._outbox.get()
+            if item is None:
+                return
+            body, fds = item
+            try:
+                self.conn.send_bytes(body)
+                if fds:
+                    reduction.sendfds(self.sock, fds)
+            except OSError as exc:
+                why = f"spawner (pid {self.pid}) stopped reading its control socket ({exc})"
+                try:
+                    self.loop.call_soon_threadsafe(self.declare_lost, why)
+                except RuntimeError:
+                    pass  # the loop is closed: nobody is left to tell
+                self._drain_outbox()
+                return
+            finally:
+                for fd in fds:
+                    os.close(fd)
+
+    def _drain_outbox(self) -> None:
+        while True:
+            try:
+                item = self._outbox.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None:
+                for fd in item[1]:
+                    os.close(fd)
+
+    def _stop_writer(self) -> None:
+        self._outbox.put(None)
+        if self._writer.is_alive() and threading.current_thread() is not self._writer:
+            self._writer.join(ANSWER_TIMEOUT + 1)
 
     def configure(self, config: wire.Config) -> None:
         """Tell the spawner what it must clean up should the supervisor die."""
@@ -139,9 +183,7 @@ class SpawnerClient:
             msg.fds = len(fds)
             msg.stdio = stdio_fd is not None
             try:
-                self._send(msg)
-                if fds:
-                    reduction.sendfds(self.sock, fds)
+                self._send(msg, fds)
                 return await self._answer(fut, f"start of run {msg.run_id}")
             finally:
                 self._starts.pop(msg.run_id, None)
@@ -247,6 +289,7 @@ class SpawnerClient:
             if not fut.done():
                 fut.set_exception(err)
         self._reaps.clear()
+        self._outbox.put(None)  # the writer thread ends after what is queued (or at its first failed write)
         if self.on_lost is not None:
             self.on_lost()
 
@@ -277,5 +320,6 @@ class SpawnerClient:
             self.pidfd = None
         if self.proc is not None:
             self.proc.wait()
+        self._stop_writer()
         self.conn.close()
         self.sock.close()
