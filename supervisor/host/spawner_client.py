@@ -80,10 +80,13 @@ class SpawnerClient:
         # of a large start message: the write fails instead, and the spawner
         # is declared lost like one that stopped answering.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", int(ANSWER_TIMEOUT), 0))
-        # Messages to the spawner are written by a thread of their own, in order, never by the loop: a burst
-        # (a thousand Ended at one stop_all) filling the socket while the spawner's replies fill the other
-        # way would otherwise block the loop that must read those replies (found at 1,000 runs).
+        # The loop never blocks writing to the spawner: what does not fit in the socket at once is written
+        # by a thread of its own, in order. A burst (a thousand Ended at one stop_all) filling the socket
+        # while the spawner's replies fill the other way would otherwise block the loop that must read
+        # those replies (found at 1,000 runs).
         self._outbox: queue.SimpleQueue[tuple[bytes, list[int]] | None] = queue.SimpleQueue()
+        self._write_lock = threading.Lock()
+        self._pending = 0  # items queued for the writer and not yet written: nothing may overtake them
         self._writer = threading.Thread(target=self._write_forever, name=f"deadstop-spawner-{pid}-writer",
                                         daemon=True)
         self._writer.start()
@@ -127,20 +130,49 @@ class SpawnerClient:
 
     # -- requests --------------------------------------------------------------
     def _send(self, msg: Any, fds: list[int] | None = None) -> None:
-        """Queue a message (and descriptors that follow it, duplicated now) for the writer thread."""
+        """Send a message, and descriptors that follow it, without ever blocking the loop.
+
+        It goes straight out when the socket has room and nothing is queued
+        before it (the usual case: no thread hop); whatever does not fit is
+        queued, descriptors duplicated, for the writer thread, which sends it
+        in order and blocking.
+        """
         if not self.alive:
             raise SpawnerLost(self.lost_reason or f"spawner (pid {self.pid}) is gone")
-        self._outbox.put((wire.encode(msg), [os.dup(fd) for fd in fds or []]))
+        body = wire.encode(msg)
+        frame = struct.pack("!i", len(body)) + body  # multiprocess Connection framing (messages < 2 GiB)
+        wanted = list(fds or [])
+        with self._write_lock:
+            if not self._pending:
+                try:
+                    sent = self.sock.send(frame, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    sent = 0
+                except OSError as exc:
+                    self.declare_lost(f"spawner (pid {self.pid}) stopped reading its control socket ({exc})")
+                    raise SpawnerLost(self.lost_reason) from None
+                frame = frame[sent:]
+                if not frame and wanted:
+                    try:
+                        socket.send_fds(self.sock, [bytes([len(wanted)])], wanted, socket.MSG_DONTWAIT)
+                        wanted = []
+                    except BlockingIOError:
+                        pass
+                if not frame and not wanted:
+                    return
+            self._pending += 1
+            self._outbox.put((frame, [os.dup(fd) for fd in wanted]))
 
     def _write_forever(self) -> None:
-        """The writer thread: each message, then its descriptors, in order, until told to stop or a write fails."""
+        """The writer thread: what did not fit at once, in order, blocking, until told to stop or a write fails."""
         while True:
             item = self._outbox.get()
             if item is None:
                 return
-            body, fds = item
+            frame, fds = item
             try:
-                self.conn.send_bytes(body)
+                if frame:
+                    self.sock.sendall(frame)
                 if fds:
                     reduction.sendfds(self.sock, fds)
             except OSError as exc:
@@ -154,6 +186,8 @@ class SpawnerClient:
             finally:
                 for fd in fds:
                     os.close(fd)
+                with self._write_lock:
+                    self._pending -= 1
 
     def _drain_outbox(self) -> None:
         while True:
