@@ -40,12 +40,11 @@ def proxied_gets(url: str, n: int) -> list[int]:
     return out
 
 
-def proxied_download(url: str) -> list[int]:
-    """[bytes, ns] of one GET of `url` through the proxy."""
-    host, port = _proxy()
+def download(host: str, port: int, target: str) -> list[int]:
+    """[bytes, ns] of one GET of `target` from host:port (a proxy, with an absolute URL, or the server)."""
     t0 = time.monotonic_ns()
     conn = http.client.HTTPConnection(host, port, timeout=60)
-    conn.request("GET", url)
+    conn.request("GET", target)
     response = conn.getresponse()
     total = 0
     while True:
@@ -54,6 +53,11 @@ def proxied_download(url: str) -> list[int]:
             break
         total += len(chunk)
     return [total, time.monotonic_ns() - t0]
+
+
+def proxied_download(url: str) -> list[int]:
+    """[bytes, ns] of one GET of `url` through the run's proxy."""
+    return download(*_proxy(), url)
 
 
 def holds_tunnels(host: str, port: int, k: int, ready: str) -> None:

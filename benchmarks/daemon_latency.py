@@ -48,7 +48,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from typing import Any
+from typing import Any, Callable
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -146,17 +146,24 @@ class DaemonProcess:
         return self.proc.wait(60)
 
 
-def rpc_stops(cfg: Config, chan: ReadyChannel, client: Any) -> list[int]:
+def timed_stops(cfg: Config, chan: ReadyChannel, client: Any, prefix: str,
+                stop: Callable[[str], list[dict[str, Any]]]) -> list[int]:
+    """cfg.trials sessions started through the RPC, each ended by `stop(key)` (-> its reports), timed."""
     out = []
     for i in range(cfg.trials):
-        client.send(f"rpc-{i}", {"ready": chan.path, "tag": f"rpc-{i}"}, agent="sleeper")
+        key = f"{prefix}-{i}"
+        client.send(key, {"ready": chan.path, "tag": key}, agent="sleeper")
         chan.wait(1)
         time.sleep(cfg.settle)
         t0 = time.monotonic_ns()
-        reply = client.stop(f"rpc-{i}")
+        reports = stop(key)
         out.append(time.monotonic_ns() - t0)
-        assert reply.reports and reply.reports[0]["survivors"] == 0, reply
+        assert reports and reports[0]["survivors"] == 0, reports
     return out
+
+
+def rpc_stops(cfg: Config, chan: ReadyChannel, client: Any) -> list[int]:
+    return timed_stops(cfg, chan, client, "rpc", lambda key: client.stop(key).reports)
 
 
 def cli_stops(cfg: Config, chan: ReadyChannel, client: Any, env: dict[str, str]) -> list[int]:
@@ -221,16 +228,12 @@ class ConsoleSession:
 
 
 def console_stops(cfg: Config, chan: ReadyChannel, client: Any, console: ConsoleSession) -> list[int]:
-    out = []
-    for i in range(cfg.trials):
-        client.send(f"web-{i}", {"ready": chan.path, "tag": f"web-{i}"}, agent="sleeper")
-        chan.wait(1)
-        time.sleep(cfg.settle)
-        t0 = time.monotonic_ns()
-        reply = console.stop(f"web-{i}")
-        out.append(time.monotonic_ns() - t0)
-        assert reply["ok"] and reply["result"]["reports"][0]["survivors"] == 0, reply
-    return out
+    def stop(key: str) -> list[dict[str, Any]]:
+        reply = console.stop(key)
+        assert reply["ok"], reply
+        return reply["result"]["reports"]
+
+    return timed_stops(cfg, chan, client, "web", stop)
 
 
 def console_shows(cfg: Config, chan: ReadyChannel, client: Any, console: ConsoleSession) -> list[int]:

@@ -111,17 +111,10 @@ def direct_gets(port: int, n: int) -> list[int]:
 
 
 def direct_download(port: int) -> tuple[int, int]:
-    t0 = time.monotonic_ns()
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    conn.request("GET", "/big.bin")
-    response = conn.getresponse()
-    total = 0
-    while True:
-        chunk = response.read(1 << 20)
-        if not chunk:
-            break
-        total += len(chunk)
-    return total, time.monotonic_ns() - t0
+    from benchmarks._effect_targets import download
+
+    size, ns = download("127.0.0.1", port, "/big.bin")
+    return size, ns
 
 
 def direct_mcp(n: int) -> list[int]:

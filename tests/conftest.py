@@ -50,6 +50,16 @@ def workspace(tmp_path):
     return work
 
 
+@pytest.fixture
+def ready(workspace):
+    """A readiness FIFO in the workspace (daemonctl.Ready): runs, whatever their uid, write a line to it."""
+    from daemonctl import Ready
+
+    r = Ready(workspace)
+    yield r
+    r.close()
+
+
 @pytest.fixture(autouse=True)
 def no_leaked_processes():
     me = psutil.Process()

@@ -19,7 +19,7 @@ import urllib.request
 
 import pytest
 
-from daemonctl import Daemon, Ready
+from daemonctl import Daemon
 from procscan import cpu_seconds, marked_processes
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -54,13 +54,6 @@ def daemon(tmp_path, workspace):
     d = Daemon(tmp_path, CONFIG, workspace).start("--console", "127.0.0.1:0")
     yield d
     d.stop()
-
-
-@pytest.fixture
-def ready(workspace):
-    r = Ready(workspace)
-    yield r
-    r.close()
 
 
 @pytest.fixture
@@ -182,7 +175,8 @@ def test_an_operator_watches_pauses_resumes_and_stops_a_tree_from_the_browser(da
     _until(browser, lambda d: d.find_elements(By.CSS_SELECTOR, f'[data-report="{run}"] [data-mark="reaped_at"]'))
     marks = _until(browser, lambda d: {m.get_attribute("data-mark"): float(m.value_of_css_property("left").rstrip("px"))
                                        for m in d.find_elements(By.CSS_SELECTOR, f'[data-report="{run}"] [data-mark]')})
-    assert min(marks.values()) >= 0 and marks["revoked_at"] <= marks["term_sent_at"] <= marks["reaped_at"]
+    assert marks["requested_at"] == 0 and marks["requested_at"] <= marks["revoked_at"] <= marks["term_sent_at"] \
+        <= marks["reaped_at"], marks
     _until(browser, lambda d: d.find_elements(By.CSS_SELECTOR, f'[data-run="{run}"] [data-check="pass"]'))
     decisions = _until(browser, lambda d: {td.text for td in d.find_elements(By.CSS_SELECTOR,
                                                                             f'[data-run="{run}"] td.decision')})

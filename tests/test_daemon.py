@@ -71,13 +71,6 @@ def daemon(tmp_path, workspace):
     assert d.stop() == 0, d.output()
 
 
-@pytest.fixture
-def ready(workspace):
-    r = Ready(workspace)
-    yield r
-    r.close()
-
-
 def _msg(ready: Ready, **extra) -> str:
     return json.dumps({"ready": ready.path, **extra})
 

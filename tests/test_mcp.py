@@ -14,7 +14,6 @@ import time
 import pytest
 
 import behaviours
-from daemonctl import Ready
 from deadstop.supervisor import Supervisor
 
 pytest.importorskip("mcp", reason="the mcp SDK is not installed (pip install -e '.[test]')")
@@ -24,10 +23,9 @@ FAULTS = [sys.executable, os.path.join(HERE, "mcp_servers", "faults.py")]
 
 
 @pytest.fixture
-def log(tmp_path):
-    r = Ready(tmp_path)
-    yield r
-    r.close()
+def log(ready):
+    """The faults server's log of the calls it received: a FIFO it writes a line to per call."""
+    return ready
 
 
 def _rows(sup, run_id: str) -> list[tuple[str, str, str]]:
@@ -58,8 +56,7 @@ def test_an_mcp_servers_tools_are_brokered_and_checked_against_their_schemas(tmp
         assert not denied["ok"] and denied["code"] == 7  # not on the allow-list
         failed = sup.start(behaviours.calls_with, "faults.fail", {"why": "disk full"}, tools=allowed).result(30)
         assert not failed["ok"] and failed["code"] == 9 and "Error executing tool fail" in failed["message"]  # its words
-        echo_calls = [r for r in _rows(sup, bad.id)]
-        assert [d for _, d, _ in echo_calls] == ["refused"]
+        assert [d for _, d, _ in _rows(sup, bad.id)] == ["refused"]
     with pytest.raises(AssertionError):
         log.wait(1, timeout=0.5)  # nothing else reached the server: the bad call never left
 
@@ -120,7 +117,7 @@ def test_a_server_that_cannot_start_is_refused_at_registration(tmp_path) -> None
             sup.register_mcp_server("a.b", FAULTS)
 
 
-def test_the_daemon_serves_mcp_servers_from_its_configuration(tmp_path, workspace) -> None:
+def test_the_daemon_serves_mcp_servers_from_its_configuration(tmp_path, workspace, ready) -> None:
     import json
 
     from daemonctl import Daemon
@@ -137,7 +134,6 @@ cwd = "{{work}}"
 tools = ["faults.echo"]
 """
     d = Daemon(tmp_path, config, workspace).start()
-    ready = Ready(workspace)
     try:
         info = d.cli_json("daemon", "info")
         assert "faults.echo" in info["mcp_servers"]["faults"] and "faults.echo" in info["tools"]
@@ -150,7 +146,6 @@ tools = ["faults.echo"]
         stopped = d.cli_json("sessions", "stop", "c1")
         assert stopped["reports"][0]["survivors"] == 0
     finally:
-        ready.close()
         assert d.stop() == 0
     (tmp_path / "bad.toml").write_text("[mcp_servers.x]\nargs = ['y']\n")
     checked = d.cli("serve", "--check", "--config", str(tmp_path / "bad.toml"))
@@ -231,17 +226,13 @@ def test_mcp_server_git_reads_the_repository_it_was_given(tmp_path) -> None:
         assert diff["ok"] and "+second" in diff["value"]["content"][0]["text"], diff
 
 
-def test_a_session_scoped_server_is_a_run_of_each_session_and_dies_with_it(tmp_path, workspace) -> None:
+def test_a_session_scoped_server_is_a_run_of_each_session_and_dies_with_it(tmp_path, workspace, ready) -> None:
     """scope="session": each session's calls go to its own server process, started as a contained run;
     stopping the session kills that process mid-call (its effect is cut), and the other session's
     server goes on."""
     from procscan import marked_processes
 
-    log = Ready(workspace)  # where a server run (its own uid) can write
-    try:
-        _session_scoped(tmp_path, workspace, log, marked_processes)
-    finally:
-        log.close()
+    _session_scoped(tmp_path, workspace, ready, marked_processes)  # `ready`: a FIFO a server run (its own uid) can write
 
 
 def _session_scoped(tmp_path, workspace, log, marked_processes) -> None:

@@ -153,10 +153,10 @@ def _drain(conn: socket.socket) -> int:
     return total
 
 
-def test_the_daemon_proxies_an_agent_configured_so(tmp_path, workspace, hello) -> None:
+def test_the_daemon_proxies_an_agent_configured_so(tmp_path, workspace, hello, ready) -> None:
     import json
 
-    from daemonctl import Daemon, Ready
+    from daemonctl import Daemon
 
     config = f"""
 [agents.web]
@@ -165,7 +165,6 @@ cwd = "{{work}}"
 network = {{ proxy = ["127.0.0.1:{hello}"] }}
 """
     d = Daemon(tmp_path, config, workspace).start()
-    ready = Ready(workspace)
     try:
         for key, url in (("ok", f"http://127.0.0.1:{hello}/x"), ("no", "http://10.9.8.7/")):
             assert d.cli("sessions", "send", key, json.dumps({"ready": ready.path, "url": url}),
@@ -174,5 +173,4 @@ network = {{ proxy = ["127.0.0.1:{hello}"] }}
         assert lines["ok"]["ok"] and lines["ok"]["body"] == "hello from 127.0.0.1"
         assert lines["no"] == {**lines["no"], "ok": False, "status": 403}
     finally:
-        ready.close()
         assert d.stop() == 0

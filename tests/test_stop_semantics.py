@@ -283,34 +283,26 @@ def test_a_failing_stop_sequence_still_ends_the_tree_and_reports_it(tmp_path) ->
     asyncio.run(main())
 
 
-def test_an_isolated_tool_is_killed_mid_call_by_its_callers_stop(tmp_path, workspace) -> None:
+def test_an_isolated_tool_is_killed_mid_call_by_its_callers_stop(tmp_path, workspace, ready) -> None:
     """register_tool(isolated=True): the blocking handler runs in a helper run of its own, which the
     caller's revoke kills in the same step; its effect (a file it writes 0.5 s in) never happens."""
-    from daemonctl import Ready
-
-    ready = Ready(workspace)
     outbox = str(workspace)
-    try:
-        with Supervisor(state_dir=str(tmp_path / "state")) as sup:
-            sup.register_tool("send_email", behaviours.blocking_send, isolated=True, cwd=outbox)
-            done = sup.start(behaviours.calls_with, "send_email",
-                             {"to": "ok", "ready_path": ready.path, "outbox": outbox}, tools=["send_email"])
-            assert done.result(60) == {"ok": True, "value": "sent to ok"}  # it works when left to finish
-            ready.wait(1)
-            run = sup.start(behaviours.calls_with, "send_email", {"to": "cut", "ready_path": ready.path, "outbox": outbox},
-                            tools=["send_email"], grace=0.2)
-            ready.wait(1)  # the helper is in the middle of its call
-            report = run.stop()
-            assert report.helpers_killed == 1 and report.survivors == 0
-            helpers = [r for r in sup.run_records() if r.target.endswith("blocking_send")]
-            assert sorted(h.state for h in helpers) == ["exited", "killed"]
-            assert all(marked_processes(h.id) == {} for h in helpers), "a helper outlived the stop"
-    finally:
-        ready.close()
+    with Supervisor(state_dir=str(tmp_path / "state")) as sup:
+        sup.register_tool("send_email", behaviours.blocking_send, isolated=True, cwd=outbox)
+        done = sup.start(behaviours.calls_with, "send_email",
+                         {"to": "ok", "ready_path": ready.path, "outbox": outbox}, tools=["send_email"])
+        assert done.result(60) == {"ok": True, "value": "sent to ok"}  # it works when left to finish
+        ready.wait(1)
+        run = sup.start(behaviours.calls_with, "send_email", {"to": "cut", "ready_path": ready.path, "outbox": outbox},
+                        tools=["send_email"], grace=0.2)
+        ready.wait(1)  # the helper is in the middle of its call
+        report = run.stop()
+        assert report.helpers_killed == 1 and report.survivors == 0
+        helpers = [r for r in sup.run_records() if r.target.endswith("blocking_send")]
+        assert sorted(h.state for h in helpers) == ["exited", "killed"]
+        assert all(marked_processes(h.id) == {} for h in helpers), "a helper outlived the stop"
     assert os.path.exists(os.path.join(outbox, "sent-to-ok"))
     assert not os.path.exists(os.path.join(outbox, "sent-to-cut")), "the effect happened after the stop"
-
-
 
 def test_stop_all_revokes_every_run_before_signalling_any(tmp_path) -> None:
     ready = Countdown(4)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import itertools
 import logging
 import os
@@ -186,6 +187,7 @@ class Broker:
         chan = Channel(run_id, credential, allowed, generation, current, max_calls,
                        budget=TokenBucket(REFUSAL_RATE, REFUSAL_BURST), address=self.address,
                        peer_uid=peer_uid, peer_gid=peer_gid)
+        chan.emit = functools.partial(self._emit_for, chan)  # made once: each call's ToolContext shares it
         if endpoint_dir is not None:
             chan.address = chan.endpoint = self._bind_endpoint(endpoint_dir, peer_gid)
         self.channels[run_id] = chan
@@ -539,8 +541,7 @@ class Broker:
                          f"run {run_id} reached its limit of {chan.max_calls} tool calls", t)
             self.sink.on_quota(run_id, "tool_calls")
             return
-        ctx = ToolContext(run_id, req.tool, req.id, chan.gate, chan.revoked_reason,
-                          lambda kind, data: self._emit_for(chan, kind, data))
+        ctx = ToolContext(run_id, req.tool, req.id, chan.gate, chan.revoked_reason, chan.emit)
         try:
             args, kwargs = tool.bind(req.args, req.kwargs, ctx)
         except TypeError as exc:

@@ -74,7 +74,7 @@ class Channel:
     __slots__ = ("run_id", "_credential", "_digest", "allowed", "generation", "current", "revocation", "gate",
                  "in_flight", "refused_after_revoke", "cancelled_at_revoke", "calls", "max_calls", "held",
                  "held_bytes", "address", "endpoint", "peer_uid", "peer_gid", "peers", "budget",
-                 "abused", "outliving", "outlived", "proxy", "on_revoke", "revoke_tasks")
+                 "abused", "outliving", "outlived", "proxy", "on_revoke", "revoke_tasks", "emit")
 
     def __init__(self, run_id: str, credential: bytes, allowed: frozenset[str], generation: int = 0,
                  current: GenerationCell | None = None, max_calls: int | None = None, *,
@@ -113,6 +113,7 @@ class Channel:
         #: (the helpers' stop tasks) is kept in revoke_tasks, for the stop to wait on
         self.on_revoke: list[Any] = []
         self.revoke_tasks: list[Any] = []
+        self.emit: Any = None  # (kind, data) -> bool: an event on the run's behalf (a tool handler's ctx.emit)
         self.calls = 0
 
     def authenticates(self, presented: bytes) -> bool:

@@ -110,7 +110,6 @@ class McpServer:
         self._not_before = 0.0  # monotonic: no restart before this
         self._lock = asyncio.Lock()
         self._retiring: set[asyncio.Task[None]] = set()  # connections being shut down (their process killed)
-        self.starts = 0
         self.closed = False
 
     # -- lifetime ---------------------------------------------------------------------------------
@@ -122,11 +121,15 @@ class McpServer:
             raise McpUnavailable(f"MCP server {self.spec.name!r} {exc}") from None
         return list(self.tools.values())
 
+    @property
+    def _up_now(self) -> bool:
+        return self._session is not None and self._connection is not None and not self._connection.done()
+
     async def _ensure(self) -> Any:
-        if self._session is not None and self._connection is not None and not self._connection.done():
+        if self._up_now:
             return self._session
         async with self._lock:
-            if self._session is not None and self._connection is not None and not self._connection.done():
+            if self._up_now:  # another call started it while this one waited
                 return self._session
             if self.closed:
                 raise ToolFailure(ErrorCode.TOOL_UNAVAILABLE, f"MCP server {self.spec.name!r} is closed")
@@ -150,7 +153,6 @@ class McpServer:
                 if isinstance(exc, ToolFailure):
                     raise
                 raise ToolFailure(ErrorCode.TOOL_UNAVAILABLE, f"could not be started: {exc}") from None
-            self.starts += 1
             return self._session
 
     async def _connect(self, up: asyncio.Future[Any], leave: asyncio.Event) -> None:

@@ -28,7 +28,7 @@ import logging
 import socket
 import struct
 import time
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Iterable
 
 if TYPE_CHECKING:
     from ..store.journal import Journal
@@ -72,9 +72,6 @@ class Proxy:
             if fnmatch.fnmatchcase(host, pattern.lower().strip("[]")) and want in ("*", str(port)):
                 return True
         return False
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"proxy": list(self.allow)}
 
 
 class _Pipe:
@@ -242,10 +239,6 @@ class RunProxy:
             await writer.drain()
         except ConnectionError:
             pass
-
-    def stats(self) -> dict[str, int]:
-        return {"open": len(self._pipes)}
-
 
 def _split_hostport(text: str, default: int) -> tuple[str | None, int]:
     if text.startswith("["):

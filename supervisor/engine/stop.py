@@ -135,7 +135,6 @@ async def stop_sequence(run: "AsyncRun", req: StopRequest) -> StopReport:
     #    committed to the journal before any signal below.
     rec = run.revoke(req.source, req.reason)
     report.revoked_at, report.revoke_source, report.revoke_reason = rec.at, rec.source, rec.reason
-    report.handlers_cancelled = run.channel.cancelled_at_revoke
     if run.state is not RunState.STOPPING:
         run.machine.to(RunState.STOPPING)
 
@@ -152,7 +151,7 @@ async def stop_sequence(run: "AsyncRun", req: StopRequest) -> StopReport:
     if run.channel.revoke_tasks:  # isolated tools' helpers: killed from the revoke's step; gone before we return
         await asyncio.wait([asyncio.shield(t) for t in run.channel.revoke_tasks], timeout=KILL_BOUND)
         report.helpers_killed = len(run.channel.revoke_tasks)
-    report.handlers_cancelled = run.channel.cancelled_at_revoke  # with those refused at their commit gate since
+    report.handlers_cancelled = run.channel.cancelled_at_revoke  # those refused at their commit gate included
     report.handlers_outlived_revoke = [{"tool": c.tool, "call_id": c.call_id, "returned_at": c.returned_at}
                                        for c in run.channel.outlived]
 

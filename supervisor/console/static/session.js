@@ -95,7 +95,7 @@
   // The stop drawn to scale: a tick per step on one bar, and beneath it the steps in order with their times.
   function timeline(report) {
     const present = MARKS.filter(([f]) => report[f]);
-    const t0 = Math.min(...present.map(([f]) => report[f]));  // the revoke may precede the request's own stamp
+    const t0 = Math.min(...present.map(([f]) => report[f]));  // requested_at, or the earliest stamp of an older report
     const span = Math.max(Math.max(...present.map(([f]) => report[f])) - t0, 1);
     const offset = (f) => `+${ds.ms(report[f] - t0)}`;
     const bar = ds.el("div", { class: "timeline", role: "img",
