@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import runpy
 import sys
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_FORBIDDEN, EXIT_NO_DAEMON, EXIT_TIMEOUT = 0, 1, 2, 3, 4, 5, 124
@@ -23,7 +22,6 @@ EXIT_CODES = """exit codes (every verb):
   5    no daemon reachable (the message says where it looked)
   124  --timeout expired (the verb may still have run)"""
 REMOTE_VERBS = ("sessions", "agents", "events", "daemon", "console")
-BENCHMARKS = {"kill": "kill_latency.py", "sessions": "session_latency.py"}
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -39,19 +37,10 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    script = os.path.join(here, "benchmarks", BENCHMARKS[args.which])
-    if not os.path.exists(script):
-        print("deadstop bench: benchmarks/ is not installed with the package; "
-              "run it from a source checkout", file=sys.stderr)
-        return EXIT_USAGE
-    sys.argv = [script, *args.rest]
-    sys.path.insert(0, here)
-    try:
-        runpy.run_path(script, run_name="__main__")
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return EXIT_OK
+    """The bench parses its own arguments (args.rest): `--argv CMD ...` hands it a command line of the user's."""
+    from ..bench.command import main as bench
+
+    return bench(args.rest)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -152,25 +141,26 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--json", action="store_true", help="print the profile as JSON")
     doctor.add_argument("--strict", action="store_true", help="exit 1 if any isolation layer is missing")
     doctor.set_defaults(func=_cmd_doctor)
-    bench = sub.add_parser("bench", help="run a benchmark from benchmarks/ (source checkout only); "
-                                         "other arguments (--quick, --json PATH, ...) go to the benchmark")
-    bench.add_argument("which", nargs="?", choices=sorted(BENCHMARKS), default="kill")
-    bench.set_defaults(func=_cmd_bench)
+    # Listed here for --help; `deadstop bench ...` itself goes straight to the bench's own parser (see main).
+    sub.add_parser("bench", add_help=False,
+                   help="measure stop, kill and start latency beside this host's floors: the kill benchmark, "
+                        "or your agent with --target MODULE:ATTR / --argv CMD (deadstop bench --help)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
-    if rest and args.verb != "bench":
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    args.rest = rest
-    if args.verb in REMOTE_VERBS:
-        from . import remote
-
-        runner = remote.run
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        args = argparse.Namespace(verb="bench", rest=argv[1:])
+        runner = _cmd_bench
     else:
-        runner = args.func
+        args = build_parser().parse_args(argv)
+        if args.verb in REMOTE_VERBS:
+            from . import remote
+
+            runner = remote.run
+        else:
+            runner = args.func
     from ..errors import DeadstopError
     from ...ipc.control import ControlFault
 

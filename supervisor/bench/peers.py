@@ -1,6 +1,6 @@
 """Helper process: how other ways of running work in a process stop it.
 
-Run as ``python -m benchmarks._peers TRIALS SETTLE``; prints JSON. For a
+Run as ``python -m deadstop.supervisor.bench.peers TRIALS SETTLE``; prints JSON. For a
 cooperative single-process target and for the 40-process tree it measures,
 per peer, the caller's clock before the peer's stop API to the moment the
 API returned and the leader had exited, then counts which announced members
@@ -19,8 +19,9 @@ import signal
 import time
 from typing import Any, Callable
 
-from benchmarks import _targets
-from benchmarks._procs import (ReadyChannel, Tracked, cleanup_leaked, helper_main, kill_and_wait, reap_known,
+from . import progress
+from . import targets as _targets
+from .procs import (ReadyChannel, Tracked, cleanup_leaked, helper_main, kill_and_wait, reap_known,
                                spawn_leader, tree_ready)
 
 LEAK_WINDOW = 0.05
@@ -143,7 +144,7 @@ def measure(peer: Peer, chan: ReadyChannel, target: Callable[[str], None], tree:
     """Trials of start, wait until every member announced itself, stop; samples and leak counts."""
     samples: list[int] = []
     leaked: list[int] = []
-    for i in range(trials + 2):  # two warm-ups
+    for i in progress.trials(trials + 2, f"peer: {peer.name}{', tree' if tree else ''}"):  # two warm-ups
         handle = peer.start(target, chan.path)
         ready = tree_ready(chan, timeout=30) if tree else chan.wait(1, timeout=30)
         pids = [r.pid for r in ready]
