@@ -91,6 +91,11 @@ def common_options() -> argparse.ArgumentParser:
     common.add_argument("--daemon", metavar="PATH-OR-ENDPOINT",
                         help="the daemon's connection file, runtime directory or control endpoint "
                              "(default: $DEADSTOP_DAEMON, then the well-known path)")
+    common.add_argument("--daemons", metavar="A,B,...",
+                        help="many daemons (one per node), each NAME=WHERE or WHERE, or k8s:NAMESPACE for the Lease "
+                             "records there: session verbs go to the session's owner, lists are merged with a DAEMON "
+                             "column; a daemon that does not answer is named on stderr and the others' answer stands "
+                             "(exit 0 while one answers, 5 when none does) (default: $DEADSTOP_DAEMONS)")
     common.add_argument("--key", dest="key_file", metavar="PATH", help="a client secret certificate (deadstop keys generate): "
                                                       "reach the daemon over tcp:// with CURVE (default: $DEADSTOP_KEY)")
     common.add_argument("--timeout", type=float, default=None, metavar="S",

@@ -3,21 +3,40 @@
 Each is one control verb through the blocking Client (which imports no
 engine); `--json` prints the daemon's reply exactly as it came. Faults map
 to the exit-code table in cli/__init__.py.
+
+With --daemons (or $DEADSTOP_DAEMONS) the same verbs go through a
+RoutedClient: a session's verbs to the daemon that owns it, lists merged
+from every daemon with the one each row came from (a DAEMON column; in
+--json, a `daemon` field per row, and the silent daemons under
+`unreachable`). A daemon that does not answer is named on stderr and the
+others' answer stands: exit 0 while at least one daemon answered, 5 (no
+daemon reachable) when none did.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
-from typing import Any, Callable, TextIO
+from typing import TYPE_CHECKING, Any, Callable, TextIO, Union
 
 import msgspec
 
 from ...ipc import gateway
 from ...ipc.control import ControlFault, Fault
 from ..client.client import Client
+
+if TYPE_CHECKING:
+    from ..client.routed import RoutedClient
+
+AnyClient = Union[Client, "RoutedClient"]
+#: With --daemons and no --timeout: how long each daemon has to answer a merged verb or the search for an owner.
+PROBE_TIMEOUT = 10.0
+#: Verbs that follow or change one daemon itself: they take --daemon, not --daemons.
+_ONE_DAEMON = {"events", "console"}
+_ONE_DAEMON_VERBS = {"daemon.reload", "daemon.stop"}
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_FORBIDDEN, EXIT_NO_DAEMON, EXIT_TIMEOUT = 0, 1, 2, 3, 4, 5, 124
 
@@ -35,16 +54,50 @@ def exit_of(fault: Fault) -> int:
 
 def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     """Run one remote verb; its exit status."""
-    verb: Callable[[Client, argparse.Namespace, TextIO], int] = globals()[f"_{args.remote}"]
+    verb: Callable[[Any, argparse.Namespace, TextIO], int] = globals()[f"_{args.remote}"]
     try:
-        with Client(args.daemon, kind="cli", name="deadstop", timeout=args.timeout, key=args.key_file) as client:
-            return int(verb(client, args, out))
+        spec = _daemons(args)
+        if spec is None:
+            with Client(args.daemon, kind="cli", name="deadstop", timeout=args.timeout, key=args.key_file) as client:
+                return int(verb(client, args, out))
+        from ..client.routed import RoutedClient, owners_from
+
+        with RoutedClient(owners_from(spec), kind="cli", name="deadstop", timeout=args.timeout,
+                          probe_timeout=args.timeout or PROBE_TIMEOUT, key=args.key_file) as routed:
+            code = int(verb(routed, args, out))
+            for name, why in routed.unreachable.items():
+                print(f"deadstop {args.verb} {getattr(args, 'action', '')}: daemon {name!r} did not answer ({why}); "
+                      "this is the other daemons' answer".replace("  ", " "), file=err)
+            return code
     except ControlFault as exc:
         if args.json:
             print(json.dumps({"ok": False, "fault": int(exc.fault), "name": exc.fault.name,
                               "message": exc.args[0], "detail": exc.detail}), file=out)
         print(f"deadstop {args.verb} {getattr(args, 'action', '')}: {exc}".replace("  ", " "), file=err)
         return exit_of(exc.fault)
+
+
+def _daemons(args: argparse.Namespace) -> str | None:
+    """The --daemons list in force (--daemons, else $DEADSTOP_DAEMONS unless --daemon names one), or None."""
+    spec = getattr(args, "daemons", None)
+    if spec and args.daemon:
+        raise ControlFault(Fault.BAD_ARGUMENTS, "--daemon and --daemons: name one daemon or many, not both")
+    if not spec and not args.daemon:
+        spec = os.environ.get("DEADSTOP_DAEMONS") or None
+    if spec and (args.remote in _ONE_DAEMON or getattr(args, "verb_name", None) in _ONE_DAEMON_VERBS):
+        raise ControlFault(Fault.BAD_ARGUMENTS, f"`deadstop {args.verb} {getattr(args, 'action', '')}` is one daemon's: "
+                                                "name it with --daemon".replace("  ", " "))
+    return spec
+
+
+def _routed(client: AnyClient) -> bool:
+    return not isinstance(client, Client)
+
+
+def _print_merged(out: TextIO, rows: list[tuple[str, Any]], unreachable: dict[str, str]) -> None:
+    """A merged list as JSON: each row with the daemon it came from, and the daemons that did not answer."""
+    result = [{**msgspec.to_builtins(item), "daemon": name} for name, item in rows]
+    print(json.dumps({"result": result, "unreachable": unreachable}, indent=2, sort_keys=True), file=out)
 
 
 def _print(out: TextIO, value: Any) -> None:
@@ -65,20 +118,30 @@ def _bytes(n: float) -> str:
     return f"{n:.0f}"
 
 
-def _sessions_list(client: Client, args: argparse.Namespace, out: TextIO) -> int:
-    found = client.sessions(active=True if args.active else None, min_tokens=args.tokens, agent=args.agent,
-                            older_than=args.age)
-    if args.json:
-        _print(out, found)
-        return EXIT_OK
-    rows = [("KEY", "STATE", "AGENT", "GEN", "TOKENS", "TOOLS", "CPU", "MEM", "PROCS", "AGE", "PARENT")]
+def _sessions_list(client: AnyClient, args: argparse.Namespace, out: TextIO) -> int:
+    filters = dict(active=True if args.active else None, min_tokens=args.tokens, agent=args.agent, older_than=args.age)
+    if _routed(client):
+        gathered = client.sessions_by_daemon(**filters)  # type: ignore[union-attr]
+        found: list[tuple[str | None, Any]] = list(gathered.rows())
+        if args.json:
+            _print_merged(out, gathered.rows(), gathered.unreachable)
+            return EXIT_OK
+    else:
+        listed = client.sessions(**filters)
+        if args.json:
+            _print(out, listed)
+            return EXIT_OK
+        found = [(None, s) for s in listed]
+    head = ("KEY", "STATE", "AGENT", "GEN", "TOKENS", "TOOLS", "CPU", "MEM", "PROCS", "AGE", "PARENT")
+    rows = [(head[0], "DAEMON", *head[1:]) if _routed(client) else head]
     now = time.time()
-    for s in found:
+    for daemon, s in found:
         u = s.usage
-        rows.append((s.key, s.state, s.agent, str(s.generation), f"{u.get('tokens', 0):.0f}",
-                     f"{u.get('tool_calls', 0):.0f}", f"{u.get('cpu_seconds', 0):.1f}s",
-                     _bytes(u.get("peak_memory_bytes", 0)), f"{u.get('peak_processes', 0):.0f}",
-                     _age(max(0.0, now - s.created_wall)), s.parent or "-"))
+        cells = (s.key, s.state, s.agent, str(s.generation), f"{u.get('tokens', 0):.0f}",
+                 f"{u.get('tool_calls', 0):.0f}", f"{u.get('cpu_seconds', 0):.1f}s",
+                 _bytes(u.get("peak_memory_bytes", 0)), f"{u.get('peak_processes', 0):.0f}",
+                 _age(max(0.0, now - s.created_wall)), s.parent or "-")
+        rows.append((cells[0], str(daemon), *cells[1:]) if daemon is not None else cells)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip(), file=out)
@@ -87,7 +150,7 @@ def _sessions_list(client: Client, args: argparse.Namespace, out: TextIO) -> int
     return EXIT_OK
 
 
-def _sessions_show(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+def _sessions_show(client: AnyClient, args: argparse.Namespace, out: TextIO) -> int:
     info = client.session(args.key)
     if args.json:
         _print(out, info)
@@ -104,7 +167,7 @@ def _message(text: str) -> Any:
         return text
 
 
-def _sessions_send(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+def _sessions_send(client: AnyClient, args: argparse.Namespace, out: TextIO) -> int:
     reply = client.send(args.key, _message(args.message), agent=args.agent, idempotency_key=args.idempotency_key)
     if args.json:
         _print(out, reply)
@@ -135,7 +198,7 @@ def _stop_exit(reply: Any) -> int:
     return EXIT_FAILED if any(r.get("survivors") for r in reply.reports) else EXIT_OK
 
 
-def _sessions_stop(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+def _sessions_stop(client: AnyClient, args: argparse.Namespace, out: TextIO) -> int:
     reply = client.stop(args.key, args.grace, wait=not args.no_wait)
     if args.json:
         _print(out, reply)
@@ -143,7 +206,7 @@ def _sessions_stop(client: Client, args: argparse.Namespace, out: TextIO) -> int
     return _report_lines(reply, out)
 
 
-def _sessions_kill(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+def _sessions_kill(client: AnyClient, args: argparse.Namespace, out: TextIO) -> int:
     reply = client.kill(args.key)
     if args.json:
         _print(out, reply)
@@ -151,7 +214,7 @@ def _sessions_kill(client: Client, args: argparse.Namespace, out: TextIO) -> int
     return _report_lines(reply, out)
 
 
-def _sessions_pause_resume(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+def _sessions_pause_resume(client: AnyClient, args: argparse.Namespace, out: TextIO) -> int:
     done = client.pause(args.key) if args.action == "pause" else client.resume(args.key)
     if args.json:
         _print(out, done)
@@ -162,7 +225,7 @@ def _sessions_pause_resume(client: Client, args: argparse.Namespace, out: TextIO
     return EXIT_OK if done or args.action == "pause" else EXIT_FAILED
 
 
-def _sessions_cleanup(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+def _sessions_cleanup(client: AnyClient, args: argparse.Namespace, out: TextIO) -> int:
     keys = client.cleanup(args.age, dry_run=args.dry_run)
     if args.json:
         _print(out, keys)
@@ -172,11 +235,21 @@ def _sessions_cleanup(client: Client, args: argparse.Namespace, out: TextIO) -> 
     return EXIT_OK
 
 
-def _agents_list(client: Client, args: argparse.Namespace, out: TextIO) -> int:
-    agents = client.agents()
-    if args.json:
-        _print(out, agents)
-        return EXIT_OK
+def _agents_list(client: AnyClient, args: argparse.Namespace, out: TextIO) -> int:
+    if _routed(client):
+        gathered = client.gather("agents.list")  # type: ignore[union-attr]
+        if args.json:
+            _print_merged(out, gathered.rows(), gathered.unreachable)
+            return EXIT_OK
+        named: dict[str, Any] = {}
+        for agent in gathered.merged():
+            named.setdefault(agent.name, agent)  # the same agent on every daemon: once, as the first one has it
+        agents = list(named.values())
+    else:
+        agents = client.agents()
+        if args.json:
+            _print(out, agents)
+            return EXIT_OK
     for a in agents:
         limits = ", ".join(f"{k}={v}" for k, v in a.limits.items()) or "-"
         print(f"{a.name:<20} {a.kind:<7} tools: {', '.join(a.tools) or '-'}; limits: {limits}", file=out)
@@ -198,8 +271,8 @@ def _events(client: Client, args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
-def _daemon_verb(client: Client, args: argparse.Namespace, out: TextIO) -> int:
-    reply = client.call(args.verb_name)
+def _daemon_verb(client: AnyClient, args: argparse.Namespace, out: TextIO) -> int:
+    reply = client.call(args.verb_name)  # routed: daemon.info only, {daemon: its info}
     if args.json or args.verb_name != "daemon.stop":
         _print(out, reply)
     else:

@@ -2,6 +2,11 @@
 
 `Client` (blocking) is in client.py; `AsyncClient` (asyncio, tool providing)
 in aio.py, loaded on first use so that the command line never imports asyncio.
+`RoutedClient` (routed.py) speaks to many daemons, one per node, sending each
+session's verbs to the daemon that owns it; its owner records are
+`StaticOwners` (a list of daemons, asked) or `LeaseOwners` (leases.py:
+Kubernetes Leases, with the optional `kubernetes` package). Both load on
+first use too.
 """
 
 from __future__ import annotations
@@ -11,16 +16,23 @@ from typing import TYPE_CHECKING, Any
 from .client import Client
 from .locate import NoDaemon, locate
 
-__all__ = ["AsyncClient", "Client", "NoDaemon", "locate"]
+__all__ = ["AsyncClient", "Client", "DaemonAddress", "LeaseOwners", "NoDaemon", "Owners", "RoutedClient", "StaticOwners",
+           "locate"]
+
+_LAZY = {"AsyncClient": ".aio", "RoutedClient": ".routed", "StaticOwners": ".routed", "Owners": ".routed",
+         "DaemonAddress": ".routed", "LeaseOwners": ".leases"}
 
 
 def __getattr__(name: str) -> Any:
-    if name == "AsyncClient":
-        from .aio import AsyncClient
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
 
-        return AsyncClient
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module, __name__), name)
 
 
 if TYPE_CHECKING:
     from .aio import AsyncClient
+    from .leases import LeaseOwners
+    from .routed import DaemonAddress, Owners, RoutedClient, StaticOwners
