@@ -50,6 +50,7 @@ class Config:
     tools: list[str]
     peers: bool
     settle: float
+    cwd: str | None
 
 
 @dataclasses.dataclass
@@ -71,6 +72,7 @@ class Trial:
     tool_calls: int  # calls of the bench's tools that started during the run
     late_effects: int  # ... of them after revoked_at, plus handlers that outlived the revoke
     ended_before_stop: bool  # the agent had already exited: excluded from the latency figures
+    early_exit: str = ""  # how, if it had: its state, exit code, and what it raised
 
 
 # -- the run's processes, seen independently of the library -------------------------------------
@@ -160,7 +162,7 @@ def recording(fn: Callable[..., Any] | None, calls: CallLog) -> Callable[..., An
             return await inner(*args, **({**kwargs, "ctx": ctx} if wants_ctx else kwargs))
     else:
         @functools.wraps(fn)
-        def wrapper(*args: Any, ctx: Any, **kwargs: Any) -> Any:  # type: ignore[misc]
+        def wrapper(*args: Any, ctx: Any, **kwargs: Any) -> Any:
             calls.record(ctx.run_id)
             return inner(*args, **({**kwargs, "ctx": ctx} if wants_ctx else kwargs))
 
@@ -181,15 +183,31 @@ def _end(run: Any, verb: str) -> Any:
         return exc.report
 
 
+def _how_it_ended(run: Any) -> str:
+    """An agent that ended before its stop was measured doing nothing: say why, in its own words if it raised."""
+    from ..errors import RunFailed
+
+    info = run.wait(timeout=5)
+    how = f"{info.state.value}, exit code {info.exit_code}" + (f", signal {info.exit_signal}" if info.exit_signal else "")
+    try:
+        run.result(timeout=5)
+    except RunFailed as exc:
+        last = (exc.remote_traceback or "").strip().splitlines()[-1:] or [str(exc)]
+        how += f": {last[0]}"
+    except Exception:  # a command has no result to read; its exit code says it all
+        pass
+    return how
+
+
 def one_trial(sup: Any, target: Target, chan: ReadyChannel, cfg: Config, calls: CallLog, verb: str) -> Trial:
     from . import targets
 
     time.sleep(cfg.settle)
     t_start = time.monotonic_ns()
     if target.fn is not None:
-        run = sup.start(targets.timed_agent, chan.path, target.fn, tools=cfg.tools, grace=cfg.grace)
+        run = sup.start(targets.timed_agent, chan.path, target.fn, tools=cfg.tools, grace=cfg.grace, cwd=cfg.cwd)
     else:
-        run = sup.start(list(target.argv), tools=cfg.tools, grace=cfg.grace)
+        run = sup.start(list(target.argv), tools=cfg.tools, grace=cfg.grace, cwd=cfg.cwd)
     t_started = time.monotonic_ns()
     first_line = None
     if target.fn is not None:
@@ -203,6 +221,7 @@ def one_trial(sup: Any, target: Target, chan: ReadyChannel, cfg: Config, calls: 
         report = _end(run, verb)
         counted = cleanup_leaked(tracked, 0.0)
     counted += _kill_marked(run.id)
+    early = _how_it_ended(run) if ended_before else ""
     started = calls.of(run.id)
     late = sum(1 for t in started if t > report.revoked_at) + len(report.handlers_outlived_revoke)
     return Trial(verb=verb, start_returned=t_started - t_start, first_line=first_line,
@@ -210,7 +229,7 @@ def one_trial(sup: Any, target: Target, chan: ReadyChannel, cfg: Config, calls: 
                  processes=len(pids), survivors_reported=report.survivors, survivors_counted=counted,
                  refused_after_revoke=report.refused_after_revoke, handlers_cancelled=report.handlers_cancelled,
                  handlers_outlived_revoke=len(report.handlers_outlived_revoke), tool_calls=len(started),
-                 late_effects=late, ended_before_stop=ended_before)
+                 late_effects=late, ended_before_stop=ended_before, early_exit=early)
 
 
 def measure_agent(target: Target, cfg: Config, chan: ReadyChannel,
@@ -327,7 +346,9 @@ def findings(trials: list[Trial]) -> tuple[list[str], dict[str, Any]]:
              f"late effects (tool calls started after revoked_at, or outliving it): {after['late_effects']} "
              f"of {after['tool_calls']} tool calls that ran"]
     if early:
-        lines.append(f"{early} run(s) had already exited before their stop: left out of the latency figures")
+        why = next(t.early_exit for t in trials if t.ended_before_stop)
+        lines.append(f"{early} run(s) had already exited before their stop, left out of the latency figures "
+                     f"(the first: {why}); give the agent work that lasts longer than --run-for")
     return lines, {"survivors": {"reported": reported, "counted": counted}, "after_revoke": after,
                    "ended_before_stop": early}
 
@@ -384,6 +405,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a tool the agent may call: a no-op, or your handler (repeatable)")
     g.add_argument("--run-for", type=float, default=None, metavar="SECONDS",
                    help="how long the agent works before each stop (default 0.5 s, 0.1 s with --quick)")
+    g.add_argument("--cwd", metavar="DIR", help="the agent's working directory (shared with this host; default: "
+                                                "the run's own, private one)")
     g.add_argument("--containment", choices=["auto", "cgroup", "process-group"], default="auto")
     g.add_argument("--isolation", choices=["auto", "strict", "off"], default="auto")
 
@@ -396,7 +419,7 @@ def main(args: argparse.Namespace, trials: int) -> int:
     grace = args.grace if args.grace is not None else 0.5
     cfg = Config(target=target.label, kind="python" if target.fn is not None else "argv", trials=trials, grace=grace,
                  run_for=run_for, containment=args.containment, isolation=args.isolation, tools=sorted(handlers),
-                 peers=bool(args.peers), settle=0.02)
+                 peers=bool(args.peers), settle=0.02, cwd=os.path.abspath(args.cwd) if args.cwd else None)
 
     def measure(chan: ReadyChannel) -> Measured:
         from .kill import peer_rows

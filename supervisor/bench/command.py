@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None, prog: str = "deadstop bench") -> int:
         if args.target or args.argv is not None:
             args.default_trials = AGENT_TRIALS
             return agent.main(args, trial_count(args, AGENT_QUICK))
-        for name in ("tool", "run_for"):
+        for name in ("tool", "run_for", "cwd"):
             if getattr(args, name) is not None:
                 parser.error(f"--{name.replace('_', '-')} is for your agent: give --target or --argv")
         return kill.main(args, trial_count(args, KILL_QUICK))

@@ -193,7 +193,7 @@ def measure_all(chan: ReadyChannel, trials: int, settle: float) -> dict[str, Any
             peer.close()
     import multiprocessing.resource_tracker as stdlib_tracker  # started by loky for its semaphores
 
-    stdlib_tracker._resource_tracker._stop()
+    stdlib_tracker._resource_tracker._stop()  # type: ignore[attr-defined]  # private: no public way to end it
     return {"peers": results, "skipped": skipped}
 
 

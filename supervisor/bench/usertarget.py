@@ -60,12 +60,12 @@ def resolve(spec: str, what: str = "--target") -> Callable[..., Any]:
         except AttributeError:
             raise TargetError(f"{what} {spec!r}: module {module_name!r} has no attribute {attr!r}") from None
     if not callable(obj):
-        raise TargetError(f"{what} {spec!r}: {attr!r} is a {type(obj).__name__}, not callable")
+        raise TargetError(f"{what} {spec!r}: {attr!r} is not callable (an object of type {type(obj).__name__})")
     import cloudpickle
 
     if module_name != "__main__":
         cloudpickle.register_pickle_by_value(module)
-    return obj  # type: ignore[no-any-return]
+    return obj
 
 
 def from_spec(spec: str) -> Target:
