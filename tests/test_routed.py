@@ -9,7 +9,10 @@ conflict semantics): there is no cluster here.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
+import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
@@ -351,9 +354,6 @@ def test_lease_records_route_every_router_to_the_same_owner(nodes, ready, lease_
         "contexts": [{"name": "stand-in", "context": {"cluster": "stand-in", "user": "nobody"}}]}))
     env = {**nodes["a"].env, "KUBECONFIG": str(kubeconfig)}
     env.pop("KUBERNETES_SERVICE_HOST", None)
-    import subprocess
-    import sys
-
     listed = subprocess.run([sys.executable, "-m", "deadstop.supervisor", "sessions", "list", "--daemons", f"k8s:{ns}",
                              "--json"], env=env, capture_output=True, text=True, timeout=120)
     assert listed.returncode == 0, listed.stderr
@@ -365,3 +365,22 @@ def test_lease_records_route_every_router_to_the_same_owner(nodes, ready, lease_
     assert lease_api.leases[(ns, lease_name("s", "on-a"))]["spec"]["holderIdentity"] == "a", \
         "a session started on its node directly gets its record once a router finds it"
     assert marked_processes() == {}
+
+    # The DaemonSet's sidecar: announces its node's daemon while it serves, withdraws it at SIGTERM.
+    announcer = subprocess.Popen([sys.executable, "-m", "deadstop.supervisor.client.leases", "--namespace", ns,
+                                  "--name", "node-c", "--endpoint", "ipc:///nowhere", "--connection-file",
+                                  nodes["a"].runtime, "--every", "0.2"], env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while (ns, lease_name("d", "node-c")) not in lease_api.leases:  # bounded wait for the sidecar's first write
+            assert announcer.poll() is None and time.monotonic() < deadline, announcer.stdout.read()
+            time.sleep(0.02)
+        announced = lease_api.leases[(ns, lease_name("d", "node-c"))]
+        assert announced["spec"]["holderIdentity"] == "node-c" and announced["spec"]["leaseDurationSeconds"] == 1
+        assert "node-c" in [d.name for d in LeaseOwners(ns, api_client=_api_client(lease_api.url)).daemons()]
+    finally:
+        announcer.terminate()
+        out, _ = announcer.communicate(timeout=60)
+    assert announcer.returncode == 0, out
+    assert (ns, lease_name("d", "node-c")) not in lease_api.leases, "a stopped sidecar withdraws its daemon"

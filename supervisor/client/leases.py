@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import time
 from typing import Any, Iterable
 
 from ...ipc.control import ControlFault, Fault
@@ -75,12 +76,14 @@ class LeaseOwners:
     """The Owners backend of a cluster: one Lease per session key in `namespace`.
 
     `api_client`: a `kubernetes.client.ApiClient` (default: in-cluster, else kubeconfig). `daemons`: a fixed list
-    instead of the announced daemons' Leases.
+    instead of the announced daemons' Leases, which are otherwise listed again at most every `daemons_ttl` seconds
+    (a stop then costs one read of its session's record, not two requests).
     """
 
     authoritative = True
 
-    def __init__(self, namespace: str, *, api_client: Any = None, daemons: "Iterable[str | DaemonAddress] | None" = None):
+    def __init__(self, namespace: str, *, api_client: Any = None, daemons: "Iterable[str | DaemonAddress] | None" = None,
+                 daemons_ttl: float = 5.0):
         from kubernetes import client
 
         self.namespace = namespace
@@ -88,11 +91,15 @@ class LeaseOwners:
         self._api = client.CoordinationV1Api(api_client if api_client is not None else _api_client())
         self._static = None if daemons is None else [d if isinstance(d, DaemonAddress) else DaemonAddress.parse(d)
                                                       for d in daemons]
+        self._ttl = daemons_ttl
+        self._listed: tuple[float, list[DaemonAddress]] | None = None
 
     # -- the Owners protocol ------------------------------------------------------------------------------
     def daemons(self) -> list[DaemonAddress]:
         if self._static is not None:
             return list(self._static)
+        if self._listed is not None and time.monotonic() - self._listed[0] < self._ttl:
+            return list(self._listed[1])
         try:
             leases = self._do(lambda: self._api.list_namespaced_lease(self.namespace, label_selector=f"{RECORD_LABEL}=daemon"))
         except self._k8s.ApiException as exc:
@@ -107,7 +114,9 @@ class LeaseOwners:
             if renewed is not None and duration and renewed + datetime.timedelta(seconds=duration) < now:
                 continue  # not renewed in time: its node is gone or its daemon is not serving
             out.append(DaemonAddress(spec.holder_identity, notes[ENDPOINT_ANNOTATION], notes.get(SERVER_KEY_ANNOTATION)))
-        return sorted(out, key=lambda d: d.name)
+        out.sort(key=lambda d: d.name)
+        self._listed = (time.monotonic(), out)
+        return list(out)
 
     def owner(self, key: str) -> str | None:
         lease = self._read(key)
@@ -154,6 +163,7 @@ class LeaseOwners:
     def announce(self, name: str, where: str, *, server_key: str | None = None, duration: int = 30) -> None:
         """Create or renew daemon `name`'s Lease: listed by every router until `duration` seconds pass unrenewed
         (renew it every duration/3)."""
+        self._listed = None
         lease = lease_name("d", name)
         meta = self._k8s.V1ObjectMeta(name=lease, labels={**MANAGED, RECORD_LABEL: "daemon"},
                                       annotations={ENDPOINT_ANNOTATION: where,
@@ -180,6 +190,7 @@ class LeaseOwners:
 
     def withdraw(self, name: str) -> None:
         """Remove daemon `name`'s Lease (it stops serving)."""
+        self._listed = None
         try:
             self._do(lambda: self._api.delete_namespaced_lease(lease_name("d", name), self.namespace))
         except self._k8s.ApiException as exc:
@@ -221,4 +232,56 @@ class LeaseOwners:
         return ControlFault(fault, f"Kubernetes API ({self.namespace}): {exc.status} {exc.reason}")
 
 
-__all__ = ["LeaseOwners", "lease_name"]
+def announce_while_serving(owners: LeaseOwners, name: str, endpoint: str, connection_file: str, *, every: float = 10.0,
+                           stop: "Any" = None) -> None:
+    """Keep daemon `name` announced at `endpoint` while `connection_file` names a live daemon (its CURVE key taken
+    from there), withdrawn while it does not; until `stop` (a threading.Event) is set, then withdrawn."""
+    import threading
+
+    from .locate import NoDaemon, locate
+
+    stop = stop or threading.Event()
+    announced = False
+    while not stop.is_set():
+        try:
+            where = locate(connection_file)
+        except NoDaemon:
+            if announced:
+                owners.withdraw(name)  # its daemon is gone: routers must not send it new sessions
+                announced = False
+        else:
+            owners.announce(name, endpoint, server_key=where.server_key, duration=max(1, round(3 * every)))
+            announced = True
+        stop.wait(every)
+    if announced:
+        owners.withdraw(name)
+
+
+def main(argv: "list[str] | None" = None) -> int:
+    """`python -m deadstop.supervisor.client.leases --namespace NS --name NODE --endpoint tcp://IP:7400
+    --connection-file /run/deadstop/daemon/daemon.json`: a DaemonSet pod's sidecar, announcing its node's daemon
+    to the routers; SIGTERM withdraws it."""
+    import argparse
+    import signal
+    import threading
+
+    parser = argparse.ArgumentParser(prog="python -m deadstop.supervisor.client.leases", description=main.__doc__)
+    parser.add_argument("--namespace", required=True)
+    parser.add_argument("--name", required=True, help="the daemon's name in owner records (its node's name)")
+    parser.add_argument("--endpoint", required=True, help="where routers reach its control socket (tcp://POD_IP:PORT)")
+    parser.add_argument("--connection-file", required=True, help="the daemon's daemon.json (or its runtime directory)")
+    parser.add_argument("--every", type=float, default=10.0, help="seconds between renewals (the Lease lasts 3x that)")
+    args = parser.parse_args(argv)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    announce_while_serving(LeaseOwners(args.namespace), args.name, args.endpoint, args.connection_file, every=args.every,
+                           stop=stop)
+    return 0
+
+
+__all__ = ["LeaseOwners", "announce_while_serving", "lease_name"]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
