@@ -368,7 +368,7 @@ def test_lease_records_route_every_router_to_the_same_owner(nodes, ready, lease_
 
     # The DaemonSet's sidecar: announces its node's daemon while it serves, withdraws it at SIGTERM.
     announcer = subprocess.Popen([sys.executable, "-m", "deadstop.supervisor.client.leases", "--namespace", ns,
-                                  "--name", "node-c", "--endpoint", "ipc:///nowhere", "--connection-file",
+                                  "--name", "node-c", "--endpoint", "ipc:///nowhere", "--runtime-dir",
                                   nodes["a"].runtime, "--every", "0.2"], env=env, stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT)
     try:
@@ -378,6 +378,7 @@ def test_lease_records_route_every_router_to_the_same_owner(nodes, ready, lease_
             time.sleep(0.02)
         announced = lease_api.leases[(ns, lease_name("d", "node-c"))]
         assert announced["spec"]["holderIdentity"] == "node-c" and announced["spec"]["leaseDurationSeconds"] == 1
+        assert announced["metadata"]["annotations"]["deadstop.dev/endpoint"] == "ipc:///nowhere"
         assert "node-c" in [d.name for d in LeaseOwners(ns, api_client=_api_client(lease_api.url)).daemons()]
     finally:
         announcer.terminate()

@@ -232,22 +232,33 @@ class LeaseOwners:
         return ControlFault(fault, f"Kubernetes API ({self.namespace}): {exc.status} {exc.reason}")
 
 
-def announce_while_serving(owners: LeaseOwners, name: str, endpoint: str, connection_file: str, *, every: float = 10.0,
+def announce_while_serving(owners: LeaseOwners, name: str, endpoint: str, runtime_dir: str, *, every: float = 10.0,
                            stop: "Any" = None) -> None:
-    """Keep daemon `name` announced at `endpoint` while `connection_file` names a live daemon (its CURVE key taken
-    from there), withdrawn while it does not; until `stop` (a threading.Event) is set, then withdrawn."""
+    """Keep daemon `name` announced at `endpoint` while the daemon of `runtime_dir` answers `health` on its ipc://
+    socket there (its CURVE key read from its connection file), withdrawn while it does not; until `stop` (a
+    threading.Event) is set, then withdrawn. The daemon is asked, not its pid looked up: a sidecar container has a
+    PID namespace of its own, where the daemon's pid names no one."""
+    import os
     import threading
 
-    from .locate import NoDaemon, locate
+    import msgspec
+
+    from ...ipc import gateway
+    from .client import Client
+    from .locate import FILE_NAME
 
     stop = stop or threading.Event()
     announced = False
     while not stop.is_set():
         try:
-            where = locate(connection_file)
-        except NoDaemon:
+            with open(os.path.join(runtime_dir, FILE_NAME), "rb") as f:
+                where = msgspec.json.decode(f.read(), type=gateway.ConnectionFile)
+            local = next(e for e in where.control if e.startswith("ipc://"))
+            with Client(local, kind="gateway", name=f"announce-{name}", timeout=max(1.0, every)) as probe:
+                probe.health()
+        except (OSError, StopIteration, msgspec.DecodeError, msgspec.ValidationError, ControlFault):
             if announced:
-                owners.withdraw(name)  # its daemon is gone: routers must not send it new sessions
+                owners.withdraw(name)  # its daemon is not serving: routers must not send it new sessions
                 announced = False
         else:
             owners.announce(name, endpoint, server_key=where.server_key, duration=max(1, round(3 * every)))
@@ -269,13 +280,13 @@ def main(argv: "list[str] | None" = None) -> int:
     parser.add_argument("--namespace", required=True)
     parser.add_argument("--name", required=True, help="the daemon's name in owner records (its node's name)")
     parser.add_argument("--endpoint", required=True, help="where routers reach its control socket (tcp://POD_IP:PORT)")
-    parser.add_argument("--connection-file", required=True, help="the daemon's daemon.json (or its runtime directory)")
+    parser.add_argument("--runtime-dir", required=True, help="the daemon's runtime directory (daemon.json, its ipc:// socket)")
     parser.add_argument("--every", type=float, default=10.0, help="seconds between renewals (the Lease lasts 3x that)")
     args = parser.parse_args(argv)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    announce_while_serving(LeaseOwners(args.namespace), args.name, args.endpoint, args.connection_file, every=args.every,
+    announce_while_serving(LeaseOwners(args.namespace), args.name, args.endpoint, args.runtime_dir, every=args.every,
                            stop=stop)
     return 0
 
