@@ -186,13 +186,16 @@ class _Conn:
 class RoutedClient:
     """A blocking client of many daemons: per-key verbs to the session's owner, merged verbs to all.
 
-    `owners`: an Owners backend, or daemons for a StaticOwners (`NAME=WHERE` or WHERE, each). `timeout` bounds a
-    verb sent to an owner; `probe_timeout` each daemon's answer when looking for an owner or merging (a daemon
-    slower than that is named unreachable). `key`: a client secret certificate for tcp:// daemons.
+    `owners`: an Owners backend, or daemons for a StaticOwners (`NAME=WHERE` or WHERE, each; or one string of
+    them, comma-separated). `timeout` bounds a verb sent to an owner; `probe_timeout` each daemon's answer when
+    looking for an owner or merging (a daemon slower than that is named unreachable). `key`: a client secret
+    certificate for tcp:// daemons.
     """
 
-    def __init__(self, owners: "Owners | Iterable[str | DaemonAddress]", *, kind: str = "gateway", name: str | None = None,
+    def __init__(self, owners: "Owners | str | Iterable[str | DaemonAddress]", *, kind: str = "gateway", name: str | None = None,
                  timeout: float | None = 60.0, probe_timeout: float | None = 10.0, key: str | None = None):
+        if isinstance(owners, str):
+            owners = StaticOwners.parse(owners)  # "a=...,b=...", as --daemons takes it
         self.owners: Owners = owners if isinstance(owners, Owners) else StaticOwners(owners)
         self.timeout, self.probe_timeout = timeout, probe_timeout
         self._kind, self._name, self._key = kind, name, key
@@ -219,6 +222,13 @@ class RoutedClient:
                 conn = self._conns[address.name] = _Conn(address, self._kind, self._name, self._key)
             return conn
 
+    def _threads(self) -> ThreadPoolExecutor:
+        """Threads to ask every daemon at once: a slow or silent one then costs its own wait, not the sum."""
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="deadstop-router")
+            return self._pool
+
     def _send(self, address: DaemonAddress, request: wire.Request | str, timeout: float | None,
               args: dict[str, Any] | None = None) -> Any:
         return self._conn(address).call(request, timeout, args or {})
@@ -244,14 +254,7 @@ class RoutedClient:
                     return False, str(exc)
                 raise
 
-        if len(daemons) == 1:
-            results = [one(daemons[0])]
-        else:
-            with self._lock:
-                if self._pool is None:
-                    self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="deadstop-router")
-                pool = self._pool
-            results = list(pool.map(one, daemons))
+        results = [one(daemons[0])] if len(daemons) == 1 else list(self._threads().map(one, daemons))
         out = Gathered()
         for address, (ok, value) in zip(daemons, results):
             (out.replies if ok else out.unreachable)[address.name] = value
@@ -275,11 +278,7 @@ class RoutedClient:
                 elif exc.fault not in (Fault.NO_SUCH_SESSION, Fault.POLICY_DENIED):
                     raise
 
-        with self._lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="deadstop-router")
-            pool = self._pool
-        list(pool.map(one, daemons.values()))
+        list(self._threads().map(one, daemons.values()))
         found = next((name for name in daemons if name in hits), None)  # the daemons' order decides a duplicate
         return found, down
 
