@@ -47,7 +47,7 @@ import signal
 import socket
 import sys
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 import psutil
@@ -71,6 +71,17 @@ STRAY_SCAN_INTERVAL = 1.0
 #: A stray is killed only once it has been one this long: a run being
 #: stopped has its orphans swept (and reported) by its own stop first.
 STRAY_GRACE = 1.0
+#: Scans triggered by exits and ends come at most this often (each reads every child of the spawner).
+STRAY_SCAN_MIN_GAP = 0.05
+
+
+class _Starting(NamedTuple):
+    """A forked run waiting for its confinement verdict on its ready pipe."""
+
+    msg: wire.Start
+    pid: int
+    pidfd: int
+    proxy_fd: int | None
 
 
 
@@ -89,6 +100,14 @@ class Spawner:
         self.run_of_uid: dict[int, str] = {}  # identities of the runs started here
         self.live_runs: set[str] = set()  # started here, not yet ended by the supervisor
         self.strays: dict[int, float] = {}  # pid -> when first seen as an orphan of no live run
+        self.strays_scanned = 0.0  # monotonic time of the last stray scan (they are throttled)
+        #: forked runs whose confinement is not yet confirmed: ready pipe's read end -> what the answer needs.
+        #: The spawner forks the next run while these set themselves up (two cores work, not one).
+        self.starting: dict[int, _Starting] = {}
+        self.starting_pids: set[int] = set()
+        self.early_exits: dict[int, int] = {}  # pid -> wait status of a child reaped before its answer was read
+        self.pinned: set[int] = set()  # leaders held as zombies until the supervisor releases them
+        self.sel = selectors.DefaultSelector()
         self.subreaper = platform.set_child_subreaper()
         self.clone_into_cgroup = True  # until the kernel says otherwise
         self.bounding_empty = False  # emptied once here: runs inherit it so
@@ -123,7 +142,7 @@ class Spawner:
         signal.set_wakeup_fd(wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
         signal.signal(signal.SIGTERM, self._on_sigterm)
-        sel = selectors.DefaultSelector()
+        sel = self.sel
         sel.register(self.sock.fileno(), selectors.EVENT_READ, "ctrl")
         sel.register(wake_r, selectors.EVENT_READ, "wake")
         gc.freeze()  # keep warm pages shared with forked runs
@@ -145,6 +164,8 @@ class Spawner:
                     except BlockingIOError:
                         pass
                     self._reap()
+                elif key.data == "ready":
+                    self._answer_start(key.fd)
                 elif not self._handle_ctrl():
                     self.stopping = True
         self.kill_everything()
@@ -172,9 +193,10 @@ class Spawner:
                 self.watchdog = watchdog.start(self.sock.fileno(), msgspec.structs.asdict(msg), self.pid)
         elif isinstance(msg, wire.Ended):  # the supervisor is done with the run: what is left of it is a stray
             self.live_runs.discard(msg.run_id)
-            self._kill_strays()
+            self._kill_strays(throttled=True)
         elif isinstance(msg, wire.Release):
             self.released.add(msg.pid)
+            self.pinned.discard(msg.pid)
             self._reap()
         elif isinstance(msg, wire.Shutdown):
             return False
@@ -263,34 +285,57 @@ class Spawner:
         # Reply only once the child is its own session, inside its cgroup and
         # confined: the supervisor must never signal a group or cgroup the
         # run has not joined yet, nor count as started a run whose sandbox
-        # failed. EOF (child died first) is as good as the byte.
+        # failed. EOF (child died first) is as good as the byte. The answer
+        # is read from the select loop: the next start forks meanwhile.
+        self.live_runs.add(msg.run_id)  # not a stray while it sets itself up
+        self.starting[ready_r] = _Starting(msg, pid, pidfd, os.dup(proxy_fd) if proxy_fd is not None else None)
+        self.starting_pids.add(pid)
+        self.sel.register(ready_r, selectors.EVENT_READ, "ready")
+
+    def _answer_start(self, ready_r: int) -> None:
+        """The child's confinement verdict came (or its EOF): tell the supervisor."""
+        pending = self.starting.pop(ready_r)
+        self.sel.unregister(ready_r)
+        msg, pid, pidfd, proxy_fd = pending.msg, pending.pid, pending.pidfd, pending.proxy_fd
         try:
             answer = os.read(ready_r, 4096)
+        except OSError:
+            answer = b"Ethe run's ready pipe failed"
         finally:
             os.close(ready_r)
-        if answer.startswith(b"E"):  # it exits by itself; _reap collects it like any orphan
-            self._send(wire.StartFailed(run_id=msg.run_id, error=answer[1:].decode(errors="replace")))
-            if pidfd >= 0:
-                os.close(pidfd)
-            self._reap()
-            return
-        self.leaders[pid] = msg.run_id
-        self.live_runs.add(msg.run_id)
-        if not msg.pin_group:
-            self.released.add(pid)  # nothing signals its group by pgid: reap as soon as it exits
-        if pidfd < 0 and hasattr(os, "pidfd_open"):
-            pidfd = os.pidfd_open(pid)
+        self.starting_pids.discard(pid)
         try:
-            create_time = psutil.Process(pid).create_time()
-        except psutil.Error:
-            create_time = 0.0
-        self._send(wire.Started(run_id=msg.run_id, pid=pid, create_time=create_time, has_pidfd=pidfd >= 0,
-                                has_proxy=proxy_fd is not None))
-        fds = ([pidfd] if pidfd >= 0 else []) + ([proxy_fd] if proxy_fd is not None else [])
-        if fds:
-            socket.send_fds(self.sock, [bytes([len(fds)])], fds)  # = multiprocess.reduction.sendfds
-        if pidfd >= 0:
-            os.close(pidfd)
+            if answer.startswith(b"E"):  # it exits by itself; _reap collects it like any orphan
+                self.live_runs.discard(msg.run_id)
+                self.early_exits.pop(pid, None)  # never a leader: nothing to tell of its exit
+                self._send(wire.StartFailed(run_id=msg.run_id, error=answer[1:].decode(errors="replace")))
+                self._reap()
+                return
+            self.leaders[pid] = msg.run_id
+            if not msg.pin_group:
+                self.released.add(pid)  # nothing signals its group by pgid: reap as soon as it exits
+            else:
+                self.pinned.add(pid)
+            if pidfd < 0 and hasattr(os, "pidfd_open"):
+                try:
+                    pidfd = os.pidfd_open(pid)
+                except OSError:
+                    pidfd = -1
+            try:
+                create_time = psutil.Process(pid).create_time()
+            except psutil.Error:
+                create_time = 0.0
+            self._send(wire.Started(run_id=msg.run_id, pid=pid, create_time=create_time, has_pidfd=pidfd >= 0,
+                                    has_proxy=proxy_fd is not None))
+            fds = ([pidfd] if pidfd >= 0 else []) + ([proxy_fd] if proxy_fd is not None else [])
+            if fds:
+                socket.send_fds(self.sock, [bytes([len(fds)])], fds)  # = multiprocess.reduction.sendfds
+            if pid in self.early_exits:  # it exited, and was reaped, before its answer was read
+                self._reaped(pid, self.early_exits.pop(pid))
+        finally:
+            for fd in (pidfd, proxy_fd):
+                if fd is not None and fd >= 0:
+                    os.close(fd)
 
     def _probe(self, msg: wire.Probe) -> None:
         """Fork a throw-away child that tries every sandbox step; reply with the verdicts."""
@@ -352,35 +397,68 @@ class Spawner:
         return os.fork(), -1
 
     def _reap(self) -> None:
+        for pid, status in self._exited():
+            self._reaped(pid, status)
+        self._kill_strays(throttled=True)
+
+    def _exited(self) -> list[tuple[int, int]]:
+        """Children that have exited, reaped; a pinned leader's zombie is left alone.
+
+        With no leader pinned (every run in a cgroup) one waitpid(-1) per exit:
+        a scan of every child per SIGCHLD would make a stop of N runs cost N^2.
+        """
+        found: list[tuple[int, int]] = []
+        if not self.pinned:
+            while True:
+                try:
+                    pid, status = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    return found
+                if not pid:
+                    return found
+                found.append((pid, status))
         for pid in platform.direct_children(self.pid):
-            if pid in self.leaders and pid not in self.released:
+            if pid in self.pinned:
                 continue  # pinned until the supervisor is done with its group
             try:
                 got, status = os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:
                 continue
-            if got and pid in self.leaders:
-                run_id = self.leaders.pop(pid)
-                self.released.discard(pid)
-                self._send(wire.Reaped(run_id=run_id, pid=pid, status=status))
-        for pid in list(self.released):  # released leaders missing from the list
+            if got:
+                found.append((pid, status))
+        done = {pid for pid, _ in found}
+        for pid in [p for p in self.released if p in self.leaders and p not in done]:  # released, missing from the list
             try:
                 got, status = os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:
                 got, status = pid, 0
             if got:
-                run_id = self.leaders.pop(pid, "")
-                self.released.discard(pid)
-                self._send(wire.Reaped(run_id=run_id, pid=pid, status=status))
-        self._kill_strays()
+                found.append((pid, status))
+        return found
 
-    def _kill_strays(self) -> None:
+    def _reaped(self, pid: int, status: int) -> None:
+        if pid in self.starting_pids:
+            self.early_exits[pid] = status  # told after its Started (or StartFailed)
+            return
+        self.released.discard(pid)
+        self.pinned.discard(pid)
+        run_id = self.leaders.pop(pid, None)
+        if run_id is not None:
+            self._send(wire.Reaped(run_id=run_id, pid=pid, status=status))
+
+    def _kill_strays(self, throttled: bool = False) -> None:
         """SIGKILL adopted orphans that have belonged to no live run for STRAY_GRACE
-        (live: until the supervisor says the run ended)."""
+        (live: until the supervisor says the run ended). `throttled`: skipped if
+        the last scan is more recent than STRAY_SCAN_MIN_GAP (a stray is killed
+        only after STRAY_GRACE anyway, and the idle loop scans again)."""
         now = time.monotonic()
+        if throttled and now - self.strays_scanned < STRAY_SCAN_MIN_GAP:
+            return
+        self.strays_scanned = now
         seen: dict[int, float] = {}
         for pid in platform.direct_children(self.pid):
-            if pid in self.leaders or pid == self.watchdog or self._is_live_run(pid, self.live_runs):
+            if pid in self.leaders or pid in self.starting_pids or pid == self.watchdog \
+                    or self._is_live_run(pid, self.live_runs):
                 continue
             first = seen[pid] = self.strays.get(pid, now)
             if now - first >= STRAY_GRACE:  # still our child when signalled: the pidfd then names it

@@ -56,6 +56,13 @@ UNFENCED_KINDS = frozenset({"run.ended", "run.fenced", "events.dropped", "sessio
 #: Seconds between two `run.sample` events of a live run (lifecycle subscribers only): live
 #: usage for consoles and gateways, at a cadence far below the limit sampler's.
 USAGE_EVENT_INTERVAL = 1.0
+#: Samples per second across all runs: up to this many runs each is sampled every
+#: USAGE_EVENT_INTERVAL; beyond, the cadence stretches (1,000 runs: each every 40 s), so
+#: watching many idle runs costs a bounded share of a core, not a share that grows with them.
+USAGE_SAMPLE_BUDGET = 25
+#: How often the sampler wakes to take its share of the budget: on an idle host each wake-up
+#: costs far more than one sample (cold caches), so it wakes seldom and samples in a batch.
+USAGE_TICK = 1.0
 
 #: Ended runs kept as objects, newest first out, so that a caller who just saw a
 #: run end can still read its result from it; every older run is only its
@@ -87,6 +94,7 @@ class Engine:
         self.mcp.launch = self._launch_mcp_run
         self.mcp.session_of = self._session_of_run
         self.runs: dict[str, AsyncRun] = {}  # live runs (starting, running, paused, stopping)
+        self._leaders: set[int] = set()  # their leader pids (the sweeps skip these subtrees)
         self._ended: collections.OrderedDict[str, AsyncRun] = collections.OrderedDict()
         self._subscribers: list[Subscription] = []
         self._lifecycle_subscribers = 0  # how many of them want lifecycle events (egress path: one int test)
@@ -413,12 +421,13 @@ class Engine:
             if isinstance(exc, (DeadstopError, asyncio.CancelledError)):
                 raise
             raise DeadstopError(f"run {run_id} could not be started: {exc}") from exc
-        others = lambda: {r.pid for r in self.runs.values() if r.pid is not None and r.pid != started.pid}  # noqa: E731
         if proxy is not None and started.proxy_fd is not None:
             # Served before the run is marked running: its first connection may already wait in the backlog.
             channel.proxy = RunProxy(run_id, started.proxy_fd, proxy, self.journal)
             await channel.proxy.start()
-        run.attach(started.pid, started.create_time, started.pidfd, self.host.containment_for(prov, started.pid, others))
+        self._leaders.add(started.pid)
+        run.attach(started.pid, started.create_time, started.pidfd,
+                   self.host.containment_for(prov, started.pid, lambda: self._leaders))
         self._lifecycle(run, "run.started", {"pid": started.pid, "kind": kind, "target": desc})
         self._ensure_usage_events()
         if limits is not None and (limits.cpu_seconds or limits.memory_bytes or limits.processes):
@@ -480,6 +489,8 @@ class Engine:
     def _retire(self, run: AsyncRun) -> None:
         """The run's report is stored: it leaves the live table; only the newest few stay as objects."""
         self.runs.pop(run.id, None)
+        if run.pid is not None:
+            self._leaders.discard(run.pid)
         self._ended[run.id] = run
         while len(self._ended) > ENDED_RETAINED:
             self._ended.popitem(last=False)
@@ -636,21 +647,45 @@ class Engine:
             self._usage_task = self.loop.create_task(self._usage_events(), name="deadstop-usage-events")
 
     async def _usage_events(self) -> None:
-        """A `run.sample` per live run every USAGE_EVENT_INTERVAL while a lifecycle subscriber listens.
+        """`run.sample` events of live runs while a lifecycle subscriber listens.
 
-        What it carries is what is true now (CPU so far, memory and processes
-        at this moment, tokens and tool calls so far), not the run's peaks:
-        a chart of it shows a run at rest as at rest.
+        Round robin under a budget: each tick samples the next runs whose last
+        sample is USAGE_EVENT_INTERVAL old, at most USAGE_SAMPLE_BUDGET a
+        second in all. A run is first sampled an interval after it is first
+        seen (a sample at its first instant says nothing). What a sample
+        carries is what is true now (CPU so far, memory and processes at this
+        moment, tokens and tool calls so far), not the run's peaks: a chart of
+        it shows a run at rest as at rest.
         """
+        per_tick = max(1, int(USAGE_SAMPLE_BUDGET * USAGE_TICK))
+        due: dict[str, float] = {}  # run id -> when it is next sampled
+        order: list[str] = []
+        cursor = 0
         while not self.closed and self._lifecycle_subscribers and self.runs:
-            await asyncio.sleep(USAGE_EVENT_INTERVAL)  # a sample at a run's first instant says nothing
-            for run in list(self.runs.values()):
-                if run.state not in (RunState.RUNNING, RunState.PAUSED) or run.containment is None:
+            await asyncio.sleep(USAGE_TICK)
+            now = self.loop.time()
+            if cursor >= len(order):  # a new round: runs that appeared join, ended ones leave
+                order, cursor = list(self.runs), 0
+                due = {run_id: due.get(run_id, now + USAGE_EVENT_INTERVAL) for run_id in order}
+            taken = 0
+            while cursor < len(order) and taken < per_tick:
+                run_id = order[cursor]
+                if due[run_id] > now:
+                    if all(due[r] > now for r in order[cursor:cursor + per_tick]):
+                        break  # the round is ahead of the cadence: wait for the next tick
+                    cursor += 1
                     continue
+                cursor += 1
+                run = self.runs.get(run_id)
+                if run is None or run.state not in (RunState.RUNNING, RunState.PAUSED) or run.containment is None:
+                    continue
+                due[run_id] = now + USAGE_EVENT_INTERVAL
+                taken += 1
                 try:
                     cpu, memory, processes = run.containment.measure()
                 except Exception:  # ended under us
                     continue
+                run.note_measurement(cpu, memory, processes)
                 usage = run.live_usage()
                 self._lifecycle(run, "run.sample", {
                     "cpu_seconds": max(cpu, usage.cpu_seconds), "memory_bytes": memory, "processes": processes,

@@ -359,6 +359,10 @@ class AsyncRun:
         self._record(cpu_seconds, memory_bytes, processes)
         self._check_limits()
 
+    def note_measurement(self, cpu_seconds: float, memory_bytes: int, processes: int) -> None:
+        """A look taken by someone else (the usage events): recorded, so live_usage does not look again."""
+        self._record(cpu_seconds, memory_bytes, processes)
+
     def _record(self, cpu_seconds: float, memory_bytes: int, processes: int) -> None:
         self._measured_at = time.monotonic()
         self.usage.cpu_seconds = max(self.usage.cpu_seconds, cpu_seconds)

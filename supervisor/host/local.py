@@ -256,11 +256,12 @@ class LocalHost:
         finally:
             os.close(cred_fd)
 
-    def containment_for(self, p: Provisioned, pid: int, other_pids: Callable[[], set[int]]) -> Containment:
+    def containment_for(self, p: Provisioned, pid: int, leaders: Callable[[], set[int]]) -> Containment:
+        """`leaders`: every live run's leader pid (its own included), read at each sweep."""
         marker = f"{framing.ENV_MARKER}={p.run_id}"
         if p.cgroup is not None:
             identity = RunIdentity(p.uid, marker.encode(), self.spawner.pid if self.spawner.subreaper else None,
-                                   other_pids)
+                                   leaders, pid)
             return self.cgroup_layer(p.cgroup, identity)
         return ProcessGroupContainment(pid, marker, self.spawner.pid, self.spawner.subreaper, uid=p.uid)
 

@@ -92,11 +92,14 @@ class RunIdentity:
     orphans the spawner adopted and their subtrees."""
 
     def __init__(self, uid: int | None, marker: bytes, spawner_pid: int | None,
-                 other_leaders: Callable[[], set[int]] | None):
+                 leaders: Callable[[], set[int]] | None, leader: int | None = None):
         self.uid = uid
         self.marker = marker
         self.spawner_pid = spawner_pid
-        self.other_leaders = other_leaders or (lambda: set())
+        #: every live run's leader pid (the supervisor's own set, not a copy: read in O(1)); their
+        #: subtrees are their runs' cgroups, not adopted orphans, and are not walked
+        self.leaders = leaders or (lambda: set())
+        self.leader = leader  # this run's own: its subtree is walked
 
     def owns(self, pid: int) -> bool:
         if self.uid is not None:
@@ -107,17 +110,45 @@ class RunIdentity:
         """Processes of the run among the spawner's adopted orphans' subtrees, minus `inside`."""
         if self.spawner_pid is None:
             return []
-        from ...worker.platform import direct_children
-
-        skip = self.other_leaders()
+        skip = self.leaders()
         found = []
-        for root in direct_children(self.spawner_pid):
-            if root in skip:
+        for root in spawner_children(self.spawner_pid):
+            if root in skip and root != self.leader:
                 continue
             for pid in [root, *procs.descendants(root)]:
                 if pid not in inside and _alive(pid) and self.owns(pid):
                     found.append(pid)
         return found
+
+
+class _ChildrenCensus:
+    """The spawner's children, read at most once per event-loop step.
+
+    A stop of N runs sweeps N times, mostly in the same few steps (one
+    inotify read wakes them together), and each read lists every run's
+    leader: read once per step it costs O(N), not O(N^2). Outside a running
+    loop every call reads afresh.
+    """
+
+    def __init__(self) -> None:
+        self._cache: dict[int, list[int]] = {}
+
+    def __call__(self, pid: int) -> list[int]:
+        from ...worker.platform import direct_children
+
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return direct_children(pid)
+        got = self._cache.get(pid)
+        if got is None:
+            if not self._cache:
+                loop.call_soon(self._cache.clear)  # runs after this step's callbacks
+            got = self._cache[pid] = direct_children(pid)
+        return got
+
+
+spawner_children = _ChildrenCensus()
 
 
 def _alive(pid: int) -> bool:
@@ -260,13 +291,25 @@ class CgroupContainment:
         self.cgroup.remove()
 
 
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
 def _rss_sum(pids: list[int]) -> int:
+    """Resident bytes of these processes: one read of /proc/<pid>/statm each (sampled for
+    every live run, so no psutil handle per pid), psutil where /proc has no statm."""
     total = 0
     for pid in pids:
         try:
-            total += psutil.Process(pid).memory_info().rss
-        except psutil.Error:
-            pass
+            with open(f"/proc/{pid}/statm", "rb") as f:
+                total += int(f.read().split()[1]) * _PAGE
+        except FileNotFoundError:
+            if not os.path.exists("/proc/self/statm"):
+                try:
+                    total += psutil.Process(pid).memory_info().rss
+                except psutil.Error:
+                    pass
+        except (OSError, IndexError, ValueError):
+            pass  # exited meanwhile
     return total
 
 

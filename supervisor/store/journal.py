@@ -13,7 +13,10 @@ because a transaction per row, or even per loop turn, would dominate the
 egress round trip (a sequential tool call spans two loop turns);
 a revocation flushes the buffer and commits before the call returns
 (commit_now), because G1 requires it, and every egress decision made before
-it, to be on record before the first signal is sent.
+it, to be on record before the first signal is sent. A stop report commits
+at the end of the loop step that made it (commit_this_step): before anyone
+awaiting the stop resumes, and in one transaction with every other run
+that ended in that step.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ log = logging.getLogger("deadstop.journal")
 
 #: Longest a buffered row waits for its transaction. A crash of the
 #: supervisor process can lose at most this much of the egress record; a
-#: stop never does (revocations and stop reports commit at once).
+#: stop never does (revocations commit at once, stop reports before the stop returns).
 COMMIT_DELAY = 0.005
 
 #: Refusal rows written per (run, code) in each window of REFUSAL_WINDOW_NS;
@@ -99,6 +102,7 @@ class Journal:
         self._migrate()
         self.db.commit()
         self._commit_pending = False
+        self._step_commit = False
         self._pending: list[tuple[str, tuple[Any, ...]]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._windows: dict[tuple[str | None, int], _Window] = {}
@@ -129,9 +133,24 @@ class Journal:
         self._commit_pending = True
         self._loop.call_later(COMMIT_DELAY, self.commit_now)
 
+    def commit_this_step(self) -> None:
+        """Commit once the current event-loop step's callbacks have run.
+
+        Every run that ends in the same step (a stop_all wakes hundreds
+        together) shares one transaction, and it is on disk before anyone
+        awaiting those ends resumes: their wake-ups are queued after this.
+        """
+        if self._loop is None:
+            self.commit_now()
+            return
+        if not self._step_commit:
+            self._step_commit = True
+            self._loop.call_soon(self.commit_now)
+
     def commit_now(self) -> None:
         """Write every buffered row in one transaction and commit it."""
         self._commit_pending = False
+        self._step_commit = False
         if self.closed or not self._pending:
             return
         pending, self._pending = self._pending, []
@@ -238,7 +257,7 @@ class Journal:
                    " WHERE id=?", (state, t_ns, time.time(), exit_code, exit_signal, json.dumps(usage or {}),
                                    run_id))
         self._exec("INSERT OR REPLACE INTO stops VALUES (?,?,?)", (run_id, t_ns, json.dumps(report)))
-        self.commit_now()
+        self.commit_this_step()
 
     def message(self, session: str, generation: int, message: Any) -> None:
         self._exec("INSERT INTO messages(session, generation, t_ns, wall, message) VALUES (?,?,?,?,?)",

@@ -69,6 +69,19 @@ class StopReport:
     failure: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
+        # Not dataclasses.asdict: its recursive deep copy was a tenth of a 1,000-run stop_all.
+        # The fields are flat; their lists and dicts are copied one level (no caller shares them).
+        out = {f.name: _copy(getattr(self, f.name)) for f in _FIELDS}
         out["ended_by"] = str(self.ended_by)
         return out
+
+
+_FIELDS = dataclasses.fields(StopReport)
+
+
+def _copy(value: Any) -> Any:
+    if isinstance(value, list):
+        return [dict(v) if isinstance(v, dict) else v for v in value]
+    if isinstance(value, dict):
+        return {k: (dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v) for k, v in value.items()}
+    return value
