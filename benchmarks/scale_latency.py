@@ -11,6 +11,9 @@ start     N runs started concurrently through the asyncio core (isolation as
           run's first tool call. Target (issue 13): >= 300 runs/s at 1,000.
 USS       median unique memory of 50 sampled run leaders (psutil); the
           supervisor process's RSS beside it. Targets: <= 3 MB and <= 150 MB.
+idle      the supervisor process's CPU over IDLE_SECONDS with the N runs idle and
+          one lifecycle subscriber following (what a console watching costs:
+          run.sample events under their budget). Target: <= 5 % of a core.
 stop_all  one stop_all() of the N idle runs: t0 before the call -> every
           report in hand; survivors counted by the reports and by a /proc
           walk of the run markers. Floor: one cgroup.kill of N sleeping
@@ -38,6 +41,7 @@ from benchmarks._stats import Row
 from benchmarks.kill_latency import MS, arg_parser, log, run
 
 USS_SAMPLE = 50
+IDLE_SECONDS = 5.0
 
 
 @dataclasses.dataclass
@@ -91,6 +95,26 @@ def cgroup_kill_floor(n: int) -> float | None:
         os.rmdir(cg)
 
 
+async def idle_share(sup: Any) -> float:
+    """Share of one core the supervisor process used while its runs idled, a lifecycle subscriber following."""
+    import psutil
+
+    async def follow() -> None:
+        async for _event in sup.subscribe(lifecycle=True):
+            pass
+
+    follower = asyncio.ensure_future(follow())
+    try:
+        await asyncio.sleep(1.0)  # the subscription and its sampler are up
+        me = psutil.Process()
+        before, t0 = me.cpu_times(), time.monotonic()
+        await asyncio.sleep(IDLE_SECONDS)
+        after, took = me.cpu_times(), time.monotonic() - t0
+    finally:
+        follower.cancel()
+    return (after.user + after.system - before.user - before.system) / took
+
+
 async def one_size(n: int) -> dict[str, Any]:
     import psutil
 
@@ -117,12 +141,13 @@ async def one_size(n: int) -> dict[str, Any]:
             except psutil.Error:
                 pass
         rss = psutil.Process().memory_info().rss
+        idle = await idle_share(sup)
         t0 = time.monotonic_ns()
         reports = await sup.stop_all(grace=1.0)
         stopped = time.monotonic_ns() - t0
         survivors = sum(r.survivors for r in reports)
     return {"n": n, "start_ns": started, "uss": statistics.median(uss) if uss else float("nan"), "rss": rss,
-            "stop_all_ns": stopped, "survivors": survivors}
+            "stop_all_ns": stopped, "survivors": survivors, "idle": idle}
 
 
 def measure(cfg: Config, chan: ReadyChannel) -> list[Row]:
@@ -141,6 +166,8 @@ def measure(cfg: Config, chan: ReadyChannel) -> list[Row]:
             Row(section, "USS per idle run (median of a sample)", "MiB", got["uss"], got["uss"], 1, target="<= 3 MB",
                 limit=3e6),
             Row(section, "supervisor RSS", "MiB", got["rss"], got["rss"], 1, target="<= 150 MB", limit=150e6),
+            Row(section, "supervisor CPU, runs idle, a lifecycle subscriber following", "%", got["idle"] * 100,
+                got["idle"] * 100, 1, target="<= 5 % of a core", limit=5.0),
             Row(section, "stop_all() -> every report", "ms", got["stop_all_ns"], got["stop_all_ns"], 1,
                 "cgroup.kill of as many processes", floor, "<= 0.3 s" if big else "", 300 * MS if big else None,
                 note=f"survivors {got['survivors']}"),

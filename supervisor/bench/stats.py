@@ -118,6 +118,8 @@ def _fmt(value: float | None, unit: str) -> str:
         return f"{value / (1 << 20):.2f} MiB"
     if unit == "MiB/s":
         return f"{value:,.0f} MiB/s"
+    if unit == "%":
+        return f"{value:.1f} %"
     return f"{value:,.0f}/s"
 
 

@@ -1,4 +1,4 @@
-"""What routing costs a stop, on this host: `.venv/bin/python tests/routed_latency.py [--trials 30]`.
+"""What routing costs a stop, on this host: `.venv/bin/python benchmarks/routed_latency.py [--trials 30]`.
 
 Two real `deadstop serve` processes (as two nodes would run them), one session on the second, stopped again and
 again (the run restarted between trials, untimed) by:
@@ -25,7 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# The two-daemon fixture and the stand-in Lease API server are the tests' own.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 
 from daemonctl import Daemon, Ready  # noqa: E402
 from test_routed import CONFIG, LeaseApiStandIn, _api_client  # noqa: E402
