@@ -181,6 +181,20 @@ class StopReply(_Info):
     revoked: list[str] = []
 
 
+class StopAllReply(_Info):
+    """What sessions.stop_all ended: the sessions, and one report per run that was live.
+
+    Without `wait`, `revoked` lists the runs whose egress is closed and
+    whose stop is under way, and `reports` is empty.
+    """
+
+    sessions: list[str] = []
+    reports: list[dict[str, Any]] = []
+    waited: bool = True
+    revoked: list[str] = []
+    trees: dict[str, list[str]] = {}  # session key -> the ids of the runs of its tree that were revoked
+
+
 class SendReply(_Info):
     key: str
     run_id: str
@@ -227,6 +241,14 @@ class SessionsStop(Request, tag="sessions.stop"):
 
 class SessionsKill(Request, tag="sessions.kill"):
     key: str
+
+
+class SessionsStopAll(Request, tag="sessions.stop_all"):
+    """Every top-level session with something live or queued, in one step (their trees with them)."""
+
+    grace: Union[float, None] = None
+    wait: bool = True
+    kill: bool = False  # revoke and SIGKILL at once instead of SIGTERM and the grace
 
 
 class SessionsPause(Request, tag="sessions.pause"):
@@ -279,8 +301,8 @@ class HealthCheck(Request, tag="health"):
     pass
 
 
-AnyRequest = Union[SessionsList, SessionsShow, SessionsSend, SessionsSpawn, SessionsStop, SessionsKill, SessionsPause,
-                   SessionsResume, SessionsCleanup, RunsList, RunsShow, RunsStop, RunsKill, RunsEgress, AgentsList,
+AnyRequest = Union[SessionsList, SessionsShow, SessionsSend, SessionsSpawn, SessionsStop, SessionsKill, SessionsStopAll,
+                   SessionsPause, SessionsResume, SessionsCleanup, RunsList, RunsShow, RunsStop, RunsKill, RunsEgress, AgentsList,
                    EventsSubscribe, HealthCheck]
 
 
@@ -305,6 +327,7 @@ VERBS: dict[str, Verb] = {v.name: v for v in (
     _verb(SessionsSpawn, SendReply, Scope.WRITE, "a run starts a sub-agent session below its own"),
     _verb(SessionsStop, StopReply, Scope.WRITE, "revoke and stop the session's whole tree"),
     _verb(SessionsKill, StopReply, Scope.WRITE, "revoke and kill the session's whole tree"),
+    _verb(SessionsStopAll, StopAllReply, Scope.WRITE, "every busy session's tree in one step: one revoke, one commit"),
     _verb(SessionsPause, bool, Scope.WRITE, "hold egress and freeze the tree; false if nothing was running"),
     _verb(SessionsResume, bool, Scope.WRITE, "thaw the tree and release held requests"),
     _verb(SessionsCleanup, list[str], Scope.ADMIN, "remove idle sessions (and their records) older than older_than s"),

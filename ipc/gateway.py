@@ -46,7 +46,7 @@ CLIENT_KINDS = ("cli", "gateway", "console", "console-read")
 
 #: Verbs answered first in every batch the daemon reads: they end or freeze runs,
 #: and nothing slow may be in front of them.
-URGENT_VERBS = frozenset({"sessions.stop", "sessions.kill", "sessions.pause", "runs.stop", "runs.kill"})
+URGENT_VERBS = frozenset({"sessions.stop", "sessions.kill", "sessions.stop_all", "sessions.pause", "runs.stop", "runs.kill"})
 
 
 # -- the daemon's own verbs (beside the control table) -------------------------------------------
@@ -110,7 +110,7 @@ DAEMON_VERBS: dict[str, control.Verb] = {v.name: v for v in (
 )}
 
 AnyDaemonRequest = Union[control.SessionsList, control.SessionsShow, control.SessionsSend, control.SessionsStop,
-                         control.SessionsKill, control.SessionsPause, control.SessionsResume,
+                         control.SessionsKill, control.SessionsStopAll, control.SessionsPause, control.SessionsResume,
                          control.SessionsCleanup, control.RunsList, control.RunsShow, control.RunsStop,
                          control.RunsKill, control.RunsEgress, control.AgentsList, control.HealthCheck, ToolsProvide,
                          ToolsResult, DaemonInfo, DaemonReload, DaemonStop, EventsPing, ConsoleLogin]

@@ -276,7 +276,8 @@ def test_a_run_acts_only_on_what_it_spawned() -> None:
         assert _fault(sup, "runs.kill", who, run_id=stranger.id) is Fault.POLICY_DENIED
         assert _fault(sup, "sessions.show", who, key="stranger") is Fault.NO_SUCH_SESSION, "nor see a stranger"
         assert _fault(sup, "sessions.cleanup", who) is Fault.FORBIDDEN
-        assert stranger.state.value == "running"
+        assert _fault(sup, "sessions.stop_all", who) is Fault.POLICY_DENIED, "a run never stops every session"
+        assert stranger.state.value == "running" and top_run.state.value == "running"
         child = Principal.of_run(sup.session("top/level1-1").active_run.id, "top/level1-1")
         assert _fault(sup, "sessions.stop", child, key="top") is Fault.POLICY_DENIED, "a sub-agent may not stop"
         reply = sup.call(wire.SessionsStop(key="top/level1-1", grace=0.2), who)

@@ -385,3 +385,47 @@ def test_lease_records_route_every_router_to_the_same_owner(nodes, ready, lease_
         out, _ = announcer.communicate(timeout=60)
     assert announcer.returncode == 0, out
     assert (ns, lease_name("d", "node-c")) not in lease_api.leases, "a stopped sidecar withdraws its daemon"
+
+
+def test_stop_all_ends_every_session_of_every_daemon_in_one_step(nodes, ready) -> None:
+    """`sessions stop-all --daemons`: each daemon revokes every run of every busy session before it signals any;
+    nothing of them is left in /proc; idle sessions are not touched; a daemon that is down makes the verb fail."""
+    a, b = nodes["a"], nodes["b"]
+    keys = {"a": [f"all-a-{i}" for i in range(4)], "b": [f"all-b-{i}" for i in range(3)]}
+    runs: dict[str, str] = {}
+    for name, d in nodes.items():
+        with d.client() as c:
+            c.send(f"idle-{name}", _msg(ready), agent="sleeper")
+            ready.wait(1)
+            c.stop(f"idle-{name}")  # stopped before: stop_all has nothing of it to end
+            for key in keys[name]:
+                c.send(key, _msg(ready), agent="sleeper")
+            ready.wait(len(keys[name]))
+            runs.update({c.session(k).active_run: name for k in keys[name]})
+    assert all(marked_processes(r) for r in runs)
+
+    out = a.cli("sessions", "stop-all", "--daemons", _spec(nodes), "--json")
+    assert out.returncode == 0, out
+    replies = json.loads(out.stdout)
+    assert replies["unreachable"] == {}
+    for name in ("a", "b"):
+        reply = replies["result"][name]
+        assert sorted(reply["sessions"]) == sorted(keys[name])  # the idle one is not among them
+        assert sorted(reply["revoked"]) == sorted(r for r, n in runs.items() if n == name)
+        reports = reply["reports"]
+        assert sorted(r["run_id"] for r in reports) == sorted(reply["revoked"])
+        assert all(r["survivors"] == 0 and r["outcome"] == "stopped" for r in reports)
+        # one step: every revocation of the daemon is before any signal it sent
+        assert max(r["revoked_at"] for r in reports) < min(r["term_sent_at"] for r in reports)
+        assert max(r["requested_at"] for r in reports) <= min(r["revoked_at"] for r in reports)
+    assert {r: marked_processes(r) for r in runs} == {r: {} for r in runs}
+    with a.client() as c:
+        assert all(s.active_run is None for s in c.sessions() if s.key in keys["a"])
+
+    again = a.cli("sessions", "stop-all", "--daemons", _spec(nodes))
+    assert again.returncode == 0 and again.stdout.splitlines() == ["a: nothing was running", "b: nothing was running"]
+
+    assert b.stop() == 0
+    down = a.cli("sessions", "stop-all", "--daemons", _spec(nodes))
+    assert down.returncode == 1, down  # b's sessions (had it any) were not stopped: the caller must know
+    assert "daemon 'b' did not answer" in down.stderr and "a: nothing was running" in down.stdout

@@ -50,6 +50,12 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser, non_negative: Callabl
     p = ssub.add_parser("kill", parents=[common], help="revoke and SIGKILL the session's tree")
     p.add_argument("key")
     p.set_defaults(remote='sessions_kill')
+    p = ssub.add_parser("stop-all", parents=[common], help="every session with something running or queued, "
+                                                             "in one step: one revoke of every run, then their stops")
+    p.add_argument("--grace", type=non_negative, metavar="S", help="seconds between SIGTERM and SIGKILL")
+    p.add_argument("--kill", action="store_true", help="SIGKILL at once instead of SIGTERM and the grace")
+    p.add_argument("--no-wait", action="store_true", help="return once every run is revoked, before they are gone")
+    p.set_defaults(remote='sessions_stop_all')
     for action, what in (("pause", "hold egress and freeze"), ("resume", "thaw and release held requests of")):
         p = ssub.add_parser(action, parents=[common], help=f"{what} the session's tree")
         p.add_argument("key")

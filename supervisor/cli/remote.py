@@ -214,6 +214,33 @@ def _sessions_kill(client: AnyClient, args: argparse.Namespace, out: TextIO) -> 
     return _report_lines(reply, out)
 
 
+def _sessions_stop_all(client: AnyClient, args: argparse.Namespace, out: TextIO) -> int:
+    """sessions.stop_all; through --daemons, on every daemon at once (one that did not answer is a failure:
+    its sessions were not stopped)."""
+    got = client.stop_all(args.grace, wait=not args.no_wait, kill=args.kill)
+    replies: dict[str, Any] = got if isinstance(got, dict) else {"": got}
+    missed = bool(getattr(client, "unreachable", None))
+    survivors = sum(r.get("survivors", 0) for reply in replies.values() for r in reply.reports)
+    code = EXIT_FAILED if survivors or missed else EXIT_OK
+    if args.json:
+        _print(out, {"result": replies, "unreachable": getattr(client, "unreachable", {})} if isinstance(got, dict) else got)
+        return code
+    for daemon, reply in replies.items():
+        where = f"{daemon}: " if daemon else ""
+        if not reply.sessions:
+            print(f"{where}nothing was running", file=out)
+        elif not reply.waited:
+            print(f"{where}revoked {len(reply.revoked)} run(s) of {len(reply.sessions)} session(s) in one step; "
+                  "their stops go on", file=out)
+        else:
+            left = [r for r in reply.reports if r.get("survivors")]
+            print(f"{where}{len(reply.sessions)} session(s), {len(reply.reports)} run(s) "
+                  f"{'killed' if args.kill else 'stopped'}, {sum(r['survivors'] for r in left)} survivor(s)", file=out)
+            for r in left:
+                print(f"{where}run {r['run_id']}: survivors {r.get('survivor_pids')}", file=out)
+    return code
+
+
 def _sessions_pause_resume(client: AnyClient, args: argparse.Namespace, out: TextIO) -> int:
     done = client.pause(args.key) if args.action == "pause" else client.resume(args.key)
     if args.json:

@@ -90,6 +90,10 @@ class _Verbs:
     def kill(self, key: str) -> Any:
         return self.call("sessions.kill", key=key)
 
+    def stop_all(self, grace: float | None = None, *, wait: bool = True, kill: bool = False) -> Any:
+        """Every busy top-level session's tree, in one step (StopAllReply)."""
+        return self.call(wire.SessionsStopAll(grace=grace, wait=wait, kill=kill))
+
     def pause(self, key: str) -> Any:
         return self.call("sessions.pause", key=key)
 

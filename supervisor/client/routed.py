@@ -241,14 +241,16 @@ class RoutedClient:
         return Client(address.where, kind=self._kind, name=self._name, timeout=self.timeout, key=self._key,
                       server_key=address.server_key)
 
-    def gather(self, request: wire.Request | str, **args: Any) -> Gathered:
+    def gather(self, request: wire.Request | str, *, long: bool = False, **args: Any) -> Gathered:
         """Send one verb to every daemon at once; their replies, and the ones that did not answer. A daemon's
-        refusal (BAD_ARGUMENTS, FORBIDDEN, ...) is raised: it would be the same everywhere."""
+        refusal (BAD_ARGUMENTS, FORBIDDEN, ...) is raised: it would be the same everywhere. `long`: a verb
+        that takes its time (a stop), bounded by `timeout`, not `probe_timeout`."""
         daemons = list(self._daemons().values())
+        timeout = self.timeout if long else self.probe_timeout
 
         def one(address: DaemonAddress) -> tuple[bool, Any]:
             try:
-                return True, self._send(address, request, self.probe_timeout, args)
+                return True, self._send(address, request, timeout, args)
             except ControlFault as exc:
                 if exc.fault in TRANSPORT_FAULTS:
                     return False, str(exc)
@@ -394,6 +396,7 @@ class RoutedClient:
             "agents.list": lambda r: self._merged_agents(r),
             "sessions.cleanup": lambda r: self._cleanup(r),
             "health": lambda r: self.gather(r).replies,
+            "sessions.stop_all": lambda r: self.gather(r, long=True).replies,
         }.get(name)
         if handler is not None:
             return handler(request)
@@ -483,6 +486,12 @@ class RoutedClient:
 
     def agents(self) -> list[wire.AgentInfo]:
         return self._merged_agents(wire.AgentsList())
+
+    def stop_all(self, grace: float | None = None, *, wait: bool = True,
+                 kill: bool = False) -> dict[str, wire.StopAllReply]:
+        """sessions.stop_all on every daemon at once: daemon -> its reply, of those that answered (the rest
+        are in `unreachable`: their sessions are not stopped, and the caller must know)."""
+        return self.gather(wire.SessionsStopAll(grace=grace, wait=wait, kill=kill), long=True).replies
 
     def health(self) -> dict[str, wire.Health]:
         """daemon -> its Health, of those that answered."""

@@ -272,27 +272,17 @@ async def api_call(request: web.Request) -> web.StreamResponse:
 
 
 async def api_stop_all(request: web.Request) -> web.StreamResponse:
-    """sessions.stop of every active top-level session (each stops its whole tree), all at once."""
-    client = _client(request)
+    """sessions.stop_all: every busy top-level session's tree in one step; the reply split per session."""
     try:
         args = await _body(request)
-        grace = args.get("grace")
-        active = await client.sessions(active=True)
+        reply = await _client(request).call(wire.SessionsStopAll(grace=args.get("grace")))
     except ControlFault as exc:
         return _fault(exc)
-    roots = [s.key for s in active if s.parent is None or s.parent not in {a.key for a in active}]
-
-    async def one(key: str) -> dict[str, Any]:
-        try:
-            return {"key": key, "ok": True, "result": await client.stop(key, grace)}
-        except ControlFault as exc:
-            return {"key": key, "ok": False, "fault": int(exc.fault), "name": exc.fault.name, "message": exc.args[0],
-                    "detail": exc.detail}
-
-    results = await asyncio.gather(*(one(k) for k in roots))
-    failed = [r for r in results if not r["ok"]]
-    status = 200 if not failed else _STATUS.get(Fault(failed[0]["fault"]), 500)
-    return _json({"ok": not failed, "verb": "sessions.stop", "results": results}, status)
+    by_run = {r["run_id"]: r for r in reply.reports}
+    results = [{"key": key, "ok": True, "result": {"key": key, "already_ended": not ids,
+                                                   "reports": [by_run[i] for i in ids if i in by_run]}}
+               for key, ids in reply.trees.items()]
+    return _json({"ok": True, "verb": "sessions.stop_all", "results": results})
 
 
 def build(state: ConsoleState) -> web.Application:

@@ -34,6 +34,7 @@ from ..errors import (DeadstopError, InvalidTarget, InvalidTransition, LimitUnen
                       SessionNotFound, StopIncomplete, SupervisorClosed)
 from ..store import queries
 from ..store.report import StopReport
+from ..sessions.session import await_reports
 from .policy import LIBRARY, Policy, Principal
 
 if TYPE_CHECKING:
@@ -162,6 +163,21 @@ class ControlAPI:
                 if s.active_run is not None and s.active_run.state in LIVE]
         target.begin_end("stop", source=who.source, reason=self._reason(who, "session stop requested"), grace=grace)
         return live
+
+    def begin_stop_all(self, who: Principal, grace: float | None = None, *,
+                       kill: bool = False) -> tuple[dict[str, list[str]], list[asyncio.Task[StopReport]]]:
+        """Every busy top-level session's tree, revoked in one step and committed once; their stops begun."""
+        self._verb(who, "sessions.stop_all")
+        if who.kind == "run":  # its own session and its ancestors would be among them
+            raise ControlFault(Fault.POLICY_DENIED, "a run may not stop every session")
+        mode = "kill" if kill else "stop"
+        return self._registry.begin_end_all(mode, source=who.source, reason=self._reason(who, f"{mode} all requested"),
+                                            grace=grace)
+
+    async def stop_all_sessions(self, who: Principal, grace: float | None = None, *,
+                                kill: bool = False) -> tuple[dict[str, list[str]], list[StopReport]]:
+        trees, tasks = self.begin_stop_all(who, grace, kill=kill)
+        return trees, await await_reports(tasks)
 
     async def kill_session(self, who: Principal, key: str) -> list[StopReport]:
         target = self._stoppable(who, key, "sessions.kill")
@@ -324,6 +340,14 @@ class ControlAPI:
             return _stop_reply(r.key, await self.stop_session(who, r.key, r.grace))
         if isinstance(r, wire.SessionsKill):
             return _stop_reply(r.key, await self.kill_session(who, r.key))
+        if isinstance(r, wire.SessionsStopAll):
+            if not r.wait:
+                trees, _tasks = self.begin_stop_all(who, r.grace, kill=r.kill)
+                return wire.StopAllReply(sessions=list(trees), waited=False, trees=trees,
+                                         revoked=[run_id for ids in trees.values() for run_id in ids])
+            trees, reports = await self.stop_all_sessions(who, r.grace, kill=r.kill)
+            return wire.StopAllReply(sessions=list(trees), trees=trees, reports=[rep.to_dict() for rep in reports],
+                                     revoked=[run_id for ids in trees.values() for run_id in ids])
         if isinstance(r, wire.SessionsPause):
             return await self.pause_session(who, r.key)
         if isinstance(r, wire.SessionsResume):

@@ -8,14 +8,17 @@ in store/queries.py.
 
 from __future__ import annotations
 
+import asyncio
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ..engine.engine import Engine
 from ..engine.run import AsyncRun
+from ..engine.stop import StopRequest
 from ..errors import InvalidTarget, SessionNotFound
 from ..mechanisms.limits import Limits, Usage
 from ..store import queries
+from ..store.report import StopReport
 from .session import AgentSpec, AsyncSession
 
 
@@ -136,6 +139,24 @@ class SessionRegistry:
             s.ended_usage = Usage.from_dict(row.usage)
             s.runs = runs_of.get(row.key, [])
             self.by_key[row.key] = s
+
+    def begin_end_all(self, mode: str, *, source: str, reason: str, grace: float | None = None,
+                      may_stop: Callable[[AsyncSession], bool] = lambda s: True,
+                      ) -> tuple[dict[str, list[str]], list[asyncio.Task[StopReport]]]:
+        """Every busy top-level session's tree in one step: every run revoked, the revocations
+        committed once, then every stop begun. ({session key: ids of its tree's revoked runs}, the stops)"""
+        requested_at = time.monotonic_ns()  # every report's requested_at: before any revoke
+        StopRequest.of(mode, source, reason, 0.0, 0)  # an unknown mode or source fails before any revoke
+        roots = [s for s in self.by_key.values() if s.parent is None and s.busy() and may_stop(s)]
+        revoked = [(root, root.revoke_tree(source=source, reason=reason)) for root in roots]
+        self.engine.journal.commit_now()  # every tree's revocations, on record before any signal
+        tasks: list[asyncio.Task[StopReport]] = []
+        for root, runs in revoked:
+            mine = root.finish_tree(runs, mode, source, reason, grace, requested_at) + root._end_servers()
+            tasks += mine
+            self.engine.publish_session(root.key, "session.stopped", {"mode": mode, "source": source,
+                                                                     "runs": len(mine)}, root.generation)
+        return {root.key: [run.id for run in runs] for root, runs in revoked}, tasks
 
     async def cleanup(self, older_than: float = 3600, *, dry_run: bool = False) -> list[str]:
         """Remove sessions that are idle, whose whole subtree is idle, and that

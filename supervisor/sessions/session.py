@@ -240,6 +240,14 @@ class AsyncSession:
         """
         requested_at = time.monotonic_ns()  # each report's requested_at: before the revokes below
         StopRequest.of(mode, source, reason, 0.0, 0)  # an unknown mode or source fails here, before any revoke
+        runs = self.revoke_tree(source=source, reason=reason, include_self=include_self, bump=bump,
+                                clear_inbox=clear_inbox)
+        self._registry.engine.journal.commit_now()  # the whole tree's revocations, on record before any signal
+        return self.finish_tree(runs, mode, source, reason, grace, requested_at)
+
+    def revoke_tree(self, *, source: str, reason: str, include_self: bool = True, bump: bool = True,
+                    clear_inbox: bool = True) -> "list[AsyncRun]":
+        """Revoke every live run of the tree, uncommitted (the caller commits once, before any signal)."""
         sessions = ([self] if include_self else []) + self.descendants()
         for s in sessions:
             s.last_stop_source = source  # a run of it still starting is ended with the same source
@@ -250,10 +258,19 @@ class AsyncSession:
         runs = [s.active_run for s in sessions if s.active_run is not None and s.active_run.state in LIVE]
         for run in runs:
             run.revoke(source, reason, commit=False)
-        self._registry.engine.journal.commit_now()  # the whole tree's revocations, on record before any signal
+        return runs
+
+    def finish_tree(self, runs: "list[AsyncRun]", mode: str, source: str, reason: str, grace: float | None,
+                    requested_at: int) -> list[asyncio.Task[StopReport]]:
+        """Start the stops of runs `revoke_tree` revoked (their revocations committed)."""
         tasks = [run.begin_end(mode, source, reason, grace, requested_at) for run in runs]
         self._ending.extend(tasks)
         return tasks
+
+    def busy(self) -> bool:
+        """Something of the tree is live, or waits in an inbox: a stop of it would end something."""
+        return any((s.active_run is not None and s.active_run.state in LIVE) or s._inbox
+                   for s in [self, *self.descendants()])
 
     def close_inbox(self, reason: str) -> None:
         """Nothing queued will start (the supervisor is closing): fail the queued messages, stop driving."""
@@ -294,12 +311,7 @@ class AsyncSession:
 
     @staticmethod
     async def _await_reports(tasks: list[asyncio.Task[StopReport]]) -> list[StopReport]:
-        results = await asyncio.gather(*(asyncio.shield(t) for t in tasks), return_exceptions=True)
-        reports = [r for r in results if isinstance(r, StopReport)]
-        for r in results:
-            if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError):
-                raise r
-        return reports
+        return await await_reports(tasks)
 
     async def pause(self) -> bool:
         """Hold egress and freeze this session's active run and all its descendants' runs.
@@ -343,3 +355,12 @@ class AsyncSession:
         self._registry.store(self)
         return True
 
+
+async def await_reports(tasks: list[asyncio.Task[StopReport]]) -> list[StopReport]:
+    """The reports of stops begun together (shielded: a cancelled waiter does not cancel a stop)."""
+    results = await asyncio.gather(*(asyncio.shield(t) for t in tasks), return_exceptions=True)
+    reports = [r for r in results if isinstance(r, StopReport)]
+    for r in results:
+        if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError):
+            raise r
+    return reports
