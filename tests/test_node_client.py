@@ -36,6 +36,10 @@ tools = ["send_email"]
 target = "daemon_agents:emitter"
 cwd = "{work}"
 
+[agents.sleeper]
+target = "daemon_agents:sleeper"
+cwd = "{work}"
+
 [tools.send_email]
 provided = true
 """
@@ -213,5 +217,39 @@ def test_node_follows_a_sessions_events_from_its_first(tmp_path, workspace) -> N
         if follower is not None and follower.poll() is None:
             follower.kill()
             follower.wait()
+        os.unlink(script)
+        assert d.stop() == 0, d.output()
+
+
+STOP_ALL = """
+import { Client } from "./deadstop.mjs"
+const c = new Client(undefined, { name: "operator" })
+console.log(JSON.stringify(await c.stopAll({ grace: 0.5 })))
+await c.close()
+"""
+
+
+def test_node_stops_every_session_in_one_step(tmp_path, workspace, ready) -> None:
+    node = _need_node()
+    script = os.path.join(EXAMPLES, f"stop-all-{os.getpid()}.mjs")
+    with open(script, "w") as f:
+        f.write(STOP_ALL)
+    d = Daemon(tmp_path, CONFIG, workspace).start()
+    try:
+        keys = [f"node-all-{i}" for i in range(3)]
+        with d.client() as c:
+            for key in keys:
+                c.send(key, {"ready": ready.path}, agent="sleeper")
+            ready.wait(len(keys))
+            runs = [c.session(k).active_run for k in keys]
+        assert all(marked_processes(r) for r in runs)
+        out = subprocess.run([node, script], cwd=EXAMPLES, env=d.env, capture_output=True, text=True, timeout=WAIT)
+        assert out.returncode == 0, out.stderr
+        reply = json.loads(out.stdout)
+        assert sorted(reply["sessions"]) == keys and sorted(reply["revoked"]) == sorted(runs)
+        assert all(r["survivors"] == 0 for r in reply["reports"]) and len(reply["reports"]) == 3
+        assert max(r["revoked_at"] for r in reply["reports"]) < min(r["term_sent_at"] for r in reply["reports"])
+        assert {r: marked_processes(r) for r in runs} == {r: {} for r in runs}
+    finally:
         os.unlink(script)
         assert d.stop() == 0, d.output()

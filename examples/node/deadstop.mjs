@@ -234,6 +234,11 @@ export class Client {
     return this.call("sessions.kill", { key })
   }
 
+  /** Every session with something running or queued, in one step (sessions.stop_all): a StopAllReply. */
+  stopAll({ grace, wait, kill } = {}) {
+    return this.call("sessions.stop_all", { grace, wait, kill })
+  }
+
   pause(key) {
     return this.call("sessions.pause", { key })
   }
