@@ -44,6 +44,16 @@ def _contain(spec: wire.Start, spawner_pid: int) -> None:
         os._exit(EXIT_BOOTSTRAP_FAILED)
 
 
+def _wait_go(go_fd: int) -> None:
+    while True:
+        try:
+            os.read(go_fd, 1)
+            break
+        except InterruptedError:
+            continue
+    os.close(go_fd)
+
+
 def _ready(ready_fd: int, error: str = "") -> None:
     """Tell the spawner the run is contained and confined (or why it is not)."""
     os.write(ready_fd, (b"E" + error.encode(errors="replace")[:4000]) if error else b"1")
@@ -176,8 +186,16 @@ def _confine(spec: wire.Start, spawner_pid: int, seccomp: Any) -> None:
         os.chdir(spec.cwd)
 
 
-def child_main(spec: wire.Start, spawner_pid: int, ready_fd: int, seccomp: Any = None) -> NoReturn:
-    """Entry point of a forked run; called in the child right after fork()."""
+def child_main(spec: wire.Start, spawner_pid: int, ready_fd: int, seccomp: Any = None,
+               go_fd: int | None = None) -> NoReturn:
+    """Entry point of a forked run; called in the child right after fork().
+
+    `go_fd`: read once after the ready byte; the spawner writes to it once it
+    has told the supervisor the run started (it answers from its select loop,
+    forking other runs meanwhile), so nothing the run emits can reach the
+    supervisor before its `run.started`. EOF (the spawner died) goes on: the
+    parent-death signal ends the run anyway.
+    """
     code = EXIT_BOOTSTRAP_FAILED
     try:
         try:
@@ -187,6 +205,8 @@ def child_main(spec: wire.Start, spawner_pid: int, ready_fd: int, seccomp: Any =
             _ready(ready_fd, f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""))
             os._exit(EXIT_BOOTSTRAP_FAILED)
         _ready(ready_fd)  # the spawner may now tell the supervisor our pid
+        if go_fd is not None:
+            _wait_go(go_fd)
         if spec.stdio_fd is not None:  # stdin and stdout are the supervisor's socket (an MCP server run)
             os.dup2(spec.stdio_fd, 0)
             os.dup2(spec.stdio_fd, 1)

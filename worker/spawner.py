@@ -82,6 +82,7 @@ class _Starting(NamedTuple):
     pid: int
     pidfd: int
     proxy_fd: int | None
+    go_w: int  # written once Started is sent: the run's own code starts only then
 
 
 
@@ -269,26 +270,29 @@ class Spawner:
         # then act with its default disposition (bootstrap unblocks).
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
         ready_r, ready_w = os.pipe()
+        go_r, go_w = os.pipe()  # the spawner's "told the supervisor": the run's code waits for it
         try:
             pid, pidfd = self._fork(msg)
         except OSError as exc:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-            os.close(ready_r)
-            os.close(ready_w)
+            for fd in (ready_r, ready_w, go_r, go_w):
+                os.close(fd)
             self._send(wire.StartFailed(run_id=msg.run_id, error=f"fork failed: {exc}"))
             return
         if pid == 0:
             os.close(ready_r)
-            bootstrap.child_main(msg, self.pid, ready_w, self.seccomp)  # never returns
+            os.close(go_w)
+            bootstrap.child_main(msg, self.pid, ready_w, self.seccomp, go_r)  # never returns
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         os.close(ready_w)
+        os.close(go_r)
         # Reply only once the child is its own session, inside its cgroup and
         # confined: the supervisor must never signal a group or cgroup the
         # run has not joined yet, nor count as started a run whose sandbox
         # failed. EOF (child died first) is as good as the byte. The answer
         # is read from the select loop: the next start forks meanwhile.
         self.live_runs.add(msg.run_id)  # not a stray while it sets itself up
-        self.starting[ready_r] = _Starting(msg, pid, pidfd, os.dup(proxy_fd) if proxy_fd is not None else None)
+        self.starting[ready_r] = _Starting(msg, pid, pidfd, os.dup(proxy_fd) if proxy_fd is not None else None, go_w)
         self.starting_pids.add(pid)
         self.sel.register(ready_r, selectors.EVENT_READ, "ready")
 
@@ -296,7 +300,7 @@ class Spawner:
         """The child's confinement verdict came (or its EOF): tell the supervisor."""
         pending = self.starting.pop(ready_r)
         self.sel.unregister(ready_r)
-        msg, pid, pidfd, proxy_fd = pending.msg, pending.pid, pending.pidfd, pending.proxy_fd
+        msg, pid, pidfd, proxy_fd, go_w = pending.msg, pending.pid, pending.pidfd, pending.proxy_fd, pending.go_w
         try:
             answer = os.read(ready_r, 4096)
         except OSError:
@@ -332,7 +336,12 @@ class Spawner:
                 socket.send_fds(self.sock, [bytes([len(fds)])], fds)  # = multiprocess.reduction.sendfds
             if pid in self.early_exits:  # it exited, and was reaped, before its answer was read
                 self._reaped(pid, self.early_exits.pop(pid))
+            try:
+                os.write(go_w, b"g")  # the supervisor has its Started: the run's events now come after it
+            except OSError:
+                pass  # it is gone already
         finally:
+            os.close(go_w)
             for fd in (pidfd, proxy_fd):
                 if fd is not None and fd >= 0:
                     os.close(fd)
