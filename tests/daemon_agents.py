@@ -29,6 +29,13 @@ def sleeper(message, **context):
         time.sleep(1)
 
 
+def idle(message, **context):
+    """Says it is up, then sleeps without waking (a run at rest, for the idle-cost benchmark)."""
+    _ready(message, session=context["session"])
+    while True:
+        time.sleep(3600)
+
+
 def ignorer(message, **context):
     """Ignores SIGTERM, like a run that fights its stop."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -162,7 +162,7 @@ def _client(request: web.Request) -> AsyncClient:
 
 async def api_sessions(request: web.Request) -> web.StreamResponse:
     state: ConsoleState = request.app["state"]
-    return _json({"scope": request["web"].scope, "rows": state.feed.public_rows()})
+    return _json({"scope": request["web"].scope, "rows": await state.feed.current_rows()})
 
 
 async def api_session(request: web.Request) -> web.StreamResponse:

@@ -46,6 +46,7 @@ class Feed:
         self.series: collections.OrderedDict[str, collections.deque[dict[str, Any]]] = collections.OrderedDict()
         self._pages: set[asyncio.Queue[tuple[str, Any] | None]] = set()
         self._stale: set[str] = set()
+        self._sampled_unseen: set[str] = set()  # sampled while no page listened: refreshed when one comes
         self._seqs: dict[str, int] = {}
         self._resync = False  # the stream lost events: read every row again
         self._wake = asyncio.Event()
@@ -55,6 +56,10 @@ class Feed:
     def listen(self) -> asyncio.Queue[tuple[str, Any] | None]:
         queue: asyncio.Queue[tuple[str, Any] | None] = asyncio.Queue(PAGE_BACKLOG)
         self._pages.add(queue)
+        if self._sampled_unseen:  # their CPU totals moved while nobody looked: read them now
+            self._stale |= self._sampled_unseen
+            self._sampled_unseen = set()
+            self._wake.set()
         return queue
 
     def leave(self, queue: asyncio.Queue[tuple[str, Any] | None]) -> None:
@@ -137,7 +142,12 @@ class Feed:
         if row is not None:
             row["live"] = {**point, "run_id": run_id}
         self._broadcast("sample", {"key": key, "run_id": run_id, "point": point})
-        self._mark(key)  # the session's own totals (its ended runs and this one) come with the refresh
+        # The session's own totals (its ended runs and this one) come with a refresh: a call to the
+        # daemon per sample, made only while a page is listening (the rest when one comes).
+        if self._pages:
+            self._mark(key)
+        else:
+            self._sampled_unseen.add(key)
 
     def _mark(self, key: str) -> None:
         self._stale.add(key)
@@ -178,6 +188,12 @@ class Feed:
         if row.get("active_run") and live and live.get("run_id") == row["active_run"]:
             row["live"] = live
         return row
+
+    async def current_rows(self) -> list[dict[str, Any]]:
+        """The rows, with those sampled while no page listened read again first (a caller without a page)."""
+        keys, self._sampled_unseen = self._sampled_unseen, set()
+        await asyncio.gather(*(self._refresh(k) for k in keys))
+        return self.public_rows()
 
     def public_rows(self) -> list[dict[str, Any]]:
         return list(self.rows.values())

@@ -57,9 +57,9 @@ UNFENCED_KINDS = frozenset({"run.ended", "run.fenced", "events.dropped", "sessio
 #: usage for consoles and gateways, at a cadence far below the limit sampler's.
 USAGE_EVENT_INTERVAL = 1.0
 #: Samples per second across all runs: up to this many runs each is sampled every
-#: USAGE_EVENT_INTERVAL; beyond, the cadence stretches (1,000 runs: each every 40 s), so
+#: USAGE_EVENT_INTERVAL; beyond, the cadence stretches (1,000 runs: each every 100 s), so
 #: watching many idle runs costs a bounded share of a core, not a share that grows with them.
-USAGE_SAMPLE_BUDGET = 25
+USAGE_SAMPLE_BUDGET = 10
 #: How often the sampler wakes to take its share of the budget: on an idle host each wake-up
 #: costs far more than one sample (cold caches), so it wakes seldom and samples in a batch.
 USAGE_TICK = 1.0

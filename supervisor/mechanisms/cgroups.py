@@ -82,10 +82,11 @@ def own_cgroup_dir() -> tuple[str | None, str]:
 class Cgroup:
     """One cgroup directory and the few files deadstop touches."""
 
-    __slots__ = ("path",)
+    __slots__ = ("path", "_no_memory")
 
     def __init__(self, path: str):
         self.path = path
+        self._no_memory = False  # memory.current was missing once: the controller is not delegated here
 
     @property
     def procs_file(self) -> str:
@@ -122,9 +123,14 @@ class Cgroup:
         return None
 
     def memory_current(self) -> int | None:
+        if self._no_memory:
+            return None  # a controller is not delegated to a live cgroup later: no lookup per sample
         try:
             with open(os.path.join(self.path, "memory.current"), "rb") as f:
                 return int(f.read())
+        except FileNotFoundError:
+            self._no_memory = True
+            return None
         except OSError:
             return None
 
