@@ -18,7 +18,7 @@ import time
 from typing import Any, Callable, Union
 
 from .procs import ReadyChannel, kill_descendants, kill_registry_survivors, registry_survivors
-from .stats import MS, Row, format_table
+from .stats import Row, format_table, format_value
 
 #: A figure for --plot: a title and its curves, each a label and latency samples in ns.
 Figure = tuple[str, list[tuple[str, list[int]]]]
@@ -91,8 +91,8 @@ def loadavg() -> str:
 
 
 def summary(rows: list[Row]) -> str:
-    misses = [f"  MISS  {r.section} / {r.name}: p50 {r.value_p50 / MS if r.unit == 'ms' else r.value_p50:.3f}"
-              f" vs limit {(r.limit or 0) / MS if r.unit == 'ms' else r.limit:.3f} {r.unit} ({r.target})"
+    misses = [f"  MISS  {r.section} / {r.name}: p50 {format_value(r.value_p50, r.unit)}"
+              f" vs limit {format_value(r.limit, r.unit)} ({r.target})"
               for r in rows if r.verdict == "MISS"]
     passes = sum(1 for r in rows if r.verdict == "PASS")
     return "\n".join([f"{passes} targets met, {len(misses)} missed", *misses])

@@ -123,6 +123,11 @@ def _fmt(value: float | None, unit: str) -> str:
     return f"{value:,.0f}/s"
 
 
+def format_value(value: float | None, unit: str) -> str:
+    """A figure as the tables print it (ns as ms, bytes as MiB, rates with their unit)."""
+    return _fmt(value, unit)
+
+
 def _cells(row: Row) -> tuple[str, ...]:
     floor = _fmt(row.floor_p50, row.unit)
     if row.floor_name and row.floor_p50 is not None:
