@@ -105,7 +105,6 @@ class Spawner:
         #: forked runs whose confinement is not yet confirmed: ready pipe's read end -> what the answer needs.
         #: The spawner forks the next run while these set themselves up (two cores work, not one).
         self.starting: dict[int, _Starting] = {}
-        self.starting_pids: set[int] = set()
         self.early_exits: dict[int, int] = {}  # pid -> wait status of a child reaped before its answer was read
         self.pinned: set[int] = set()  # leaders held as zombies until the supervisor releases them
         self.sel = selectors.DefaultSelector()
@@ -293,7 +292,6 @@ class Spawner:
         # is read from the select loop: the next start forks meanwhile.
         self.live_runs.add(msg.run_id)  # not a stray while it sets itself up
         self.starting[ready_r] = _Starting(msg, pid, pidfd, os.dup(proxy_fd) if proxy_fd is not None else None, go_w)
-        self.starting_pids.add(pid)
         self.sel.register(ready_r, selectors.EVENT_READ, "ready")
 
     def _answer_start(self, ready_r: int) -> None:
@@ -307,7 +305,6 @@ class Spawner:
             answer = b"Ethe run's ready pipe failed"
         finally:
             os.close(ready_r)
-        self.starting_pids.discard(pid)
         try:
             if answer.startswith(b"E"):  # it exits by itself; _reap collects it like any orphan
                 self.live_runs.discard(msg.run_id)
@@ -445,8 +442,11 @@ class Spawner:
                 found.append((pid, status))
         return found
 
+    def _starting_pids(self) -> set[int]:
+        return {pending.pid for pending in self.starting.values()}  # at most the client's start window
+
     def _reaped(self, pid: int, status: int) -> None:
-        if pid in self.starting_pids:
+        if pid in self._starting_pids():
             self.early_exits[pid] = status  # told after its Started (or StartFailed)
             return
         self.released.discard(pid)
@@ -465,8 +465,9 @@ class Spawner:
             return
         self.strays_scanned = now
         seen: dict[int, float] = {}
+        starting = self._starting_pids()
         for pid in platform.direct_children(self.pid):
-            if pid in self.leaders or pid in self.starting_pids or pid == self.watchdog \
+            if pid in self.leaders or pid in starting or pid == self.watchdog \
                     or self._is_live_run(pid, self.live_runs):
                 continue
             first = seen[pid] = self.strays.get(pid, now)

@@ -28,8 +28,9 @@ import threading
 import time
 from typing import Any, Callable
 
+from ..facades.demo import alive_with_marker
 from . import progress
-from .procs import ReadyChannel, Tracked, cleanup_leaked, start_time
+from .procs import ReadyChannel, Tracked, cleanup_leaked
 from .report import Figure, Measured, log
 from .stats import Dist, Row, latency_row
 from .usertarget import Target, from_argv, from_spec, tool_spec
@@ -77,31 +78,11 @@ class Trial:
 
 # -- the run's processes, seen independently of the library -------------------------------------
 
-def _marked(run_id: str) -> list[int]:
-    """Live processes whose environment carries this run's marker (what `deadstop demo` counts too)."""
-    from ...ipc import framing
-
-    needle = f"{framing.ENV_MARKER}={run_id}".encode()
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/environ", "rb") as f:
-                if needle not in f.read().split(b"\0"):
-                    continue
-        except OSError:
-            continue
-        if start_time(int(name)) is not None:
-            found.append(int(name))
-    return found
-
-
 def run_processes(run: Any) -> list[int]:
     """The run's processes now: by marker, and every descendant of its leader (a child may clear its environment)."""
     import psutil
 
-    pids = set(_marked(run.id))
+    pids = set(alive_with_marker(run.id))
     if run.pid:
         try:
             leader = psutil.Process(run.pid)
@@ -113,7 +94,7 @@ def run_processes(run: Any) -> list[int]:
 
 def _kill_marked(run_id: str) -> int:
     """Processes with the run's marker still alive after its stop: killed (by pidfd), and counted."""
-    pids = _marked(run_id)
+    pids = alive_with_marker(run_id)
     if pids:
         with Tracked(pids) as tracked:
             cleanup_leaked(tracked, 0.0)

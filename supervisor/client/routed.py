@@ -491,7 +491,7 @@ class RoutedClient:
                  kill: bool = False) -> dict[str, wire.StopAllReply]:
         """sessions.stop_all on every daemon at once: daemon -> its reply, of those that answered (the rest
         are in `unreachable`: their sessions are not stopped, and the caller must know)."""
-        return self.gather(wire.SessionsStopAll(grace=grace, wait=wait, kill=kill), long=True).replies
+        return self.call(wire.SessionsStopAll(grace=grace, wait=wait, kill=kill))
 
     def health(self) -> dict[str, wire.Health]:
         """daemon -> its Health, of those that answered."""

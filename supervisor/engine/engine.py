@@ -659,27 +659,25 @@ class Engine:
         """
         per_tick = max(1, int(USAGE_SAMPLE_BUDGET * USAGE_TICK))
         due: dict[str, float] = {}  # run id -> when it is next sampled
-        order: list[str] = []
-        cursor = 0
+        queue: collections.deque[str] = collections.deque()  # in order of `due`: each joins at the back
         while not self.closed and self._lifecycle_subscribers and self.runs:
             await asyncio.sleep(USAGE_TICK)
             now = self.loop.time()
-            if cursor >= len(order):  # a new round: runs that appeared join, ended ones leave
-                order, cursor = list(self.runs), 0
-                due = {run_id: due.get(run_id, now + USAGE_EVENT_INTERVAL) for run_id in order}
+            for run_id in self.runs:  # new runs join the back, sampled an interval from now
+                if run_id not in due:
+                    due[run_id] = now + USAGE_EVENT_INTERVAL
+                    queue.append(run_id)
             taken = 0
-            while cursor < len(order) and taken < per_tick:
-                run_id = order[cursor]
-                if due[run_id] > now:
-                    if all(due[r] > now for r in order[cursor:cursor + per_tick]):
-                        break  # the round is ahead of the cadence: wait for the next tick
-                    cursor += 1
-                    continue
-                cursor += 1
+            while queue and taken < per_tick and due[queue[0]] <= now:
+                run_id = queue.popleft()
                 run = self.runs.get(run_id)
-                if run is None or run.state not in (RunState.RUNNING, RunState.PAUSED) or run.containment is None:
+                if run is None:  # ended: leaves the round
+                    del due[run_id]
                     continue
                 due[run_id] = now + USAGE_EVENT_INTERVAL
+                queue.append(run_id)
+                if run.state not in (RunState.RUNNING, RunState.PAUSED) or run.containment is None:
+                    continue
                 taken += 1
                 try:
                     cpu, memory, processes = run.containment.measure()

@@ -17,9 +17,11 @@ from ..egress.tools import ToolContext
 from .sync import Supervisor
 
 
-def _alive_with_marker(run_id: str) -> int:
+def alive_with_marker(run_id: str) -> list[int]:
+    """Live processes (not zombies) whose environment carries the run's marker, read from /proc:
+    a count independent of the containment layer (the demo's "alive after", the bench's survivors)."""
     needle = f"{framing.ENV_MARKER}={run_id}".encode()
-    count = 0
+    found = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
@@ -32,8 +34,8 @@ def _alive_with_marker(run_id: str) -> int:
         except OSError:
             continue
         if stat[stat.rindex(b")") + 2:][:1] not in (b"Z", b"X"):
-            count += 1
-    return count
+            found.append(int(pid))
+    return found
 
 
 def run_demo(out: TextIO, containment: str = "auto", grace: float = 0.5) -> int:
@@ -70,10 +72,10 @@ def run_demo(out: TextIO, containment: str = "auto", grace: float = 0.5) -> int:
         if not ready.wait(60):
             out.write("runs did not become ready within 60 s\n")
             return 1
-        before = {name: _alive_with_marker(run.id) for name, run in runs.items()}
+        before = {name: len(alive_with_marker(run.id)) for name, run in runs.items()}
         out.write(f"started {len(runs)} runs ({sum(before.values())} processes); stopping them all...\n\n")
         reports = dict(zip(runs, sup.stop_all()))
-        after = {name: _alive_with_marker(run.id) for name, run in runs.items()}
+        after = {name: len(alive_with_marker(run.id)) for name, run in runs.items()}
 
     header = (f"{'run':<19}{'procs':>6}  {'ended by':<9}{'revoke us':>10}{'stop ms':>9}"
               f"{'refused':>9}{'cancel':>7}{'late fx':>8}{'alive after':>12}")

@@ -150,12 +150,7 @@ class SessionRegistry:
         roots = [s for s in self.by_key.values() if s.parent is None and s.busy() and may_stop(s)]
         revoked = [(root, root.revoke_tree(source=source, reason=reason)) for root in roots]
         self.engine.journal.commit_now()  # every tree's revocations, on record before any signal
-        tasks: list[asyncio.Task[StopReport]] = []
-        for root, runs in revoked:
-            mine = root.finish_tree(runs, mode, source, reason, grace, requested_at) + root._end_servers()
-            tasks += mine
-            self.engine.publish_session(root.key, "session.stopped", {"mode": mode, "source": source,
-                                                                     "runs": len(mine)}, root.generation)
+        tasks = [t for root, runs in revoked for t in root.end_revoked(runs, mode, source, reason, grace, requested_at)]
         return {root.key: [run.id for run in runs] for root, runs in revoked}, tasks
 
     async def cleanup(self, older_than: float = 3600, *, dry_run: bool = False) -> list[str]:
