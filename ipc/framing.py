@@ -7,6 +7,13 @@ A worker request is one ZeroMQ multipart message on a DEALER socket:
 and the broker's ROUTER socket prepends the peer identity on receipt. Putting
 the credential and generation in frames of their own lets the broker refuse a
 forged or stale request before it parses any JSON (cheapest check first).
+
+Two versions share that layout. `ds1`: the body is one request object and
+the reply one reply object. `ds2` (batched): the body is a JSON array of up
+to MAX_BATCH request objects, checked and answered one by one, and the broker
+answers with arrays of reply objects, so a client with many requests in
+flight pays the frame, credential and generation checks once per batch
+instead of once per request (docs/protocol.md, section 3a).
 """
 
 from __future__ import annotations
@@ -17,6 +24,11 @@ import tempfile
 from typing import Any
 
 VERSION = b"ds1"
+VERSION_BATCH = b"ds2"
+VERSIONS = frozenset({VERSION, VERSION_BATCH})
+#: Requests in one ds2 body at most. The broker reads a batch in one loop
+#: step: this bounds how long a batch can hold a revoke queued behind it.
+MAX_BATCH = 256
 REQUEST_FRAMES = 5  # as sent by a worker; the ROUTER adds the identity frame
 
 #: Soft cap: a request larger than this is answered with TOO_LARGE.

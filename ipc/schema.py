@@ -90,6 +90,10 @@ class Reply(msgspec.Struct, omit_defaults=True):
 
 
 _reply_decoder = msgspec.json.Decoder(Reply)
+_replies_decoder = msgspec.json.Decoder(list[Reply])
+#: A ds2 body: an array whose elements are kept raw, so that one bad request
+#: is refused by itself and the others of its batch are still carried out.
+_batch_decoder = msgspec.json.Decoder(list[msgspec.Raw])
 
 
 def decode_request(body: bytes) -> Request:
@@ -105,6 +109,19 @@ def decode_request(body: bytes) -> Request:
         raise msgspec.DecodeError("JSON is nested too deeply") from None
 
 
+def decode_batch(body: bytes) -> list[msgspec.Raw]:
+    """The elements of a ds2 body, undecoded; raises msgspec.DecodeError / ValidationError if it is not an array."""
+    try:
+        return _batch_decoder.decode(body)
+    except RecursionError:
+        raise msgspec.DecodeError("JSON is nested too deeply") from None
+
+
+def join_batch(bodies: list[bytes]) -> bytes:
+    """A ds2 body (or reply body) from already encoded objects: no second encoding."""
+    return b"[" + b",".join(bodies) + b"]"
+
+
 def encode(obj: Any) -> bytes:
     """JSON-encode a message or a tool value; raises TypeError for non-JSON values."""
     return _encoder.encode(obj)
@@ -112,6 +129,11 @@ def encode(obj: Any) -> bytes:
 
 def decode_reply(body: bytes) -> Reply:
     return _reply_decoder.decode(body)
+
+
+def decode_replies(body: bytes) -> list[Reply]:
+    """The replies of a ds2 reply message."""
+    return _replies_decoder.decode(body)
 
 
 def decode_json(body: bytes) -> Any:

@@ -60,3 +60,44 @@ def test_handler_shapes(tool, expected) -> None:
     assert out == expected
     if tool.startswith("fails"):
         assert "LookupError: no record 1" in message
+
+
+def plain(a, b=2, c=3):  # type: ignore[no-untyped-def]
+    return [a, b, c]
+
+
+def plain_with_ctx(a, ctx, b=2):  # type: ignore[no-untyped-def]
+    return [a, b, ctx.tool]
+
+
+ARGUMENTS = [([], {}), ([1], {}), ([1, 2, 3], {}), ([1, 2, 3, 4], {}), ([], {"a": 1}), ([1], {"a": 1}),
+             ([1], {"c": 9}), ([], {"b": 1}), ([1], {"d": 1}), ([1, 2], {"b": 5}), ([], {"a": 1, "b": 1, "c": 1})]
+
+
+@pytest.mark.parametrize("fn", [plain, plain_with_ctx])
+def test_arguments_bind_as_the_handlers_signature_says(fn) -> None:
+    """The broker's fast binding check agrees with inspect.Signature.bind on every case, through a real run."""
+    import inspect
+
+    import batch_agents
+
+    class _Ctx:
+        tool = fn.__name__
+
+    sig = inspect.signature(fn)
+    expected = {}
+    for i, (args, kwargs) in enumerate(ARGUMENTS, start=1):
+        try:
+            bound = sig.bind(*args, **({**kwargs, "ctx": _Ctx()} if "ctx" in sig.parameters else kwargs))
+            expected[i] = (True, fn(*bound.args, **bound.kwargs))
+        except TypeError:
+            expected[i] = (False, 11)  # BAD_ARGUMENTS
+    batch = [{"verb": "call", "id": i, "tool": fn.__name__, "args": a, "kwargs": k}
+             for i, (a, k) in enumerate(ARGUMENTS, start=1)]
+    with Supervisor() as sup:
+        sup.register_tool(fn.__name__, fn)
+        got = sup.start(batch_agents.exchange, [{"version": "ds2", "body": batch}], len(batch),
+                        tools=[fn.__name__]).result(timeout=30)
+    replies = {r["id"]: (True, r.get("result")) if r["ok"] else (False, r["error"]["code"])
+               for _v, body in got for r in body}
+    assert replies == expected

@@ -158,16 +158,19 @@ def _sync_socket() -> tuple[zmq.Socket, zmq.Poller, int | None]:
     return state
 
 
-def _frames(body: bytes) -> list[bytes]:
+def _frames(body: bytes, version: bytes = framing.VERSION) -> list[bytes]:
     cfg = _cfg()
-    frames = [framing.VERSION, cfg.run_id, cfg.credential, cfg.generation, body]
-    size = sum(len(f) for f in frames)
+    return [version, cfg.run_id, cfg.credential, cfg.generation, body]
+
+
+def _check_size(body: bytes) -> None:
+    """Refused here rather than by the broker: its TOO_LARGE reply carries id 0
+    (the body is never parsed) and could not name this request."""
+    cfg = _cfg()
+    size = len(framing.VERSION) + len(cfg.run_id) + len(cfg.credential) + len(cfg.generation) + len(body)
     if size > framing.MAX_REQUEST_BYTES:
-        # Refused here rather than by the broker: its TOO_LARGE reply carries
-        # id 0 (the body is never parsed) and could not name this request.
         raise EgressRefused(f"egress request of {size} bytes exceeds the {framing.MAX_REQUEST_BYTES}-byte limit",
                             code=ErrorCode.TOO_LARGE)
-    return frames
 
 
 def _encode_request(body_obj: Any) -> bytes:
@@ -201,8 +204,13 @@ def _note_revoked(message: str, reason: str | None) -> None:
 def _check_revoked() -> None:
     """Raise Revoked, sending nothing, if the broker already said this run's channel is revoked."""
     if _revocation is not None:
-        message, reason = _revocation
-        raise Revoked(message, code=ErrorCode.REVOKED, reason=reason)
+        raise _revoked_error()
+
+
+def _revoked_error() -> Revoked:
+    assert _revocation is not None
+    message, reason = _revocation
+    return Revoked(message, code=ErrorCode.REVOKED, reason=reason)
 
 
 def _supervisor_lost() -> Revoked:
@@ -217,6 +225,7 @@ def request(body_obj: Any, timeout: float | None = None) -> Any:
     if sup_fd is not None and sup_fd < 0:
         raise _supervisor_lost()
     req_id = body_obj.id
+    _check_size(body)
     framing.send_frames(sock, _frames(body))
     deadline_ms = None if timeout is None else int(timeout * 1000)
     while True:
@@ -281,6 +290,12 @@ class _AsyncChannel:
     (non-blocking sends, a drain on the ZeroMQ fd) rather than through
     zmq.asyncio, whose per-message futures cost more than the whole broker
     round trip when many calls are in flight.
+
+    It speaks ds2: a request made while nothing else is in flight leaves at
+    once (a batch of one); the others made in the same loop step leave
+    together, as one batch, at the end of that step, and the broker answers
+    with arrays of replies. Many calls in flight then cost the broker one
+    message, not one each.
     """
 
     def __init__(self, loop: "asyncio.AbstractEventLoop"):
@@ -291,6 +306,8 @@ class _AsyncChannel:
         self.sock.connect(_cfg().address)
         self.fd = self.sock.getsockopt(zmq.FD)
         self.pending: dict[int, "asyncio.Future"] = {}
+        self.outbox: list[tuple[int, bytes]] = []  # (id, encoded request) of this loop step, not yet sent
+        self.flush_scheduled = False
         self.lost = False
         loop.add_reader(self.fd, self._drain)
         fd = _supervisor_pidfd()
@@ -301,6 +318,7 @@ class _AsyncChannel:
 
     def _lost(self) -> None:
         self.lost = True
+        self.outbox.clear()
         for fut in self.pending.values():
             if not fut.done():
                 fut.set_exception(_supervisor_lost())
@@ -313,7 +331,11 @@ class _AsyncChannel:
                 frames = self.sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self._deliver(schema.decode_reply(frames[-1]))
+            if frames[0] == framing.VERSION_BATCH:
+                for reply in schema.decode_replies(frames[-1]):
+                    self._deliver(reply)
+            else:  # ds1: a refusal of a message the broker could not read as ds2
+                self._deliver(schema.decode_reply(frames[-1]))
 
     def _deliver(self, reply: schema.Reply) -> None:
         if reply.id == 0 and not reply.ok:
@@ -342,24 +364,46 @@ class _AsyncChannel:
         if self.lost:
             raise _supervisor_lost()
         _check_revoked()
-        frames = _frames(_encode_request(body_obj))
+        body = _encode_request(body_obj)
+        _check_size(body)
         fut = self.loop.create_future()
         self.pending[body_obj.id] = fut
-        while True:
-            try:
-                framing.send_frames(self.sock, frames)
-                break
-            except zmq.Again:  # SOCKET_HWM requests already queued: let the broker catch up
-                await asyncio_sleep(0.001)
-        if self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            self.loop.call_soon(self._drain)  # a send can swallow the fd's edge
+        self.outbox.append((body_obj.id, body))
+        if len(self.pending) == 1:
+            self._flush()  # nothing else in flight: no reason to wait (a lone call's round trip stays short)
+        elif not self.flush_scheduled:
+            self.flush_scheduled = True
+            self.loop.call_soon(self._flush)  # after the other requests this loop step makes
         return await fut
 
-
-async def asyncio_sleep(delay: float) -> None:
-    import asyncio
-
-    await asyncio.sleep(delay)
+    def _flush(self) -> None:
+        """Send the outbox as ds2 batches (MAX_BATCH requests, MAX_REQUEST_BYTES at most each)."""
+        self.flush_scheduled = False
+        if _revocation is not None or self.lost:
+            # Revoked (or the supervisor lost) meanwhile: nothing more is sent, and what was not sent fails.
+            unsent, self.outbox = self.outbox, []
+            for req_id, _body in unsent:
+                fut = self.pending.pop(req_id, None)
+                if fut is not None and not fut.done():
+                    fut.set_exception(_supervisor_lost() if self.lost else _revoked_error())
+            return
+        room = framing.MAX_REQUEST_BYTES - sum(len(f) for f in _frames(b"[]", framing.VERSION_BATCH))
+        outbox = self.outbox
+        while outbox:
+            n, size = 0, 0
+            while n < len(outbox) and n < framing.MAX_BATCH and (n == 0 or size + len(outbox[n][1]) + 1 <= room):
+                size += len(outbox[n][1]) + 1
+                n += 1
+            try:
+                body = schema.join_batch([b for _id, b in outbox[:n]])
+                framing.send_frames(self.sock, _frames(body, framing.VERSION_BATCH))
+            except zmq.Again:  # SOCKET_HWM batches already queued: let the broker catch up
+                self.flush_scheduled = True
+                self.loop.call_later(0.001, self._flush)
+                break
+            del outbox[:n]
+        if self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self.loop.call_soon(self._drain)  # a send can swallow the fd's edge
 
 
 def _async_channel() -> _AsyncChannel:

@@ -20,6 +20,15 @@ the supervisor's memory.
 The socket is read with plain non-blocking receives from an asyncio reader
 callback, in batches, yielding to the event loop between batches so that a
 tool-call flood cannot delay a revoke queued behind it.
+
+Two wire versions are spoken on the same socket (ipc/framing.py). A `ds2`
+message carries a batch of requests under one set of frames: the frame,
+credential and generation checks run once for the batch, then each request
+is checked and carried out as a `ds1` request would be, revocation and
+generation looked at again before each, since a handler earlier in the batch
+may have ended the run. Replies to a `ds2` connection are queued and leave
+as one array per connection at the end of the receive step (or of the loop
+step that produced them), before any revocation notice or unbind.
 """
 
 from __future__ import annotations
@@ -46,6 +55,12 @@ from .tools import PolicyDenied, Tool, ToolCancelled, ToolContext, ToolFailure, 
 log = logging.getLogger("deadstop.broker")
 
 BATCH = 64
+#: Requests read in one receive step at most (a ds2 message counts its
+#: requests): with MAX_BATCH, what bounds the time a revoke waits behind a flood.
+STEP_REQUESTS = 256
+#: Bytes of replies joined into one ds2 reply message at most (a larger
+#: single reply still goes alone).
+REPLY_BATCH_BYTES = 1 << 20
 #: Refusal budget of each run: an honest agent meets a refusal now and then
 #: (a denied tool, a takeover), never hundreds a second; a run that floods
 #: garbage or guesses credentials does, and past this budget it is stopped
@@ -73,6 +88,16 @@ class _IdOnly(msgspec.Struct):
 
 
 _id_only = msgspec.json.Decoder(_IdOnly)
+
+
+class BatchPeer(bytes):
+    """The routing identity of a connection that speaks ds2: its replies are queued and sent as arrays.
+
+    A bytes subclass, so it is the identity frame itself and keys the same
+    dictionaries; only its type says how to answer.
+    """
+
+    __slots__ = ()
 
 
 class BrokerSink(Protocol):
@@ -167,6 +192,9 @@ class Broker:
             os.chmod(address[len(_IPC):], 0o600)
         self._fd: int = self.sock.getsockopt(zmq.FD)  # type: ignore[assignment]
         self._drain_scheduled = False
+        self._step_requests = 0  # requests read in the current receive step
+        self._outbox: dict[bytes, list[bytes]] = {}  # ds2 connection -> its encoded replies, not yet sent
+        self._flush_scheduled = False
         self._call_seq = itertools.count()
         loop.add_reader(self._fd, self._drain)
 
@@ -285,8 +313,15 @@ class Broker:
         body = schema.encode(schema.Reply(id=0, ok=False, error=schema.ErrorBody(
             int(ErrorCode.REVOKED), ErrorCode.REVOKED.name, f"run {chan.run_id} is revoked ({why})", why)))
         for ident in chan.peers:
-            self._send([ident, framing.VERSION, body])
+            if type(ident) is BatchPeer:
+                self._send([ident, framing.VERSION_BATCH, schema.join_batch([body])])
+            else:
+                self._send([ident, framing.VERSION, body])
         chan.peers.clear()
+        # Replies still queued for ds2 connections go after the notice, not before: a large array ahead
+        # of it could still be in libzmq's hands when the unbind drops the connection, and the notice
+        # with it. The client takes the notice as final, so they change nothing for the run.
+        self._flush_replies()
 
     def _unbind(self, chan: Channel) -> None:
         """Close the run's own endpoint, if it has one still open.
@@ -299,6 +334,7 @@ class Broker:
         endpoint, chan.endpoint = chan.endpoint, None
         if endpoint is None:
             return
+        self._flush_replies()  # queued replies to its connections go before they close
         try:
             self.sock.unbind(endpoint)
         except zmq.ZMQError:
@@ -339,13 +375,23 @@ class Broker:
     # -- receive loop ------------------------------------------------------------
     def _drain(self) -> None:
         self._drain_scheduled = False
+        self._step_requests = 0
+        try:
+            self._drain_step()
+        finally:
+            self._flush_replies()
+
+    def _drain_step(self) -> None:
         for _ in range(BATCH):
+            if self._step_requests >= STEP_REQUESTS:
+                break
             try:
                 first, frames, count, size = self._recv()
             except zmq.Again:
                 return
             except zmq.ZMQError:
                 return  # closed under us
+            self._step_requests += 1
             try:
                 self._handle(first, frames, count, size)
             except Exception as exc:  # a bug must never take the broker down
@@ -398,7 +444,35 @@ class Broker:
             self._schedule_drain()
 
     def _reply(self, ident: bytes, reply: schema.Reply) -> None:
-        self._send([ident, framing.VERSION, schema.encode(reply)])
+        self._send_body(ident, schema.encode(reply))
+
+    def _send_body(self, ident: bytes, body: bytes) -> None:
+        """One encoded reply: at once to a ds1 connection, queued for a ds2 one (sent by _flush_replies)."""
+        if type(ident) is not BatchPeer:
+            self._send([ident, framing.VERSION, body])
+            return
+        queue = self._outbox.get(ident)
+        if queue is None:
+            queue = self._outbox[ident] = []
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                self.loop.call_soon(self._flush_replies)  # a reply made outside a receive step
+        queue.append(body)
+
+    def _flush_replies(self) -> None:
+        """Send every queued ds2 reply: one array per connection (split past REPLY_BATCH_BYTES or MAX_BATCH)."""
+        self._flush_scheduled = False
+        if not self._outbox:
+            return
+        outbox, self._outbox = self._outbox, {}
+        for ident, bodies in outbox.items():
+            start, size = 0, 0
+            for i, body in enumerate(bodies):
+                if i > start and (size + len(body) > REPLY_BATCH_BYTES or i - start >= framing.MAX_BATCH):
+                    self._send([ident, framing.VERSION_BATCH, schema.join_batch(bodies[start:i])])
+                    start, size = i, 0
+                size += len(body) + 1
+            self._send([ident, framing.VERSION_BATCH, schema.join_batch(bodies[start:])])
 
     def _reply_error(self, ident: bytes, req_id: int, code: ErrorCode, message: str, reason: str | None = None) -> None:
         self._reply(ident, schema.Reply(id=req_id, ok=False,
@@ -445,17 +519,19 @@ class Broker:
 
     def _handle(self, first: zmq.Frame, frames: list[bytes], count: int, size: int) -> None:
         t = time.monotonic_ns()
-        ident = frames[0]
+        batched = len(frames) > 1 and frames[1] == framing.VERSION_BATCH
+        ident = BatchPeer(frames[0]) if batched else frames[0]
         # Refusals before authentication answer with id 0 and never parse the
         # body: an unauthenticated peer gets no JSON decoding for free.
         if size > self.max_request_bytes:
             self._refuse(ident, self._attributed(first), 0, "?", None, ErrorCode.TOO_LARGE,
                          f"request of {size} bytes exceeds the {self.max_request_bytes}-byte limit", t)
             return
-        if count < 2 or frames[1] != framing.VERSION:
+        if count < 2 or frames[1] not in framing.VERSIONS:
             version = frames[1][:16] if count > 1 else b""
             self._refuse(ident, self._attributed(first), 0, "?", None, ErrorCode.BAD_VERSION,
-                         f"protocol version {version!r} not supported; this broker speaks {framing.VERSION!r}", t)
+                         f"protocol version {version!r} not supported; this broker speaks "
+                         f"{framing.VERSION!r} and {framing.VERSION_BATCH!r}", t)
             return
         if count != framing.REQUEST_FRAMES + 1:
             self._refuse(ident, self._attributed(first), 0, "?", None, ErrorCode.MALFORMED,
@@ -471,20 +547,72 @@ class Broker:
                          f"unknown run {run_id!r} or wrong credential", t)
             return
         if chan.revocation is not None:
-            self._refuse(ident, chan, _guess_id(body), "?", None, ErrorCode.REVOKED,
-                         f"run {run_id} is revoked ({chan.revoked_reason()})", t)
+            self._refuse_each(ident, chan, body, batched, ErrorCode.REVOKED,
+                              f"run {run_id} is revoked ({chan.revoked_reason()})", t)
             return
         chan.saw(ident)
         if not (gen_b.isdigit() and gen_b.isascii() and len(gen_b) <= 19):
-            self._refuse(ident, chan, _guess_id(body), "?", None, ErrorCode.MALFORMED,
-                         f"generation frame {gen_b[:20]!r} is not a decimal integer", t)
+            self._refuse_each(ident, chan, body, batched, ErrorCode.MALFORMED,
+                              f"generation frame {gen_b[:20]!r} is not a decimal integer", t)
             return
         if int(gen_b) != chan.generation or chan.stale:
             # Pre-tool gate: the run's session has moved on (a new message or
             # a stop bumped its generation), even if the run is not yet revoked.
-            self._refuse(ident, chan, _guess_id(body), "?", None, ErrorCode.STALE_GENERATION,
-                         f"generation {int(gen_b)} is not current ({chan.current.value})", t)
+            self._refuse_each(ident, chan, body, batched, ErrorCode.STALE_GENERATION,
+                              f"generation {int(gen_b)} is not current ({chan.current.value})", t)
             return
+        if not batched:
+            self._request(ident, chan, body, t)
+            return
+        items = self._batch_items(ident, chan, body, t)
+        self._step_requests += len(items) - 1
+        for i, item in enumerate(items):
+            if i:  # an earlier request of the batch may have ended the run or moved its session on
+                t = time.monotonic_ns()
+                if chan.revocation is not None:
+                    self._refuse(ident, chan, _guess_id(item), "?", None, ErrorCode.REVOKED,
+                                 f"run {run_id} is revoked ({chan.revoked_reason()})", t)
+                    continue
+                if chan.stale:
+                    self._refuse(ident, chan, _guess_id(item), "?", None, ErrorCode.STALE_GENERATION,
+                                 f"generation {chan.generation} is not current ({chan.current.value})", t)
+                    continue
+            self._request(ident, chan, item, t)
+
+    def _batch_items(self, ident: bytes, chan: Channel, body: bytes, t: int) -> list[Any]:
+        """The requests of a ds2 body, still encoded; a body that is no array of 1..MAX_BATCH is refused (id 0)."""
+        try:
+            items = schema.decode_batch(body)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            self._refuse(ident, chan, 0, "?", None, ErrorCode.MALFORMED,
+                         f"a {framing.VERSION_BATCH.decode()} body must be a JSON array of requests: {exc}", t)
+            return []
+        if not 1 <= len(items) <= framing.MAX_BATCH:
+            self._refuse(ident, chan, 0, "?", None, ErrorCode.MALFORMED,
+                         f"a {framing.VERSION_BATCH.decode()} body holds 1 to {framing.MAX_BATCH} requests, "
+                         f"not {len(items)}", t)
+            return []
+        return items
+
+    def _refuse_each(self, ident: bytes, chan: Channel, body: bytes, batched: bool, code: ErrorCode, message: str,
+                     t: int) -> None:
+        """A refusal that holds for the whole message: once for ds1, once per request of a ds2 batch."""
+        if not batched:
+            self._refuse(ident, chan, _guess_id(body), "?", None, code, message, t)
+            return
+        try:
+            items = schema.decode_batch(body)
+        except Exception:  # not an array: one refusal, id 0
+            items = []
+        if not 1 <= len(items) <= framing.MAX_BATCH:
+            self._refuse(ident, chan, 0, "?", None, code, message, t)
+            return
+        self._step_requests += len(items) - 1
+        for item in items:
+            self._refuse(ident, chan, _guess_id(item), "?", None, code, message, t)
+
+    def _request(self, ident: bytes, chan: Channel, body: Any, t: int) -> None:
+        """One authenticated, current request (a ds1 body or an element of a ds2 one): steps 8 on."""
         try:
             req = schema.decode_request(body)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
@@ -662,7 +790,7 @@ class Broker:
                               f"tool {ctx.tool!r} returned a value that is not JSON: {err}")
             return
         self.journal.egress(chan.run_id, t, req_id, "call", ctx.tool, "completed")
-        self._send([ident, framing.VERSION, body])
+        self._send_body(ident, body)
 
     def close(self) -> None:
         self.loop.remove_reader(self._fd)
