@@ -29,6 +29,8 @@ import os
 import struct
 from typing import Callable
 
+from ...worker.platform import read_small, write_small
+
 
 def find_cgroup2_mount(mountinfo: str = "/proc/self/mountinfo") -> tuple[str, str] | None:
     """(mount point, mount root) of the cgroup2 filesystem, if mounted."""
@@ -98,36 +100,34 @@ class Cgroup:
 
     def pids(self) -> list[int]:
         try:
-            with open(self.procs_file, "rb") as f:
-                return [int(x) for x in f.read().split()]
+            return [int(x) for x in read_small(self.procs_file).split()]
         except FileNotFoundError:
             return []
 
     def events(self) -> dict[str, int]:
         try:
-            with open(self.events_file, "rb") as f:
-                return {k.decode(): int(v) for k, v in (line.split() for line in f.read().splitlines())}
+            data = read_small(self.events_file)
         except FileNotFoundError:
             return {"populated": 0, "frozen": 0}
+        return {k.decode(): int(v) for k, v in (line.split() for line in data.splitlines())}
 
     def cpu_seconds(self) -> float | None:
         """CPU time of every process that ever ran here (cpu.stat usage_usec)."""
         try:
-            with open(os.path.join(self.path, "cpu.stat"), "rb") as f:
-                for line in f:
-                    key, _, value = line.partition(b" ")
-                    if key == b"usage_usec":
-                        return int(value) / 1e6
+            data = read_small(os.path.join(self.path, "cpu.stat"))
         except OSError:
-            pass
+            return None
+        for line in data.splitlines():
+            key, _, value = line.partition(b" ")
+            if key == b"usage_usec":
+                return int(value) / 1e6
         return None
 
     def memory_current(self) -> int | None:
         if self._no_memory:
             return None  # a controller is not delegated to a live cgroup later: no lookup per sample
         try:
-            with open(os.path.join(self.path, "memory.current"), "rb") as f:
-                return int(f.read())
+            return int(read_small(os.path.join(self.path, "memory.current")))
         except FileNotFoundError:
             self._no_memory = True
             return None
@@ -138,8 +138,7 @@ class Cgroup:
         return bool(self.events().get("populated", 0))
 
     def write(self, name: str, value: str) -> None:
-        with open(os.path.join(self.path, name), "w") as f:
-            f.write(value)
+        write_small(os.path.join(self.path, name), value.encode())
 
     def has(self, name: str) -> bool:
         return os.path.exists(os.path.join(self.path, name))
@@ -217,6 +216,7 @@ class CgroupTree:
 
 
 IN_MODIFY = 0x00000002
+IN_Q_OVERFLOW = 0x00004000  # the kernel's event queue overflowed: events were lost (wd is -1)
 IN_NONBLOCK = os.O_NONBLOCK
 IN_CLOEXEC = os.O_CLOEXEC
 _EVENT_HEADER = struct.Struct("iIII")
@@ -264,8 +264,10 @@ class InotifyWatcher:
         seen = set()
         off = 0
         while off + _EVENT_HEADER.size <= len(data):
-            wd, _mask, _cookie, length = _EVENT_HEADER.unpack_from(data, off)
+            wd, mask, _cookie, length = _EVENT_HEADER.unpack_from(data, off)
             off += _EVENT_HEADER.size + length
+            if mask & IN_Q_OVERFLOW:  # some change went unreported: every watcher looks again
+                seen.update(self.callbacks)
             seen.add(wd)
         for wd in seen:
             cb = self.callbacks.get(wd)

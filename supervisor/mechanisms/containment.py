@@ -33,8 +33,11 @@ import psutil
 
 from . import procs
 from .cgroups import Cgroup, InotifyWatcher
-from ...worker.platform import process_uid
+from ...worker.platform import process_uid, read_small
 from .timer import sleep_until
+
+#: Longest gap between two re-reads of a cgroup's state while waiting on it (see _wait_for).
+RECHECK_MAX = 0.25
 
 CGROUP = "cgroup"
 PGROUP_SUBREAPER = "process-group+subreaper"
@@ -110,11 +113,11 @@ class RunIdentity:
         """Processes of the run among the spawner's adopted orphans' subtrees, minus `inside`."""
         if self.spawner_pid is None:
             return []
-        skip = self.leaders()
+        roots = spawner_children.strays(self.spawner_pid, self.leaders())
+        if self.leader is not None and self.leader in spawner_children.members(self.spawner_pid):
+            roots = [self.leader, *roots]
         found = []
-        for root in spawner_children(self.spawner_pid):
-            if root in skip and root != self.leader:
-                continue
+        for root in roots:
             for pid in [root, *procs.descendants(root)]:
                 if pid not in inside and _alive(pid) and self.owns(pid):
                     found.append(pid)
@@ -126,25 +129,51 @@ class _ChildrenCensus:
 
     A stop of N runs sweeps N times, mostly in the same few steps (one
     inotify read wakes them together), and each read lists every run's
-    leader: read once per step it costs O(N), not O(N^2). Outside a running
-    loop every call reads afresh.
+    leader: read once per step it costs O(N), not O(N^2). So does picking
+    out the children that are no live run's leader (adopted orphans, whose
+    subtrees each sweep must walk): once per step, not once per sweep.
+    Outside a running loop every call reads afresh.
     """
 
     def __init__(self) -> None:
-        self._cache: dict[int, list[int]] = {}
+        self._cache: dict[int, tuple[list[int], set[int]]] = {}
+        self._strays: dict[tuple[int, int], list[int]] = {}
 
-    def __call__(self, pid: int) -> list[int]:
+    def _read(self, pid: int) -> tuple[list[int], set[int]]:
         from ...worker.platform import direct_children
 
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            return direct_children(pid)
+            children = direct_children(pid)
+            return children, set(children)
         got = self._cache.get(pid)
         if got is None:
             if not self._cache:
-                loop.call_soon(self._cache.clear)  # runs after this step's callbacks
-            got = self._cache[pid] = direct_children(pid)
+                loop.call_soon(self._clear)  # runs after this step's callbacks
+            children = direct_children(pid)
+            got = self._cache[pid] = (children, set(children))
+        return got
+
+    def _clear(self) -> None:
+        self._cache.clear()
+        self._strays.clear()
+
+    def __call__(self, pid: int) -> list[int]:
+        return self._read(pid)[0]
+
+    def members(self, pid: int) -> set[int]:
+        return self._read(pid)[1]
+
+    def strays(self, pid: int, leaders: set[int]) -> list[int]:
+        """Children of `pid` that are not in `leaders` (the engine's live set: one per step)."""
+        children = self._read(pid)[0]
+        if pid not in self._cache:  # read afresh (no running loop): nothing to cache either
+            return [c for c in children if c not in leaders]
+        key = (pid, id(leaders))
+        got = self._strays.get(key)
+        if got is None:
+            got = self._strays[key] = [c for c in children if c not in leaders]
         return got
 
 
@@ -224,7 +253,11 @@ class CgroupContainment:
         another within a few milliseconds (freeze right after thaw) is
         reported up to ~10 ms late although the state itself changed in
         0.3 ms. So besides each notification, the file is re-read after
-        1, 2, 4 ... ms.
+        1, 2, 4 ... ms. A late notification still comes (the kernel defers
+        it, never drops it; a lost one, an inotify queue overflow, wakes every
+        waiter), so past the first few the re-reads are only a safety net, and
+        they slow down to RECHECK_MAX apart: a stop of 1,000 runs has 1,000
+        such waits at once, each re-reading its file.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -240,7 +273,7 @@ class CgroupContainment:
             try:
                 await asyncio.wait_for(fut, min(remaining, recheck))
             except asyncio.TimeoutError:
-                recheck = min(recheck * 2, 0.05)
+                recheck = min(recheck * 2, RECHECK_MAX)
 
     async def wait_empty(self, timeout: float) -> bool:
         return await self._wait_for(lambda: not self.cgroup.populated(), timeout)
@@ -300,8 +333,7 @@ def _rss_sum(pids: list[int]) -> int:
     total = 0
     for pid in pids:
         try:
-            with open(f"/proc/{pid}/statm", "rb") as f:
-                total += int(f.read().split()[1]) * _PAGE
+            total += int(read_small(f"/proc/{pid}/statm").split()[1]) * _PAGE
         except FileNotFoundError:
             if not os.path.exists("/proc/self/statm"):
                 try:

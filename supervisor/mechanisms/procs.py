@@ -19,6 +19,8 @@ from typing import Callable, Iterable
 
 import psutil
 
+from ...worker.platform import read_small
+
 
 def boot_id() -> str:
     """Monotonic timestamps are only comparable within one boot; this names it."""
@@ -141,8 +143,7 @@ async def wait_pids_gone(pids: Iterable[int], timeout: float) -> bool:
 def read_stat(pid: int) -> tuple[str, int] | None:
     """(state letter, pgid) of a process, from /proc/<pid>/stat; None if gone."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
+        data = read_small(f"/proc/{pid}/stat")
     except OSError:
         try:
             p = psutil.Process(pid)
@@ -156,8 +157,7 @@ def read_stat(pid: int) -> tuple[str, int] | None:
 def has_marker(pid: int, marker: bytes) -> bool:
     """True if the process's initial environment carries `marker` (NAME=value)."""
     try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            return marker in f.read().split(b"\0")
+        return marker in read_small(f"/proc/{pid}/environ").split(b"\0")
     except FileNotFoundError:
         try:
             env = psutil.Process(pid).environ()
