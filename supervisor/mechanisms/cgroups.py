@@ -261,7 +261,7 @@ class InotifyWatcher:
             if exc.errno == errno.EINTR:
                 return
             raise
-        seen = set()
+        seen: set[int] = set()
         off = 0
         while off + _EVENT_HEADER.size <= len(data):
             wd, mask, _cookie, length = _EVENT_HEADER.unpack_from(data, off)
