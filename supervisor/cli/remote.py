@@ -35,7 +35,7 @@ AnyClient = Union[Client, "RoutedClient"]
 #: With --daemons and no --timeout: how long each daemon has to answer a merged verb or the search for an owner.
 PROBE_TIMEOUT = 10.0
 #: Verbs that follow or change one daemon itself: they take --daemon, not --daemons.
-_ONE_DAEMON = {"events", "console"}
+_ONE_DAEMON = {"console"}
 _ONE_DAEMON_VERBS = {"daemon.reload", "daemon.stop"}
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_FORBIDDEN, EXIT_NO_DAEMON, EXIT_TIMEOUT = 0, 1, 2, 3, 4, 5, 124
@@ -285,14 +285,22 @@ def _agents_list(client: AnyClient, args: argparse.Namespace, out: TextIO) -> in
     return EXIT_OK
 
 
-def _events(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+def _events(client: AnyClient, args: argparse.Namespace, out: TextIO) -> int:
+    """Follow one daemon's events; through --daemons every daemon's as one stream, each line naming its daemon."""
     try:
-        for event in client.events(args.session):
-            if args.json:
-                print(json.dumps(msgspec.to_builtins(event)), file=out, flush=True)
-            else:
-                print(f"{event.session or '-'} #{event.seq} {event.kind} run {event.run_id or '-'}: "
-                      f"{json.dumps(event.data)[:200]}", file=out, flush=True)
+        with client.events(args.session) as stream:
+            missing: dict[str, str] = getattr(stream, "unreachable", {})
+            for name, why in missing.items():  # the others are followed; say which are not, up front
+                print(f"deadstop events: daemon {name!r} is not followed ({why})", file=sys.stderr, flush=True)
+            getattr(client, "unreachable", {}).clear()  # said here, at once: not again when the stream ends
+            for item in stream:
+                daemon, event = (item.daemon, item.event) if isinstance(item, tuple) else ("", item)
+                if args.json:
+                    row = msgspec.to_builtins(event)
+                    print(json.dumps({**row, "daemon": daemon} if daemon else row), file=out, flush=True)
+                else:
+                    print(f"{daemon + ' ' if daemon else ''}{event.session or '-'} #{event.seq} {event.kind} "
+                          f"run {event.run_id or '-'}: {json.dumps(event.data)[:200]}", file=out, flush=True)
     except KeyboardInterrupt:
         pass
     return EXIT_OK

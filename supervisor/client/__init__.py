@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any
 from .client import Client
 from .locate import NoDaemon, locate
 
-__all__ = ["AsyncClient", "Client", "DaemonAddress", "LeaseOwners", "NoDaemon", "Owners", "RoutedClient", "StaticOwners",
-           "locate"]
+__all__ = ["AsyncClient", "Client", "DaemonAddress", "DaemonEvent", "LeaseOwners", "NoDaemon", "Owners", "RoutedClient",
+           "StaticOwners", "locate"]
 
 _LAZY = {"AsyncClient": ".aio", "RoutedClient": ".routed", "StaticOwners": ".routed", "Owners": ".routed",
-         "DaemonAddress": ".routed", "LeaseOwners": ".leases"}
+         "DaemonAddress": ".routed", "DaemonEvent": ".routed", "LeaseOwners": ".leases"}
 
 
 def __getattr__(name: str) -> Any:
@@ -35,4 +35,4 @@ def __getattr__(name: str) -> Any:
 if TYPE_CHECKING:
     from .aio import AsyncClient
     from .leases import LeaseOwners
-    from .routed import DaemonAddress, Owners, RoutedClient, StaticOwners
+    from .routed import DaemonAddress, DaemonEvent, Owners, RoutedClient, StaticOwners

@@ -264,6 +264,21 @@ class EventStream:
             if event.kind != "stream.ping":  # another subscriber's marker
                 return event
 
+    @property
+    def socket(self) -> zmq.Socket[Any]:
+        """The SUB socket, for a caller that polls many streams at once (RoutedClient.events)."""
+        return self._sub
+
+    def take(self) -> gateway.EventMessage | None:
+        """The next event if one is waiting, without blocking (None: nothing yet, or only another
+        subscriber's marker)."""
+        try:
+            _topic, body = self._sub.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return None
+        event = self._decoder.decode(body)
+        return None if event.kind == "stream.ping" else event
+
     def close(self) -> None:
         self._sub.close()
 

@@ -5,6 +5,7 @@
         c.stop("chat-42")                                          # straight to the owner
         c.sessions()                                               # every daemon's, merged
         c.unreachable                                              # {daemon: why} of that last merged verb
+        for d in c.events(): print(d.daemon, d.event.kind)         # every daemon's events, as one stream
 
 Who owns which session is an `Owners` backend's business (docs/scale-out.md):
 `StaticOwners`, a fixed list of daemons whose ownership is learned by asking
@@ -20,19 +21,20 @@ Like Client it imports only the wire: the command line pays for no engine.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Protocol, Sequence, runtime_checkable
 
 import zmq
 
 from ...ipc import control as wire
 from ...ipc import gateway
 from ...ipc.control import ControlFault, Fault
-from .client import Client
+from .client import Client, EventStream
 from .locate import locate
 
 #: A daemon's answer that says it is not there to answer (as opposed to an answer that refuses).
@@ -172,6 +174,13 @@ class _Conn:
             except zmq.ZMQError as exc:
                 raise ControlFault(Fault.UNREACHABLE, f"cannot connect to {self.address.where}: {exc}") from None
         return self._client
+
+    def events(self, session: str | None, timeout: float | None) -> EventStream:
+        """A subscription to this daemon's events (its own SUB socket: usable from any one thread)."""
+        with self._lock:
+            client = self._current()
+            client.timeout = timeout
+            return client.events(session)
 
     def _drop(self) -> None:
         if self._client is not None:
@@ -505,6 +514,40 @@ class RoutedClient:
         """The daemon on record for `key` (no daemon is asked)."""
         return self.owners.owner(key)
 
+    def events(self, session: str | None = None, *, idle_timeout: float | None = None) -> "RoutedEvents":
+        """Follow every daemon's event stream as one (or, for `session`, its owner's): DaemonEvent(daemon, event).
+
+        Subscribed on every daemon that answered when this returns; those that did not are in the stream's
+        `unreachable` (and this client's), and their events are missing from it. A session's events all come
+        from its owner, so each session's `seq` order is kept. For one session whose owner is down:
+        UNREACHABLE. `idle_timeout`: TIMED_OUT when no event comes from any daemon for that long.
+        """
+        if session is not None:
+            address, _ = self._owner(session)
+            targets = {address.name: address}
+        else:
+            targets = self._daemons()
+
+        def subscribe(address: DaemonAddress) -> tuple[bool, Any]:
+            try:
+                return True, self._conn(address).events(session, self.probe_timeout)
+            except ControlFault as exc:
+                if exc.fault not in TRANSPORT_FAULTS:
+                    raise
+                return False, str(exc)
+
+        outcomes = dict(zip(targets, self._threads().map(subscribe, targets.values())))
+        streams = {name: got for name, (ok, got) in outcomes.items() if ok}
+        unreachable = {name: got for name, (ok, got) in outcomes.items() if not ok}
+        self.unreachable = dict(unreachable)
+        if session is not None and not streams:
+            raise ControlFault(Fault.UNREACHABLE, f"session {session!r} is owned by daemon {next(iter(targets))!r}: "
+                                                  f"{next(iter(unreachable.values()))}")
+        if not streams:
+            raise ControlFault(Fault.UNREACHABLE, "no daemon answered: " + "; ".join(
+                f"daemon {name!r}: {why}" for name, why in unreachable.items()))
+        return RoutedEvents(streams, unreachable, idle_timeout)
+
     def close(self) -> None:
         with self._lock:
             conns, self._conns = list(self._conns.values()), {}
@@ -521,6 +564,58 @@ class RoutedClient:
         self.close()
 
 
+class DaemonEvent(NamedTuple):
+    """An event of a merged stream, with the daemon it came from."""
+
+    daemon: str
+    event: gateway.EventMessage
+
+
+class RoutedEvents:
+    """Several daemons' event streams, read as one: an iterator of DaemonEvent, in arrival order.
+
+    One poll over every subscription; a burst of one daemon is read in one go and then handed out in order, so a
+    busy daemon cannot starve a quiet one for longer than its burst. Close it (or use it in a with block).
+    """
+
+    def __init__(self, streams: dict[str, EventStream], unreachable: dict[str, str], idle_timeout: float | None):
+        self.streams = streams
+        #: daemon -> why it could not be subscribed to (its events are not in this stream)
+        self.unreachable = unreachable
+        self._idle = idle_timeout
+        self._poller = zmq.Poller()
+        self._by_socket = {}
+        for name, stream in streams.items():
+            self._poller.register(stream.socket, zmq.POLLIN)
+            self._by_socket[stream.socket] = name
+        self._ready: collections.deque[DaemonEvent] = collections.deque()
+
+    def __iter__(self) -> Iterator[DaemonEvent]:
+        return self
+
+    def __next__(self) -> DaemonEvent:
+        while not self._ready:
+            ready = self._poller.poll(None if self._idle is None else int(self._idle * 1000))
+            if not ready:
+                raise ControlFault(Fault.TIMED_OUT, f"no event from any daemon within {self._idle:g} s")
+            for sock, _ in ready:
+                name = self._by_socket[sock]
+                stream = self.streams[name]
+                while (event := stream.take()) is not None:
+                    self._ready.append(DaemonEvent(name, event))
+        return self._ready.popleft()
+
+    def close(self) -> None:
+        for stream in self.streams.values():
+            stream.close()
+
+    def __enter__(self) -> "RoutedEvents":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
 def owners_from(spec: str) -> Owners:
     """--daemons / $DEADSTOP_DAEMONS: `A,B,...` (each `NAME=WHERE` or WHERE) for a static list, or
     `k8s:NAMESPACE` for the Lease records of that namespace (the `kubernetes` package, `deadstop[k8s]`)."""
@@ -531,5 +626,5 @@ def owners_from(spec: str) -> Owners:
     return StaticOwners.parse(spec)
 
 
-__all__: Sequence[str] = ["DaemonAddress", "Gathered", "Owners", "RoutedClient", "StaticOwners", "owners_from",
-                          "rendezvous", "ENV_DAEMONS", "TRANSPORT_FAULTS"]
+__all__: Sequence[str] = ["DaemonAddress", "DaemonEvent", "Gathered", "Owners", "RoutedClient", "RoutedEvents",
+                          "StaticOwners", "owners_from", "rendezvous", "ENV_DAEMONS", "TRANSPORT_FAULTS"]
