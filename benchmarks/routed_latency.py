@@ -6,9 +6,10 @@ again (the run restarted between trials, untimed) by:
 * `direct`: a Client connected to the owning daemon,
 * `routed, owner known`: a RoutedClient that has the owner cached (StaticOwners),
 * `routed, owner asked`: the same, with the cache dropped before each stop (it asks both daemons first),
-* `routed, Lease record`: a RoutedClient over LeaseOwners, reading the session's Lease (the daemons' Leases are
-  listed at most every 5 s) through the real `kubernetes` client from a stand-in API server on 127.0.0.1
-  (tests/test_routed.py),
+* `routed, Lease read`: a RoutedClient over LeaseOwners(owners_ttl=0), reading the session's Lease at each stop
+  (the daemons' Leases are listed at most every 5 s) through the real `kubernetes` client from a stand-in API
+  server on 127.0.0.1 (tests/test_routed.py),
+* `routed, Lease kept`: the same with LeaseOwners' default, the owner read kept for 30 s,
 
 and, as floors, one `sessions.show` round trip and one Lease read alone.
 
@@ -65,11 +66,12 @@ def main() -> int:
             from deadstop.supervisor.client import LeaseOwners
 
             api = LeaseApiStandIn()
-            leases = LeaseOwners("deadstop", api_client=_api_client(api.url))
+            leases = LeaseOwners("deadstop", api_client=_api_client(api.url), owners_ttl=0)
             for name, d in nodes.items():
                 leases.announce(name, d.runtime)
             leases.record(key, "b")
-            ways["routed, Lease record"] = RoutedClient(leases)
+            ways["routed, Lease read"] = RoutedClient(leases)
+            ways["routed, Lease kept"] = RoutedClient(LeaseOwners("deadstop", api_client=_api_client(api.url)))
         except ImportError:
             print("(no `kubernetes` package: the Lease backend is not measured)")
         with Client(nodes["b"].runtime) as starter:
@@ -92,8 +94,8 @@ def main() -> int:
             p50, p90 = statistics.median(values), values[int(len(values) * 0.9) - 1]
             print(f"{way:<24} {p50:>8.2f} {p90:>8.2f} {p50 - direct:>+12.2f}")
         floors = {"one sessions.show, direct": lambda: starter_show(nodes["b"].runtime, key)}
-        if "routed, Lease record" in ways:
-            floors["one Lease read (kubernetes client)"] = lambda: leases.owner(key)
+        if "routed, Lease read" in ways:
+            floors["one Lease read (kubernetes client)"] = lambda: leases.refresh(key)
         for what, fn in floors.items():
             fn()
             t0 = time.perf_counter_ns()

@@ -380,9 +380,23 @@ def test_lease_records_route_every_router_to_the_same_owner(nodes, ready, lease_
         before = len(lease_api.requests)
         stopped = two.stop(key)
         assert [r["run_id"] for r in stopped.reports] == [sent.run_id] and stopped.reports[0]["survivors"] == 0
-        assert lease_api.requests[before:] == [("GET", f"{LeaseApiStandIn.PREFIX}{ns}/leases"),
-                                               ("GET", f"{LeaseApiStandIn.PREFIX}{ns}/leases/{lease_name('s', key)}")]
+        # The owner owner_of read is kept: the stop lists the daemons (once per daemons_ttl) and reads no Lease.
+        assert lease_api.requests[before:] == [("GET", f"{LeaseApiStandIn.PREFIX}{ns}/leases")]
     assert marked_processes(sent.run_id) == {}
+
+    # A kept owner that is out of date: the old owner says it has no such session, the router reads the record
+    # again and follows it.
+    with nodes["a"].client() as ca:
+        ca.send("moving", _msg(ready), agent="sleeper")
+        ready.wait(1)
+    assert owners.record("moving", "b") == "b"  # a record naming the wrong node, as a moved session's old one
+    kept = LeaseOwners(ns, api_client=_api_client(lease_api.url))
+    assert kept.owner("moving") == "b"
+    assert owners.record("moving", "a", replacing="b") == "a"  # the record moves; `kept` still holds "b"
+    with RoutedClient(kept, name="router-3") as three:
+        assert three.session("moving").state == "running", "followed the record to the session's real owner"
+        assert kept.owner("moving") == "a"
+        assert three.stop("moving").reports[0]["survivors"] == 0
 
     # First writer wins; a move is a compare-and-swap on resourceVersion.
     assert other.record(key, "a") == "b", "an existing record is not overwritten"
@@ -423,7 +437,8 @@ def test_lease_records_route_every_router_to_the_same_owner(nodes, ready, lease_
                              "--json"], env=env, capture_output=True, text=True, timeout=120)
     assert listed.returncode == 0, listed.stderr
     rows = json.loads(listed.stdout)["result"]
-    assert sorted((s["key"], s["daemon"], s["state"]) for s in rows) == sorted([("on-a", "a", "running"), (key, "b", "idle")])
+    assert sorted((s["key"], s["daemon"], s["state"]) for s in rows) == sorted([("on-a", "a", "running"), (key, "b", "idle"),
+                                                                                        ("moving", "a", "idle")])
     out = subprocess.run([sys.executable, "-m", "deadstop.supervisor", "sessions", "stop", "on-a", "--daemons", f"k8s:{ns}"],
                          env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "0 survivor(s)" in out.stdout, out

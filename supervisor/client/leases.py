@@ -78,12 +78,17 @@ class LeaseOwners:
     `api_client`: a `kubernetes.client.ApiClient` (default: in-cluster, else kubeconfig). `daemons`: a fixed list
     instead of the announced daemons' Leases, which are otherwise listed again at most every `daemons_ttl` seconds
     (a stop then costs one read of its session's record, not two requests).
+
+    An owner read is kept for `owners_ttl` seconds (0: read every time): a session changes owner only when its
+    node is gone and a new message starts it elsewhere, and a router whose copy is out of date learns it from
+    the old owner's failure, reads the record again (`refresh`) and follows it. A missing record is never kept:
+    another router may create it the next moment.
     """
 
     authoritative = True
 
     def __init__(self, namespace: str, *, api_client: Any = None, daemons: "Iterable[str | DaemonAddress] | None" = None,
-                 daemons_ttl: float = 5.0):
+                 daemons_ttl: float = 5.0, owners_ttl: float = 30.0):
         from kubernetes import client
 
         self.namespace = namespace
@@ -93,6 +98,8 @@ class LeaseOwners:
                                                       for d in daemons]
         self._ttl = daemons_ttl
         self._listed: tuple[float, list[DaemonAddress]] | None = None
+        self._owners_ttl = owners_ttl
+        self._owners: dict[str, tuple[float, str]] = {}  # key -> (when read, holder)
 
     # -- the Owners protocol ------------------------------------------------------------------------------
     def daemons(self) -> list[DaemonAddress]:
@@ -119,8 +126,22 @@ class LeaseOwners:
         return list(out)
 
     def owner(self, key: str) -> str | None:
+        kept = self._owners.get(key)
+        if kept is not None and time.monotonic() - kept[0] < self._owners_ttl:
+            return kept[1]
+        return self.refresh(key)
+
+    def refresh(self, key: str) -> str | None:
         lease = self._read(key)
-        return None if lease is None else lease.spec.holder_identity
+        if lease is None:
+            self._owners.pop(key, None)
+            return None
+        return self._keep(key, lease.spec.holder_identity)
+
+    def _keep(self, key: str, holder: str) -> str:
+        if self._owners_ttl > 0:
+            self._owners[key] = (time.monotonic(), holder)
+        return holder
 
     def record(self, key: str, daemon: str, *, replacing: str | None = None) -> str:
         for _ in range(RETRIES):
@@ -128,26 +149,27 @@ class LeaseOwners:
             if lease is None:
                 try:
                     self._do(lambda: self._api.create_namespaced_lease(self.namespace, self._session_lease(key, daemon)))
-                    return daemon
+                    return self._keep(key, daemon)
                 except self._k8s.ApiException as exc:
                     if exc.status != 409:
                         raise self._fault(exc) from None
                     continue  # another router created it first: read whose it is
             holder = lease.spec.holder_identity
             if replacing is None or holder != replacing:
-                return str(holder)
+                return self._keep(key, str(holder))
             lease.spec.holder_identity = daemon
             lease.spec.acquire_time = _micro()
             lease.spec.lease_transitions = (lease.spec.lease_transitions or 0) + 1
             try:
                 self._do(lambda: self._api.replace_namespaced_lease(lease.metadata.name, self.namespace, lease))  # with its rv
-                return daemon
+                return self._keep(key, daemon)
             except self._k8s.ApiException as exc:
                 if exc.status not in (404, 409):
                     raise self._fault(exc) from None
         raise ControlFault(Fault.FAILED, f"the owner record of session {key!r} kept changing under {RETRIES} tries")
 
     def forget(self, key: str, *, holder: str | None = None) -> None:
+        self._owners.pop(key, None)
         lease = self._read(key)
         if lease is None or (holder is not None and lease.spec.holder_identity != holder):
             return

@@ -86,6 +86,10 @@ class Owners(Protocol):
         """Drop K's record (only if `holder` still holds it, when given)."""
         ...
 
+    def refresh(self, key: str) -> str | None:
+        """K's owner read afresh, past any copy kept here: the router asks after its owner on record failed it."""
+        ...
+
 
 class StaticOwners:
     """A fixed list of daemons; ownership is learned by asking them (the router does) and kept here."""
@@ -124,6 +128,9 @@ class StaticOwners:
         with self._lock:
             if holder is None or self._owners.get(key) == holder:
                 self._owners.pop(key, None)
+
+    def refresh(self, key: str) -> str | None:
+        return self._owners.get(key)  # what was learned is all there is: the daemons are asked by the router
 
 
 def rendezvous(key: str, names: Iterable[str]) -> str:
@@ -335,6 +342,13 @@ class RoutedClient:
                 retry, _ = self._owner(key)
                 if retry != address:
                     return self._send(retry, request, self.timeout)
+            if not fresh and (exc.fault in TRANSPORT_FAULTS or exc.fault == Fault.NO_SUCH_SESSION):
+                # The record this router read may be out of date (another router moved the session off a node
+                # that went down): read it again, once, and follow it if it names another daemon.
+                now = self.owners.refresh(key)
+                daemons = self._daemons()
+                if now is not None and now != address.name and now in daemons:
+                    return self._send(daemons[now], request, self.timeout)
             if exc.fault in TRANSPORT_FAULTS:
                 if fresh and exc.fault == Fault.UNREACHABLE:
                     self.owners.forget(key, holder=address.name)  # nothing was started there: no owner yet
