@@ -178,6 +178,45 @@ def test_one_stream_follows_every_daemons_events(nodes, ready) -> None:
     assert follower.returncode == 0, follower.returncode
 
 
+def test_the_async_router_routes_and_follows_like_the_blocking_one(nodes, ready) -> None:
+    import asyncio
+
+    from deadstop.supervisor.client import AsyncRoutedClient
+
+    spec = _spec(nodes)
+    keys = {name: _key_for(name, ["a", "b"], "aio") for name in ("a", "b")}
+
+    async def main() -> tuple[dict, dict, dict]:
+        async with AsyncRoutedClient(spec.split(","), name="aio-router") as router:
+            events = await router.events()
+            try:
+                sent = dict(zip(keys, await asyncio.gather(*(router.send(k, _msg(ready), agent="sleeper")
+                                                               for k in keys.values()))))
+                await asyncio.get_running_loop().run_in_executor(None, ready.wait, 2)
+                owners = {name: await router.owner_of(k) for name, k in keys.items()}
+                stopped = dict(zip(keys, await asyncio.gather(*(router.stop(k) for k in keys.values()))))
+                ended: dict[str, str] = {}
+                async def follow() -> None:
+                    async for item in events:
+                        if item.event.kind == "run.ended":
+                            ended[item.daemon] = item.event.run_id
+                            if len(ended) == 2:
+                                return
+                await asyncio.wait_for(follow(), 30)
+            finally:
+                await events.aclose()
+            listed = {s.key for s in await router.sessions()}
+            assert set(keys.values()) <= listed and router.unreachable == {}
+        return sent, stopped, {"owners": owners, "ended": ended}
+
+    sent, stopped, seen = asyncio.run(main())
+    assert seen["owners"] == {name: name for name in keys}, "each key went to its rendezvous daemon"
+    assert seen["ended"] == {name: sent[name].run_id for name in keys}, "each run's end came from its own daemon"
+    for name in keys:
+        assert stopped[name].reports[0]["run_id"] == sent[name].run_id and stopped[name].reports[0]["survivors"] == 0
+        assert marked_processes(sent[name].run_id) == {}
+
+
 def test_a_daemon_down_is_named_and_the_others_still_answer(nodes, ready) -> None:
     a, b = nodes["a"], nodes["b"]
     spec = _spec(nodes)

@@ -3,7 +3,8 @@
 `Client` (blocking) is in client.py; `AsyncClient` (asyncio, tool providing)
 in aio.py, loaded on first use so that the command line never imports asyncio.
 `RoutedClient` (routed.py) speaks to many daemons, one per node, sending each
-session's verbs to the daemon that owns it; its owner records are
+session's verbs to the daemon that owns it (`AsyncRoutedClient`,
+aio_routed.py, is its asyncio face); its owner records are
 `StaticOwners` (a list of daemons, asked) or `LeaseOwners` (leases.py:
 Kubernetes Leases, with the optional `kubernetes` package). Both load on
 first use too.
@@ -16,11 +17,12 @@ from typing import TYPE_CHECKING, Any
 from .client import Client
 from .locate import NoDaemon, locate
 
-__all__ = ["AsyncClient", "Client", "DaemonAddress", "DaemonEvent", "LeaseOwners", "NoDaemon", "Owners", "RoutedClient",
-           "StaticOwners", "locate"]
+__all__ = ["AsyncClient", "AsyncRoutedClient", "Client", "DaemonAddress", "DaemonEvent", "LeaseOwners", "NoDaemon",
+           "Owners", "RoutedClient", "StaticOwners", "locate"]
 
-_LAZY = {"AsyncClient": ".aio", "RoutedClient": ".routed", "StaticOwners": ".routed", "Owners": ".routed",
-         "DaemonAddress": ".routed", "DaemonEvent": ".routed", "LeaseOwners": ".leases"}
+_LAZY = {"AsyncClient": ".aio", "AsyncRoutedClient": ".aio_routed", "RoutedClient": ".routed",
+         "StaticOwners": ".routed", "Owners": ".routed", "DaemonAddress": ".routed", "DaemonEvent": ".routed",
+         "LeaseOwners": ".leases"}
 
 
 def __getattr__(name: str) -> Any:
@@ -34,5 +36,6 @@ def __getattr__(name: str) -> Any:
 
 if TYPE_CHECKING:
     from .aio import AsyncClient
+    from .aio_routed import AsyncRoutedClient
     from .leases import LeaseOwners
     from .routed import DaemonAddress, DaemonEvent, Owners, RoutedClient, StaticOwners

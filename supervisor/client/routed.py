@@ -25,6 +25,7 @@ import collections
 import hashlib
 import re
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Protocol, Sequence, runtime_checkable
@@ -608,10 +609,19 @@ class RoutedEvents:
         return self
 
     def __next__(self) -> DaemonEvent:
+        got = self.next_within(self._idle)
+        if got is None:
+            raise ControlFault(Fault.TIMED_OUT, f"no event from any daemon within {self._idle:g} s")
+        return got
+
+    def next_within(self, timeout: float | None) -> DaemonEvent | None:
+        """The next event, waiting at most `timeout` seconds (None: for ever); None if none came."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         while not self._ready:
-            ready = self._poller.poll(None if self._idle is None else int(self._idle * 1000))
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready = self._poller.poll(None if wait is None else int(wait * 1000))
             if not ready:
-                raise ControlFault(Fault.TIMED_OUT, f"no event from any daemon within {self._idle:g} s")
+                return None
             for sock, _ in ready:
                 name = self._by_socket[sock]
                 stream = self.streams[name]
