@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import sqlite3
 import threading
 from typing import Any
 
@@ -26,16 +25,9 @@ from deadstop.ipc import framing
 from deadstop.ipc.errors import ErrorCode
 from deadstop.supervisor import Supervisor
 from deadstop.supervisor.egress.broker import REFUSAL_BURST
+from journalscan import rows as _rows
 
 WAIT = 30.0
-
-
-def _rows(journal: str, sql: str, *args: Any) -> list[tuple]:
-    db = sqlite3.connect(f"file:{journal}?mode=ro", uri=True)
-    try:
-        return db.execute(sql, args).fetchall()
-    finally:
-        db.close()
 
 
 def _replies(messages: list) -> dict[int, Any]:
@@ -73,6 +65,7 @@ def test_every_request_of_a_batch_gets_its_own_reply_and_verdict(sup) -> None:
     run = sup.start(B.exchange, [{"version": "ds2", "body": batch}], len(batch), tools=["echo"])
     got = _replies(run.result(timeout=WAIT))
     journal = sup.journal_path
+    sup.close()  # every row committed: the journal is read as the record it leaves
     code = ErrorCode
     assert got == {1: (True, "a"), 2: (False, code.TOOL_DENIED), 3: (False, code.MALFORMED),
                    4: (False, code.RESERVED_KIND), 5: (True, {"state": "running"}), 6: (False, code.BAD_ARGUMENTS),
@@ -102,6 +95,7 @@ def test_a_body_that_is_no_batch_is_refused_once_and_ds1_still_works_beside_it(s
     run = sup.start(B.exchange, messages, 7)
     got = run.result(timeout=WAIT)
     journal = sup.journal_path
+    sup.close()  # every row committed: the journal is read as the record it leaves
     ds2 = [r for v, body in got if v == "ds2" for r in body]  # replies of one receive step share a message
     ds1 = [body for v, body in got if v == "ds1"]
     assert sorted((r["id"], r["ok"] or r["error"]["code"]) for r in ds2) == [
@@ -118,6 +112,7 @@ def test_a_stale_batch_is_refused_request_by_request(sup) -> None:
     got = _replies(run.result(timeout=WAIT))
     stale = (False, ErrorCode.STALE_GENERATION)
     assert got == {11: stale, 12: stale, 13: stale}
+    sup.close()
     assert _rows(sup.journal_path, "SELECT count(*) FROM egress WHERE run_id = ? AND decision = 'dispatched'",
                  run.id) == [(0,)]
 
@@ -156,6 +151,7 @@ def test_the_python_client_batches_hundreds_of_async_calls(sup) -> None:
     n = 700  # more than one batch of MAX_BATCH
     run = sup.start(B.many_acalls, "echo", n, tools=["echo"])
     assert run.result(timeout=WAIT) == list(range(n))
+    sup.close()
     rows = _rows(sup.journal_path, "SELECT decision, count(*) FROM egress WHERE run_id = ? AND verb = 'call'"
                  " GROUP BY decision ORDER BY decision", run.id)
     assert rows == [("completed", n), ("dispatched", n)]

@@ -18,7 +18,6 @@ import os
 import select
 import shutil
 import signal
-import sqlite3
 import tempfile
 import threading
 import time
@@ -29,6 +28,7 @@ import zmq
 
 import abuse_agents as A
 import behaviours
+from journalscan import rows as _rows
 from deadstop.ipc import framing
 from deadstop.ipc.errors import ErrorCode
 from deadstop.supervisor import Supervisor
@@ -164,14 +164,6 @@ def _request(chan: dict, body: dict | bytes, run_id: str | None = None, credenti
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
     return ["ds1", run_id or chan["run_id"], credential or chan["credential"], chan["generation"],
             raw.decode("latin-1")]
-
-
-def _rows(journal: str, sql: str, *args: Any) -> list[tuple]:
-    db = sqlite3.connect(f"file:{journal}?mode=ro", uri=True)
-    try:
-        return db.execute(sql, args).fetchall()
-    finally:
-        db.close()
 
 
 def _refusals(journal: str, run_id: str | None) -> tuple[int, int]:
