@@ -3,8 +3,9 @@
 Real runs on a real supervisor: a garbage flood is stopped for abuse with a
 journal that stays small while a bystander keeps working; deep JSON is
 MALFORMED, never INTERNAL; a run cannot emit the supervisor's own event
-kinds; a paused run's held queue is capped; a run's own endpoint is gone
-after the stop; a run blocked in a call learns of its revocation at once.
+kinds; a paused run's held queue is capped, and a batch (ds2) held while
+paused is released in arrival order; a run's own endpoint is gone after the
+stop; a run blocked in a call learns of its revocation at once.
 
 The kernel-attested identity is tested on the broker of a real supervisor
 with channels opened for test uids, spoken to by a helper process that
@@ -294,6 +295,55 @@ def test_a_paused_runs_held_queue_is_capped_in_bytes_and_in_count(work) -> None:
     rows, refused = _refusals(journal, run.id)
     assert refused == 11 + MAX_HELD, "the 11 over a cap at once, the held ones (REVOKED) at the stop"
     assert rows <= 2 * (REFUSAL_ROWS + 1), f"{rows} rows: repeats were not collapsed"
+
+
+def test_a_batch_held_while_paused_is_answered_in_order_at_resume(work) -> None:
+    """ds2 under the pause: each request of a batch is held (ping excepted) and released in arrival order.
+
+    On the shared endpoint (isolation off: no identity of its own), so that this process may speak for the run
+    with its credential and keep its connection open across the pause."""
+    ready = threading.Event()
+    with _supervisor(work, isolation="off") as sup:
+        sup.register_tool("ready", ready.set)
+        run, chan, _who = _shared_channel(sup, work, ready)
+        assert run.pause()
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(chan["address"])
+        try:
+            batch = [{"verb": "call", "id": 1, "tool": "echo", "args": ["one"]}, {"verb": "emit", "id": 2, "kind": "k"},
+                     {"verb": "ping", "id": 3}, {"verb": "call", "id": 4, "tool": "echo", "args": ["four"]}]
+            sock.send_multipart(_frames(["ds2", *_request(chan, b"")[1:4], json.dumps(batch)]))
+
+            def replies(n: int, seconds: float) -> list[dict]:
+                got: list[dict] = []
+                deadline = time.monotonic() + seconds
+                while len(got) < n and sock.poll(max(1, int((deadline - time.monotonic()) * 1000))):
+                    version, body = sock.recv_multipart()
+                    assert version == b"ds2"
+                    got += json.loads(body)
+                return got
+
+            at_once = replies(1, WAIT)
+            assert [r["id"] for r in at_once] == [3], "only the ping is answered while paused"
+            assert replies(1, 0.3) == [], "nothing held is answered before the resume"
+            sup._call(_value(sup.core.journal.commit_now))
+            held = _rows(sup.journal_path, "SELECT req_id FROM egress WHERE run_id = ? AND decision = 'held' ORDER BY seq",
+                         run.id)
+            assert run.resume()
+            later = replies(3, WAIT)
+        finally:
+            sock.close(0)
+            ctx.term()
+        report = run.stop()
+        journal = sup.journal_path
+    assert held == [(1,), (2,), (4,)]
+    assert sorted((r["id"], r["ok"], r.get("result")) for r in later) == [(1, True, "one"), (2, True, None), (4, True, "four")]
+    decided = _rows(journal, "SELECT req_id, decision FROM egress WHERE run_id = ? AND tool IN ('echo', 'k') AND "
+                    "decision != 'held' AND decision != 'completed' ORDER BY seq", run.id)
+    assert decided == [(1, "dispatched"), (2, "allowed"), (4, "dispatched")], "released in arrival order"
+    assert report.survivors == 0
 
 
 def test_a_runs_own_endpoint_is_gone_after_the_stop(work) -> None:
