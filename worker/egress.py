@@ -369,7 +369,7 @@ class _AsyncChannel:
         fut = self.loop.create_future()
         self.pending[body_obj.id] = fut
         self.outbox.append((body_obj.id, body))
-        if len(self.pending) == 1:
+        if len(self.pending) == 1 and not self.flush_scheduled:
             self._flush()  # nothing else in flight: no reason to wait (a lone call's round trip stays short)
         elif not self.flush_scheduled:
             self.flush_scheduled = True

@@ -565,7 +565,7 @@ class Broker:
             self._request(ident, chan, body, t)
             return
         items = self._batch_items(ident, chan, body, t)
-        self._step_requests += len(items) - 1
+        self._step_requests += max(len(items) - 1, 0)  # the message itself was counted as one
         for i, item in enumerate(items):
             if i:  # an earlier request of the batch may have ended the run or moved its session on
                 t = time.monotonic_ns()
