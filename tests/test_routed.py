@@ -423,19 +423,26 @@ def test_lease_records_route_every_router_to_the_same_owner(nodes, ready, lease_
         assert lease_api.requests[before:] == [("GET", f"{LeaseApiStandIn.PREFIX}{ns}/leases")]
     assert marked_processes(sent.run_id) == {}
 
-    # A kept owner that is out of date: the old owner says it has no such session, the router reads the record
-    # again and follows it.
-    with nodes["a"].client() as ca:
-        ca.send("moving", _msg(ready), agent="sleeper")
+    # A kept owner that is out of date, and holds an idle copy of the session (as a daemon back from a restart
+    # would, after the session moved away): its "nothing was running" must not be the stop's answer. The
+    # router reads the record again and stops the session where it runs.
+    with nodes["b"].client() as cb:
+        cb.send("moving", _msg(ready), agent="sleeper")
         ready.wait(1)
-    assert owners.record("moving", "b") == "b"  # a record naming the wrong node, as a moved session's old one
+        assert cb.stop("moving").reports[0]["survivors"] == 0  # b now holds "moving", idle
+    assert owners.record("moving", "b") == "b"
     kept = LeaseOwners(ns, api_client=_api_client(lease_api.url))
     assert kept.owner("moving") == "b"
-    assert owners.record("moving", "a", replacing="b") == "a"  # the record moves; `kept` still holds "b"
+    with nodes["a"].client() as ca:
+        moved = ca.send("moving", _msg(ready), agent="sleeper")  # the session runs on a now
+        ready.wait(1)
+    assert owners.record("moving", "a", replacing="b") == "a"  # and its record says so; `kept` still holds "b"
     with RoutedClient(kept, name="router-3") as three:
-        assert three.session("moving").state == "running", "followed the record to the session's real owner"
-        assert kept.owner("moving") == "a"
-        assert three.stop("moving").reports[0]["survivors"] == 0
+        stopped = three.stop("moving")
+        assert [r["run_id"] for r in stopped.reports] == [moved.run_id], stopped
+        assert stopped.reports[0]["survivors"] == 0 and kept.owner("moving") == "a"
+        assert three.session("moving").state == "idle"  # a show reads the record afresh
+    assert marked_processes(moved.run_id) == {}
 
     # First writer wins; a move is a compare-and-swap on resourceVersion.
     assert other.record(key, "a") == "b", "an existing record is not overwritten"
@@ -477,7 +484,8 @@ def test_lease_records_route_every_router_to_the_same_owner(nodes, ready, lease_
     assert listed.returncode == 0, listed.stderr
     rows = json.loads(listed.stdout)["result"]
     assert sorted((s["key"], s["daemon"], s["state"]) for s in rows) == sorted([("on-a", "a", "running"), (key, "b", "idle"),
-                                                                                        ("moving", "a", "idle")])
+                                                                                        ("moving", "a", "idle"),
+                                                                                        ("moving", "b", "idle")])
     out = subprocess.run([sys.executable, "-m", "deadstop.supervisor", "sessions", "stop", "on-a", "--daemons", f"k8s:{ns}"],
                          env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "0 survivor(s)" in out.stdout, out

@@ -45,6 +45,12 @@ ENV_DAEMONS = "DEADSTOP_DAEMONS"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,252}$")
 
 _KEY_VERBS = {"sessions.show", "sessions.send", "sessions.stop", "sessions.kill", "sessions.pause", "sessions.resume"}
+#: Per-key verbs that may go to an owner the backend kept from an earlier read (LeaseOwners' owners_ttl): the
+#: stops, whose latency matters. Their answer tells whether the owner had the session running; one that says
+#: nothing was there makes the router read the record again (a daemon back from a restart holds an idle copy
+#: of a session that moved away meanwhile, and must not be the one to say "nothing to stop"). Every other
+#: per-key verb reads the record afresh: a send to a stale owner would start a second copy of the session.
+_KEPT_OWNER_VERBS = {"sessions.stop", "sessions.kill"}
 _RUN_VERBS = {"runs.show", "runs.stop", "runs.kill", "runs.egress"}
 
 
@@ -88,7 +94,7 @@ class Owners(Protocol):
         ...
 
     def refresh(self, key: str) -> str | None:
-        """K's owner read afresh, past any copy kept here: the router asks after its owner on record failed it."""
+        """K's owner as its record says now, past any copy kept here (every per-key verb but a stop reads so)."""
         ...
 
 
@@ -301,11 +307,11 @@ class RoutedClient:
         found = next((name for name in daemons if name in hits), None)  # the daemons' order decides a duplicate
         return found, down
 
-    def _owner(self, key: str, *, creating: bool = False) -> tuple[DaemonAddress, bool]:
+    def _owner(self, key: str, *, creating: bool = False, kept: bool = False) -> tuple[DaemonAddress, bool]:
         """The daemon that owns `key`; for a send of a key nobody owns, the one that owns it from now on (and True:
-        this call made the record)."""
+        this call made the record). `kept`: an owner the backend kept from an earlier read will do."""
         daemons = self._daemons()
-        recorded = self.owners.owner(key)
+        recorded = self.owners.owner(key) if kept else self.owners.refresh(key)
         if recorded is not None:
             if recorded in daemons:
                 return daemons[recorded], False
@@ -333,9 +339,10 @@ class RoutedClient:
         return owner
 
     def _to_owner(self, key: str, request: wire.Request, *, creating: bool = False) -> Any:
-        address, fresh = self._owner(key, creating=creating)
+        kept = str(type(request).__struct_config__.tag) in _KEPT_OWNER_VERBS and self.owners.authoritative
+        address, fresh = self._owner(key, creating=creating, kept=kept)
         try:
-            return self._send(address, request, self.timeout)
+            reply = self._send(address, request, self.timeout)
         except ControlFault as exc:
             if exc.fault == Fault.NO_SUCH_SESSION and not creating and not self.owners.authoritative:
                 # A cached owner that no longer has it (cleaned up there): look again, once.
@@ -356,6 +363,13 @@ class RoutedClient:
                 raise ControlFault(exc.fault, f"session {key!r} is owned by daemon {address.name!r}: {exc}",
                                    detail={"daemon": address.name}) from None
             raise
+        if kept and isinstance(reply, wire.StopReply) and reply.already_ended:
+            # "Nothing was running" from a kept owner: make sure it is still the owner on record.
+            now = self.owners.refresh(key)
+            daemons = self._daemons()
+            if now is not None and now != address.name and now in daemons:
+                return self._send(daemons[now], request, self.timeout)
+        return reply
 
     def _run_owner(self, run_id: str) -> DaemonAddress:
         daemons = self._daemons()
