@@ -24,7 +24,7 @@ import pytest
 from daemonctl import Daemon, Ready
 from deadstop.ipc.control import ControlFault, Fault
 from deadstop.supervisor.client import RoutedClient, StaticOwners
-from deadstop.supervisor.client.routed import rendezvous
+from deadstop.supervisor.client.owners import rendezvous
 from procscan import marked_processes
 
 CONFIG = """

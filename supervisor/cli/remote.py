@@ -60,7 +60,8 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
         if spec is None:
             with Client(args.daemon, kind="cli", name="deadstop", timeout=args.timeout, key=args.key_file) as client:
                 return int(verb(client, args, out))
-        from ..client.routed import RoutedClient, owners_from
+        from ..client.owners import owners_from
+        from ..client.routed import RoutedClient
 
         with RoutedClient(owners_from(spec), kind="cli", name="deadstop", timeout=args.timeout,
                           probe_timeout=args.timeout or PROBE_TIMEOUT, key=args.key_file) as routed:

@@ -21,7 +21,7 @@ __all__ = ["AsyncClient", "AsyncRoutedClient", "Client", "DaemonAddress", "Daemo
            "Owners", "RoutedClient", "StaticOwners", "locate"]
 
 _LAZY = {"AsyncClient": ".aio", "AsyncRoutedClient": ".aio_routed", "RoutedClient": ".routed",
-         "StaticOwners": ".routed", "Owners": ".routed", "DaemonAddress": ".routed", "DaemonEvent": ".routed",
+         "StaticOwners": ".owners", "Owners": ".owners", "DaemonAddress": ".owners", "DaemonEvent": ".merged_events",
          "LeaseOwners": ".leases"}
 
 
@@ -38,4 +38,6 @@ if TYPE_CHECKING:
     from .aio import AsyncClient
     from .aio_routed import AsyncRoutedClient
     from .leases import LeaseOwners
-    from .routed import DaemonAddress, DaemonEvent, Owners, RoutedClient, StaticOwners
+    from .merged_events import DaemonEvent
+    from .owners import DaemonAddress, Owners, StaticOwners
+    from .routed import RoutedClient

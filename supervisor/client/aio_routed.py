@@ -25,7 +25,9 @@ from typing import Any, AsyncIterator, Iterable
 from ...ipc import control as wire
 from ...ipc.control import ControlFault, Fault
 from .client import _Verbs
-from .routed import DaemonAddress, DaemonEvent, Owners, RoutedClient, RoutedEvents
+from .merged_events import DaemonEvent, RoutedEvents
+from .owners import DaemonAddress, Owners
+from .routed import RoutedClient
 
 #: How often a thread waiting for events looks up, so that closing the stream never waits long for it.
 EVENT_POLL = 0.2

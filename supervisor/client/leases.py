@@ -33,7 +33,7 @@ import time
 from typing import Any, Iterable
 
 from ...ipc.control import ControlFault, Fault
-from .routed import DaemonAddress
+from .owners import DaemonAddress
 
 GROUP = "deadstop.dev"
 KEY_ANNOTATION = f"{GROUP}/session-key"

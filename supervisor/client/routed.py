@@ -7,10 +7,11 @@
         c.unreachable                                              # {daemon: why} of that last merged verb
         for d in c.events(): print(d.daemon, d.event.kind)         # every daemon's events, as one stream
 
-Who owns which session is an `Owners` backend's business (docs/scale-out.md):
-`StaticOwners`, a fixed list of daemons whose ownership is learned by asking
-them and cached here, or `LeaseOwners` (leases.py), one Kubernetes Lease
-per session shared by every router. Per-key verbs go to the owner only, and
+Who owns which session is an `Owners` backend's business (owners.py,
+docs/scale-out.md): `StaticOwners`, a fixed list of daemons whose ownership
+is learned by asking them and cached there, or `LeaseOwners` (leases.py),
+one Kubernetes Lease per session shared by every router; merged_events.py
+reads many daemons' event streams as one. Per-key verbs go to the owner only, and
 a stop never waits on any daemon but the owner. Merged verbs (sessions,
 runs, agents, health) answer with whatever daemons answered and name the
 rest in `unreachable`, so one node down does not blind the operator to the
@@ -21,14 +22,10 @@ Like Client it imports only the wire: the command line pays for no engine.
 
 from __future__ import annotations
 
-import collections
-import hashlib
-import re
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, NamedTuple, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Iterable, Sequence
 
 import zmq
 
@@ -37,12 +34,11 @@ from ...ipc import gateway
 from ...ipc.control import ControlFault, Fault
 from .client import Client, EventStream
 from .locate import locate
+from .merged_events import DaemonEvent, RoutedEvents
+from .owners import ENV_DAEMONS, DaemonAddress, Owners, StaticOwners, owners_from, rendezvous
 
 #: A daemon's answer that says it is not there to answer (as opposed to an answer that refuses).
 TRANSPORT_FAULTS = frozenset({Fault.UNREACHABLE, Fault.TIMED_OUT, Fault.SHUTTING_DOWN})
-#: $DEADSTOP_DAEMONS: the command line's default for --daemons.
-ENV_DAEMONS = "DEADSTOP_DAEMONS"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,252}$")
 
 _KEY_VERBS = {"sessions.show", "sessions.send", "sessions.stop", "sessions.kill", "sessions.pause", "sessions.resume"}
 #: Per-key verbs that may go to an owner the backend kept from an earlier read (LeaseOwners' owners_ttl): the
@@ -52,98 +48,6 @@ _KEY_VERBS = {"sessions.show", "sessions.send", "sessions.stop", "sessions.kill"
 #: per-key verb reads the record afresh: a send to a stale owner would start a second copy of the session.
 _KEPT_OWNER_VERBS = {"sessions.stop", "sessions.kill"}
 _RUN_VERBS = {"runs.show", "runs.stop", "runs.kill", "runs.egress"}
-
-
-@dataclass(frozen=True)
-class DaemonAddress:
-    """A daemon by its name (what owner records hold) and where to reach it (a connection file, a runtime
-    directory or a control endpoint; a tcp:// endpoint with its CURVE public key)."""
-
-    name: str
-    where: str
-    server_key: str | None = None
-
-    @classmethod
-    def parse(cls, text: str) -> "DaemonAddress":
-        """`NAME=WHERE`, or a bare WHERE that is its own name."""
-        name, sep, where = text.partition("=")
-        if sep and _NAME.match(name) and where:
-            return cls(name, where)
-        return cls(text, text)
-
-
-@runtime_checkable
-class Owners(Protocol):
-    """Who owns session key K; record that daemon D now owns K; the daemons there are."""
-
-    #: True when the record is shared by every router and written before a session starts (no record: no
-    #: session, so a new key is not looked for on every daemon first). False: a cache of what was learned.
-    authoritative: bool
-
-    def daemons(self) -> list[DaemonAddress]: ...
-
-    def owner(self, key: str) -> str | None: ...
-
-    def record(self, key: str, daemon: str, *, replacing: str | None = None) -> str:
-        """Make `daemon` K's owner unless another already is (or, with `replacing`, unless the owner is no longer
-        `replacing`); the owner on record afterwards, which is the earlier writer's if it won."""
-        ...
-
-    def forget(self, key: str, *, holder: str | None = None) -> None:
-        """Drop K's record (only if `holder` still holds it, when given)."""
-        ...
-
-    def refresh(self, key: str) -> str | None:
-        """K's owner as its record says now, past any copy kept here (every per-key verb but a stop reads so)."""
-        ...
-
-
-class StaticOwners:
-    """A fixed list of daemons; ownership is learned by asking them (the router does) and kept here."""
-
-    authoritative = False
-
-    def __init__(self, daemons: Iterable["str | DaemonAddress"]):
-        self._daemons = [d if isinstance(d, DaemonAddress) else DaemonAddress.parse(d) for d in daemons]
-        names = [d.name for d in self._daemons]
-        if not names:
-            raise ControlFault(Fault.BAD_ARGUMENTS, "a routed client needs at least one daemon")
-        if len(set(names)) != len(names):
-            raise ControlFault(Fault.BAD_ARGUMENTS, f"daemon names must be unique: {', '.join(names)}")
-        self._owners: dict[str, str] = {}
-        self._lock = threading.Lock()
-
-    @classmethod
-    def parse(cls, text: str) -> "StaticOwners":
-        """`A,B,...` as --daemons and $DEADSTOP_DAEMONS take it."""
-        return cls(part.strip() for part in text.split(",") if part.strip())
-
-    def daemons(self) -> list[DaemonAddress]:
-        return list(self._daemons)
-
-    def owner(self, key: str) -> str | None:
-        return self._owners.get(key)
-
-    def record(self, key: str, daemon: str, *, replacing: str | None = None) -> str:
-        with self._lock:
-            current = self._owners.get(key)
-            if current is None or current == replacing:
-                self._owners[key] = current = daemon
-            return current
-
-    def forget(self, key: str, *, holder: str | None = None) -> None:
-        with self._lock:
-            if holder is None or self._owners.get(key) == holder:
-                self._owners.pop(key, None)
-
-    def refresh(self, key: str) -> str | None:
-        return self._owners.get(key)  # what was learned is all there is: the daemons are asked by the router
-
-
-def rendezvous(key: str, names: Iterable[str]) -> str:
-    """The daemon a new session goes to: highest hash of (daemon, key). Every router with the same names picks the
-    same one, and adding or removing a daemon moves only the new keys that hash to it."""
-    return max(names, key=lambda name: hashlib.sha256(f"{name}\0{key}".encode()).digest())
 
 
 @dataclass
@@ -593,75 +497,6 @@ class RoutedClient:
         self.close()
 
 
-class DaemonEvent(NamedTuple):
-    """An event of a merged stream, with the daemon it came from."""
-
-    daemon: str
-    event: gateway.EventMessage
-
-
-class RoutedEvents:
-    """Several daemons' event streams, read as one: an iterator of DaemonEvent, in arrival order.
-
-    One poll over every subscription; a burst of one daemon is read in one go and then handed out in order, so a
-    busy daemon cannot starve a quiet one for longer than its burst. Close it (or use it in a with block).
-    """
-
-    def __init__(self, streams: dict[str, EventStream], unreachable: dict[str, str], idle_timeout: float | None):
-        self.streams = streams
-        #: daemon -> why it could not be subscribed to (its events are not in this stream)
-        self.unreachable = unreachable
-        self._idle = idle_timeout
-        self._poller = zmq.Poller()
-        self._by_socket = {}
-        for name, stream in streams.items():
-            self._poller.register(stream.socket, zmq.POLLIN)
-            self._by_socket[stream.socket] = name
-        self._ready: collections.deque[DaemonEvent] = collections.deque()
-
-    def __iter__(self) -> Iterator[DaemonEvent]:
-        return self
-
-    def __next__(self) -> DaemonEvent:
-        got = self.next_within(self._idle)
-        if got is None:
-            raise ControlFault(Fault.TIMED_OUT, f"no event from any daemon within {self._idle:g} s")
-        return got
-
-    def next_within(self, timeout: float | None) -> DaemonEvent | None:
-        """The next event, waiting at most `timeout` seconds (None: for ever); None if none came."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self._ready:
-            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready = self._poller.poll(None if wait is None else int(wait * 1000))
-            if not ready:
-                return None
-            for sock, _ in ready:
-                name = self._by_socket[sock]
-                stream = self.streams[name]
-                while (event := stream.take()) is not None:
-                    self._ready.append(DaemonEvent(name, event))
-        return self._ready.popleft()
-
-    def close(self) -> None:
-        for stream in self.streams.values():
-            stream.close()
-
-    def __enter__(self) -> "RoutedEvents":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-
-def owners_from(spec: str) -> Owners:
-    """--daemons / $DEADSTOP_DAEMONS: `A,B,...` (each `NAME=WHERE` or WHERE) for a static list, or
-    `k8s:NAMESPACE` for the Lease records of that namespace (the `kubernetes` package, `deadstop[k8s]`)."""
-    if spec.startswith("k8s:"):
-        from .leases import LeaseOwners
-
-        return LeaseOwners(spec[len("k8s:"):] or "default")
-    return StaticOwners.parse(spec)
 
 
 __all__: Sequence[str] = ["DaemonAddress", "DaemonEvent", "Gathered", "Owners", "RoutedClient", "RoutedEvents",
