@@ -296,6 +296,15 @@ def calls_with_unjsonable_argument() -> str:
     return "no error"
 
 
+def calls_many(tool: str, n: int) -> int:
+    """`n` sequential calls of `tool` with one small argument; how many were answered."""
+    done = 0
+    for i in range(n):
+        egress.call(tool, f"call {i}")
+        done += 1
+    return done
+
+
 def calls_and_reports(tool: str, *args, **kwargs) -> dict:
     """Call a tool and report the outcome (value or refusal class and code) as the result."""
     try:

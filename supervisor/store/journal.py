@@ -16,7 +16,8 @@ a revocation flushes the buffer and commits before the call returns
 it, to be on record before the first signal is sent. A stop report commits
 at the end of the loop step that made it (commit_this_step): before anyone
 awaiting the stop resumes, and in one transaction with every other run
-that ended in that step.
+that ended in that step. The WAL is checkpointed on a thread of its own
+(store/checkpoint.py), never inside one of these commits.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import time
 from typing import Any, Iterable
 
 from ..mechanisms.procs import boot_id
+from .checkpoint import Checkpointer
 
 log = logging.getLogger("deadstop.journal")
 
@@ -98,6 +100,8 @@ class Journal:
         self.db = sqlite3.connect(path, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer's thread does it (checkpoint.py)
+        self._checkpointer = Checkpointer(path)
         self.db.executescript(SCHEMA)
         self._migrate()
         self.db.commit()
@@ -154,6 +158,7 @@ class Journal:
         if self.closed or not self._pending:
             return
         pending, self._pending = self._pending, []
+        self._checkpointer.wrote(len(pending))
         try:
             with self.db:  # one transaction; consecutive rows of one statement go in one executemany
                 i = 0
@@ -317,7 +322,8 @@ class Journal:
             self.commit_now()
         finally:
             self.closed = True
-            self.db.close()
+            self._checkpointer.close()
+            self.db.close()  # the last connection to close checkpoints the rest
 
 
 def _json(value: Any) -> str:
