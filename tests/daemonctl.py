@@ -13,6 +13,16 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 START_WAIT = 60.0
+#: The smallest daemon config the tests use: a short grace and one agent that sleeps until stopped.
+#: Tests that need more agents add their sections after it.
+SLEEPER_CONFIG = """
+[defaults]
+grace = 0.5
+
+[agents.sleeper]
+target = "daemon_agents:sleeper"
+cwd = "{work}"
+"""
 
 
 class Ready:

@@ -147,7 +147,7 @@ def test_a_run_revoked_in_the_middle_of_its_batch_has_nothing_of_the_rest_carrie
     assert _rows(journal, "SELECT count(*) FROM egress WHERE run_id = ? AND decision = 'refused'", run.id) != [(0,)]
 
 
-def test_the_python_client_batches_hundreds_of_async_calls(sup) -> None:
+def test_hundreds_of_async_calls_through_the_batching_client_all_come_back_right(sup) -> None:
     n = 700  # more than one batch of MAX_BATCH
     run = sup.start(B.many_acalls, "echo", n, tools=["echo"])
     assert run.result(timeout=WAIT) == list(range(n))

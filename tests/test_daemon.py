@@ -14,17 +14,10 @@ import pytest
 import zmq
 import zmq.auth
 
-from daemonctl import Daemon, Ready
+from daemonctl import SLEEPER_CONFIG, Daemon, Ready
 from procscan import cpu_seconds, marked_processes
 
-CONFIG = """
-[defaults]
-grace = 0.5
-
-[agents.sleeper]
-target = "daemon_agents:sleeper"
-cwd = "{work}"
-
+CONFIG = SLEEPER_CONFIG + """
 [agents.ignorer]
 target = "daemon_agents:ignorer"
 cwd = "{work}"

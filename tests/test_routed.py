@@ -21,20 +21,13 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from daemonctl import Daemon, Ready
+from daemonctl import SLEEPER_CONFIG, Daemon, Ready
 from deadstop.ipc.control import ControlFault, Fault
 from deadstop.supervisor.client import RoutedClient, StaticOwners
 from deadstop.supervisor.client.owners import rendezvous
 from procscan import marked_processes
 
-CONFIG = """
-[defaults]
-grace = 0.5
-
-[agents.sleeper]
-target = "daemon_agents:sleeper"
-cwd = "{work}"
-"""
+CONFIG = SLEEPER_CONFIG
 
 
 @pytest.fixture

@@ -113,9 +113,8 @@ class RunIdentity:
         """Processes of the run among the spawner's adopted orphans' subtrees, minus `inside`."""
         if self.spawner_pid is None:
             return []
-        roots = spawner_children.strays(self.spawner_pid, self.leaders())
-        if self.leader is not None and self.leader in spawner_children.members(self.spawner_pid):
-            roots = [self.leader, *roots]
+        children, strays = spawner_children.read(self.spawner_pid, self.leaders())
+        roots = ([self.leader] if self.leader in children else []) + strays
         found = []
         for root in roots:
             for pid in [root, *procs.descendants(root)]:
@@ -125,55 +124,33 @@ class RunIdentity:
 
 
 class _ChildrenCensus:
-    """The spawner's children, read at most once per event-loop step.
+    """The spawner's children, read at most once per event-loop step, and those that are no live run's leader.
 
     A stop of N runs sweeps N times, mostly in the same few steps (one
     inotify read wakes them together), and each read lists every run's
-    leader: read once per step it costs O(N), not O(N^2). So does picking
-    out the children that are no live run's leader (adopted orphans, whose
-    subtrees each sweep must walk): once per step, not once per sweep.
-    Outside a running loop every call reads afresh.
+    leader: read once per step, and the adopted orphans (whose subtrees each
+    sweep must walk) picked out once, it costs O(N), not O(N^2). Outside a
+    running loop every call reads afresh.
     """
 
     def __init__(self) -> None:
-        self._cache: dict[int, tuple[list[int], set[int]]] = {}
-        self._strays: dict[tuple[int, int], list[int]] = {}
+        self._step: dict[int, tuple[set[int], list[int]]] = {}
 
-    def _read(self, pid: int) -> tuple[list[int], set[int]]:
-        from ...worker.platform import direct_children
-
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            children = direct_children(pid)
-            return children, set(children)
-        got = self._cache.get(pid)
+    def read(self, spawner_pid: int, leaders: set[int]) -> tuple[set[int], list[int]]:
+        """(the spawner's children, those of them not in `leaders`)."""
+        got = self._step.get(spawner_pid)
         if got is None:
-            if not self._cache:
-                loop.call_soon(self._clear)  # runs after this step's callbacks
-            children = direct_children(pid)
-            got = self._cache[pid] = (children, set(children))
-        return got
+            from ...worker.platform import direct_children
 
-    def _clear(self) -> None:
-        self._cache.clear()
-        self._strays.clear()
-
-    def __call__(self, pid: int) -> list[int]:
-        return self._read(pid)[0]
-
-    def members(self, pid: int) -> set[int]:
-        return self._read(pid)[1]
-
-    def strays(self, pid: int, leaders: set[int]) -> list[int]:
-        """Children of `pid` that are not in `leaders` (the engine's live set: one per step)."""
-        children = self._read(pid)[0]
-        if pid not in self._cache:  # read afresh (no running loop): nothing to cache either
-            return [c for c in children if c not in leaders]
-        key = (pid, id(leaders))
-        got = self._strays.get(key)
-        if got is None:
-            got = self._strays[key] = [c for c in children if c not in leaders]
+            children = direct_children(spawner_pid)
+            got = (set(children), [c for c in children if c not in leaders])
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return got
+            if not self._step:
+                loop.call_soon(self._step.clear)  # runs after this step's callbacks
+            self._step[spawner_pid] = got
         return got
 
 

@@ -287,17 +287,19 @@ class AsyncSession:
     def begin_end(self, mode: str, *, source: str, reason: str,
                   grace: float | None = None) -> list[asyncio.Task[StopReport]]:
         """Bump, drop queued messages and revoke the whole tree now; the returned tasks finish the stops."""
-        requested_at = time.monotonic_ns()  # each report's requested_at: before the revokes below
-        StopRequest.of(mode, source, reason, 0.0, 0)  # an unknown mode or source fails here, before any revoke
-        runs = self.revoke_tree(source=source, reason=reason)
-        self._registry.engine.journal.commit_now()  # the whole tree's revocations, on record before any signal
-        return self.end_revoked(runs, mode, source, reason, grace, requested_at)
+        tasks = self._end_tree(mode=mode, source=source, reason=reason, include_self=True, bump=True,
+                               clear_inbox=True, grace=grace)
+        return self._stopped(tasks, mode, source)
 
     def end_revoked(self, runs: "list[AsyncRun]", mode: str, source: str, reason: str, grace: float | None,
                     requested_at: int) -> list[asyncio.Task[StopReport]]:
-        """After revoke_tree and its commit: begin the runs' stops, kill the tree's session-scoped servers,
-        tell the event stream (session.stopped); the stops' tasks."""
-        tasks = self.finish_tree(runs, mode, source, reason, grace, requested_at) + self._end_servers()
+        """After revoke_tree and its commit (sessions.stop_all does both for every tree at once): begin the
+        runs' stops, then as begin_end does."""
+        return self._stopped(self.finish_tree(runs, mode, source, reason, grace, requested_at), mode, source)
+
+    def _stopped(self, tasks: list[asyncio.Task[StopReport]], mode: str, source: str) -> list[asyncio.Task[StopReport]]:
+        """The tree's stops are begun: kill its session-scoped servers, tell the event stream (session.stopped)."""
+        tasks = tasks + self._end_servers()
         self._registry.engine.publish_session(self.key, "session.stopped", {"mode": mode, "source": source,
                                               "runs": len(tasks)}, self.generation)
         return tasks
