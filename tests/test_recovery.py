@@ -170,3 +170,23 @@ def test_sessions_survive_a_clean_restart(tmp_path) -> None:
         assert s.generation == 2 and s.answer == "AGAIN"
         assert (s.usage.tool_calls, s.usage.tokens) == (2, 120), s.usage
         assert s.info()["runs"] == [first.id, second.id]
+
+
+def test_journaled_start_time_is_the_one_recovery_compares_with(tmp_path) -> None:
+    """The spawner computes a run's start time itself (not with psutil, whose objects would dirty the
+    run's pages); recovery tells a leftover from a recycled pid by comparing it with psutil's, within
+    0.05 s. Checked against psutil here for runs of both kinds, while they live."""
+    import psutil
+
+    state = str(tmp_path / "state")
+    seen = {}
+    with Supervisor(state_dir=state) as sup:
+        runs = [sup.start(limit_agents.sleep_forever, "x"), sup.start(["sleep", "600"])]
+        for run in runs:
+            seen[run.id] = psutil.Process(run.pid).create_time()
+        for run in runs:
+            run.kill()
+    db = _journal(os.path.join(state, "journal.db"))
+    for run_id, expected in seen.items():
+        (got,) = db.execute("SELECT pid_create_time FROM runs WHERE id = ?", (run_id,)).fetchone()
+        assert abs(got - expected) < 0.05, (run_id, got, expected)

@@ -11,6 +11,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import struct
 import sys
 from typing import Callable
 
@@ -113,6 +114,30 @@ def write_small(path: str, data: bytes) -> None:
         os.close(fd)
 
 
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def create_time(pid: int) -> float:
+    """When `pid` started, in seconds since the epoch: psutil's `Process.create_time()`, computed the same way
+    (its starttime in /proc/<pid>/stat over the clock ticks, plus /proc/stat's btime), with two reads.
+
+    The spawner asks this once per run it starts, and every page of Python
+    objects it writes while doing so becomes a page of that run's own memory
+    (the run shares the spawner's pages copy-on-write until one side writes
+    them): psutil's Process object and its machinery wrote about 100 pages,
+    400 KiB of every idle run's USS. Raises OSError where /proc cannot say.
+    """
+    stat = read_small(f"/proc/{pid}/stat")
+    try:
+        ticks = int(stat[stat.rindex(b")") + 2:].split(None, 20)[19])  # field 22; the name before ")" is free text
+        host = read_small("/proc/stat")
+        at = host.index(b"\nbtime ")
+        booted = float(host[at + 7:host.index(b"\n", at + 1)])
+    except (ValueError, IndexError) as exc:
+        raise OSError(f"/proc cannot say when {pid} started: {exc}") from None
+    return ticks / _CLOCK_TICKS + booted
+
+
 def process_uid(pid: int) -> int | None:
     """Real uid of a process from /proc/<pid>/status (exact even when it is not dumpable,
     and a marker a run with its own uid cannot change)."""
@@ -207,6 +232,31 @@ if _libc is not None:
         _py.syscall.argtypes = [ctypes.c_long, ctypes.c_void_p, ctypes.c_size_t]
 
 
+class _Clone3:
+    """clone3's arguments and the interpreter's fork hooks, made once and reused by every fork.
+
+    Every Python object the spawner touches while it starts a run is a page
+    that run ends up owning a copy of (they share pages copy-on-write until
+    one side writes), so the per-fork path builds nothing it can keep.
+    The spawner is single-threaded: one set of arguments is enough.
+    """
+
+    def __init__(self, py: "ctypes.PyDLL"):
+        import signal
+
+        self.pidfd = ctypes.c_int(-1)
+        self.args = _CloneArgs(flags=CLONE_INTO_CGROUP | CLONE_PIDFD, pidfd=ctypes.addressof(self.pidfd),
+                               exit_signal=signal.SIGCHLD)
+        self.args_ref, self.args_size = ctypes.byref(self.args), ctypes.sizeof(self.args)
+        self.syscall = py.syscall
+        api = ctypes.pythonapi
+        self.before, self.after_child, self.after_parent = api.PyOS_BeforeFork, api.PyOS_AfterFork_Child, \
+            api.PyOS_AfterFork_Parent
+
+
+_clone3: _Clone3 | None = None
+
+
 def fork_into_cgroup(cgroup_fd: int) -> tuple[int, int]:
     """os.fork(), but the child is born inside the cgroup open at `cgroup_fd`.
 
@@ -215,24 +265,24 @@ def fork_into_cgroup(cgroup_fd: int) -> tuple[int, int]:
     the kernel cannot do it; the caller then forks and moves the child.
     The interpreter's fork hooks run exactly as for os.fork().
     """
+    global _clone3
     if _py is None:
         raise OSError(errno.ENOSYS, "clone3 is not available on this platform")
-    import signal
-
-    pidfd = ctypes.c_int(-1)
-    args = _CloneArgs(flags=CLONE_INTO_CGROUP | CLONE_PIDFD, pidfd=ctypes.addressof(pidfd),
-                      exit_signal=signal.SIGCHLD, cgroup=cgroup_fd)
-    api = ctypes.pythonapi
-    api.PyOS_BeforeFork()
-    pid = _py.syscall(_nr_clone3, ctypes.byref(args), ctypes.sizeof(args))
+    if _clone3 is None:
+        _clone3 = _Clone3(_py)
+    c = _clone3
+    c.args.cgroup = cgroup_fd
+    c.pidfd.value = -1
+    c.before()
+    pid = c.syscall(_nr_clone3, c.args_ref, c.args_size)
     if pid == 0:
-        api.PyOS_AfterFork_Child()
+        c.after_child()
         return 0, -1
     err = ctypes.get_errno()
-    api.PyOS_AfterFork_Parent()
+    c.after_parent()
     if pid < 0:
         raise OSError(err, os.strerror(err))
-    return pid, pidfd.value
+    return pid, c.pidfd.value
 
 
 # -- sandbox primitives (worker/sandbox.py orders them) ---------------------------
@@ -364,16 +414,27 @@ SIOCSIFFLAGS = 0x8914
 IFF_UP = 0x1
 
 
-def loopback_up() -> None:
-    """Bring up `lo` in this (new) network namespace: runs keep 127.0.0.1 of their own."""
-    import fcntl
-    import socket
-    import struct
+_IFREQ_FLAGS = struct.Struct("16sH14x")  # struct ifreq with ifr_flags
+_LO_REQUEST = _IFREQ_FLAGS.pack(b"lo", 0)
 
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        req = struct.pack("16sH14x", b"lo", 0)
-        flags = struct.unpack("16sH14x", fcntl.ioctl(s, SIOCGIFFLAGS, req))[1]
-        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
+
+def loopback_up() -> None:
+    """Bring up `lo` in this (new) network namespace: runs keep 127.0.0.1 of their own.
+
+    Bare `_socket` and one prepared request: the spawner does this for every
+    run it starts (sandbox.NetnsPool), and each object made here is a page
+    of that run's memory (see _Clone3).
+    """
+    import _socket
+    import fcntl
+
+    s = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
+    try:
+        fd = s.fileno()
+        flags = _IFREQ_FLAGS.unpack(fcntl.ioctl(fd, SIOCGIFFLAGS, _LO_REQUEST))[1]
+        fcntl.ioctl(fd, SIOCSIFFLAGS, _IFREQ_FLAGS.pack(b"lo", flags | IFF_UP))
+    finally:
+        s.close()
 
 
 def setns(fd: int, nstype: int) -> None:

@@ -40,8 +40,10 @@ when it is killed (about 0.15 ms of kill latency per run, measured).
 
 from __future__ import annotations
 
+import _signal
 import gc
 import os
+import select
 import selectors
 import signal
 import socket
@@ -66,6 +68,8 @@ import zmq  # noqa: F401
 from . import egress  # noqa: F401
 
 MARKER_PREFIX = f"{framing.ENV_MARKER}=".encode()
+#: Made once: the per-start path creates as few objects as it can (see _fork_run).
+ALL_SIGNALS = frozenset(signal.valid_signals())
 #: Adoption raises no signal: orphans are looked at this often, and at every SIGCHLD.
 STRAY_SCAN_INTERVAL = 1.0
 #: A stray is killed only once it has been one this long: a run being
@@ -107,7 +111,10 @@ class Spawner:
         self.starting: dict[int, _Starting] = {}
         self.early_exits: dict[int, int] = {}  # pid -> wait status of a child reaped before its answer was read
         self.pinned: set[int] = set()  # leaders held as zombies until the supervisor releases them
-        self.sel = selectors.DefaultSelector()
+        # A bare poll object, not a selectors.Selector: its keys are objects made per registration,
+        # and every object made while a run starts is a page that run ends up owning a copy of.
+        self.poller = select.poll()
+        self.ctrl_fd = self.sock.fileno()
         self.subreaper = platform.set_child_subreaper()
         self.clone_into_cgroup = True  # until the kernel says otherwise
         self.bounding_empty = False  # emptied once here: runs inherit it so
@@ -142,31 +149,31 @@ class Spawner:
         signal.set_wakeup_fd(wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
         signal.signal(signal.SIGTERM, self._on_sigterm)
-        sel = self.sel
-        sel.register(self.sock.fileno(), selectors.EVENT_READ, "ctrl")
-        sel.register(wake_r, selectors.EVENT_READ, "wake")
+        poller = self.poller
+        poller.register(self.ctrl_fd, select.POLLIN)
+        poller.register(wake_r, select.POLLIN)
         gc.freeze()  # keep warm pages shared with forked runs
         self._send(wire.Ready(pid=self.pid, subreaper=self.subreaper))
         while not self.stopping:
             pool = self.netns if self.netns is not None and self.netns.wants_more else None
-            events = sel.select(0 if pool is not None else STRAY_SCAN_INTERVAL)
+            events = poller.poll(0 if pool is not None else STRAY_SCAN_INTERVAL * 1000)
             if not events:
                 if pool is not None:
                     pool.fill_one()  # only when nothing is waiting for us
                 else:
                     self._kill_strays()
                 continue
-            for key, _ in events:
-                if key.data == "wake":
+            for fd, _ in events:  # any event of a descriptor (data, hang-up, error) means: read it
+                if fd == wake_r:
                     try:
                         while os.read(wake_r, 512):
                             pass
                     except BlockingIOError:
                         pass
                     self._reap()
-                elif key.data == "ready":
-                    self._answer_start(key.fd)
-                elif not self._handle_ctrl():
+                elif fd in self.starting:
+                    self._answer_start(fd)
+                elif fd == self.ctrl_fd and not self._handle_ctrl():
                     self.stopping = True
         self.kill_everything()
 
@@ -267,13 +274,15 @@ class Spawner:
         # Block every signal across fork: a SIGTERM aimed at the new run before
         # it has reset the spawner's handlers must stay pending until it has,
         # then act with its default disposition (bootstrap unblocks).
-        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        # _signal's: signal.pthread_sigmask turns each of the 64 signals of the old mask into an enum
+        # member, and every object it touches is a page the new run would own a copy of.
+        old_mask = _signal.pthread_sigmask(signal.SIG_BLOCK, ALL_SIGNALS)
         ready_r, ready_w = os.pipe()
         go_r, go_w = os.pipe()  # the spawner's "told the supervisor": the run's code waits for it
         try:
             pid, pidfd = self._fork(msg)
         except OSError as exc:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            _signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
             for fd in (ready_r, ready_w, go_r, go_w):
                 os.close(fd)
             self._send(wire.StartFailed(run_id=msg.run_id, error=f"fork failed: {exc}"))
@@ -282,7 +291,7 @@ class Spawner:
             os.close(ready_r)
             os.close(go_w)
             bootstrap.child_main(msg, self.pid, ready_w, self.seccomp, go_r)  # never returns
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        _signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         os.close(ready_w)
         os.close(go_r)
         # Reply only once the child is its own session, inside its cgroup and
@@ -292,12 +301,12 @@ class Spawner:
         # is read from the select loop: the next start forks meanwhile.
         self.live_runs.add(msg.run_id)  # not a stray while it sets itself up
         self.starting[ready_r] = _Starting(msg, pid, pidfd, os.dup(proxy_fd) if proxy_fd is not None else None, go_w)
-        self.sel.register(ready_r, selectors.EVENT_READ, "ready")
+        self.poller.register(ready_r, select.POLLIN)
 
     def _answer_start(self, ready_r: int) -> None:
         """The child's confinement verdict came (or its EOF): tell the supervisor."""
         pending = self.starting.pop(ready_r)
-        self.sel.unregister(ready_r)
+        self.poller.unregister(ready_r)
         msg, pid, pidfd, proxy_fd, go_w = pending.msg, pending.pid, pending.pidfd, pending.proxy_fd, pending.go_w
         try:
             answer = os.read(ready_r, 4096)
@@ -323,8 +332,8 @@ class Spawner:
                 except OSError:
                     pidfd = -1
             try:
-                create_time = psutil.Process(pid).create_time()
-            except psutil.Error:
+                create_time = platform.create_time(pid)  # not psutil's: its objects would dirty the run's pages
+            except OSError:
                 create_time = 0.0
             self._send(wire.Started(run_id=msg.run_id, pid=pid, create_time=create_time, has_pidfd=pidfd >= 0,
                                     has_proxy=proxy_fd is not None))
