@@ -13,6 +13,7 @@ twice.
 
 from __future__ import annotations
 
+import _signal
 import inspect
 import os
 import signal
@@ -67,7 +68,9 @@ def _reset_inherited_state(keep_fd: int | None) -> None:
     for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    # _signal's: the signal module's own turns each of the 64 blocked signals it returns into an
+    # enum member, and the run would own a copy of every page those objects sit on.
+    _signal.pthread_sigmask(signal.SIG_SETMASK, ())
     # Drop the spawner's control socket, selector and wake-up pipe; close_range
     # makes this cheap even with a large fd limit.
     top = os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 4096
