@@ -254,7 +254,7 @@ class _Clone3:
             api.PyOS_AfterFork_Parent
 
 
-_clone3: _Clone3 | None = None
+_clone3 = _Clone3(_py) if _py is not None else None
 
 
 def fork_into_cgroup(cgroup_fd: int) -> tuple[int, int]:
@@ -265,12 +265,9 @@ def fork_into_cgroup(cgroup_fd: int) -> tuple[int, int]:
     the kernel cannot do it; the caller then forks and moves the child.
     The interpreter's fork hooks run exactly as for os.fork().
     """
-    global _clone3
-    if _py is None:
-        raise OSError(errno.ENOSYS, "clone3 is not available on this platform")
-    if _clone3 is None:
-        _clone3 = _Clone3(_py)
     c = _clone3
+    if c is None:
+        raise OSError(errno.ENOSYS, "clone3 is not available on this platform")
     c.args.cgroup = cgroup_fd
     c.pidfd.value = -1
     c.before()
