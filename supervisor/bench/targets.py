@@ -35,9 +35,13 @@ def announce(path: str, tag: str, t_ns: int | None = None) -> None:
 
 
 def sleep_forever() -> NoReturn:
-    """Idle with the default SIGTERM disposition, like a run waiting on a model."""
+    """Idle with the default SIGTERM disposition, like a run blocked on its model's reply.
+
+    One long sleep, not a poll: a run that woke 20 times a second would, a
+    thousand of them, spend most of a core on wake-ups and tilt every figure
+    measured beside them (the scale benchmark's starts and stop_all)."""
     while True:
-        time.sleep(0.05)
+        time.sleep(3600)
 
 
 def sleeper(path: str) -> None:
