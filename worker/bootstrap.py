@@ -28,6 +28,10 @@ from . import egress, platform, sandbox
 EXIT_BOOTSTRAP_FAILED = 121
 EXIT_TARGET_UNLOADABLE = 122
 EXIT_EXEC_FAILED = 127
+#: Signals the spawner handles and a fresh process leaves at their default (ints, made once).
+_DEFAULT_DISPOSITION = (int(signal.SIGCHLD), int(signal.SIGTERM), int(signal.SIGHUP))
+#: The run marker's slot in the spawner's exec-time environment, found once here, before any fork.
+_MARKER_SLOT = platform.exec_env_slot(framing.ENV_MARKER)
 
 
 def _contain(spec: wire.Start, spawner_pid: int) -> None:
@@ -62,15 +66,15 @@ def _ready(ready_fd: int, error: str = "") -> None:
 
 
 def _reset_inherited_state(keep_fd: int | None) -> None:
-    signal.set_wakeup_fd(-1)
+    # _signal's functions, not the signal module's wrappers: those turn every handler and signal
+    # they return into enum members, and each object they touch is a page the run owns a copy of.
+    _signal.set_wakeup_fd(-1)
     # What a fresh Python process has: default dispositions, except SIGINT
     # (KeyboardInterrupt) and SIGPIPE (ignored); _exec_argv restores SIGPIPE.
-    for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    # _signal's: the signal module's own turns each of the 64 blocked signals it returns into an
-    # enum member, and the run would own a copy of every page those objects sit on.
-    _signal.pthread_sigmask(signal.SIG_SETMASK, ())
+    for sig in _DEFAULT_DISPOSITION:
+        _signal.signal(sig, _signal.SIG_DFL)
+    _signal.signal(_signal.SIGINT, _signal.default_int_handler)
+    _signal.pthread_sigmask(_signal.SIG_SETMASK, ())
     # Drop the spawner's control socket, selector and wake-up pipe; close_range
     # makes this cheap even with a large fd limit.
     top = os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 4096
@@ -215,10 +219,11 @@ def child_main(spec: wire.Start, spawner_pid: int, ready_fd: int, seccomp: Any =
             os.dup2(spec.stdio_fd, 1)
         _reset_inherited_state(spec.credential_fd)  # handlers to default, unblock (the spawner blocked all)
         _apply_rlimits(spec.rlimits)
-        platform.rewrite_exec_env(framing.ENV_MARKER, spec.run_id)
+        platform.write_exec_env_slot(_MARKER_SLOT, spec.run_id.encode())
         added = _run_variables(spec)
         if spec.clean_env:  # nothing of the spawner's (or the host's) environment
-            os.environ.clear()
+            for name in list(os.environ):  # not os.environ.clear(): it pops until KeyError, a traceback's pages
+                del os.environ[name]
         if spec.argv:
             _exec_argv(spec, {**os.environ, **added})
         for name, value in added.items():  # a handful of putenv calls, not a rebuild

@@ -176,32 +176,41 @@ def kill_uids(uids: range) -> list[int]:
             if e.isdigit() and in_range(int(e)) and kill_checked(int(e), in_range)]
 
 
-def rewrite_exec_env(name: str, value: str) -> bool:
-    """Overwrite, in place, the value of `name` in this process's exec-time environment.
+def exec_env_slot(name: str) -> tuple[int, int] | None:
+    """Where the value of `name` sits in this process's exec-time environment: (address, width).
 
     /proc/<pid>/environ shows the environment block the process was exec'd
     with, not os.environ; a forked child therefore still shows its parent's.
     The spawner is exec'd with a fixed-width placeholder for the run marker,
-    and each forked run writes its own id into that same memory, so that it
-    and every process it forks are recognisable from outside. Returns False if
-    the slot is missing or has another width.
+    finds it here once, and each forked run writes its own id into that same
+    memory (write_exec_env_slot), so that it and every process it forks are
+    recognisable from outside. The block never moves (setenv reallocates the
+    pointer array, not the strings). None if the slot is missing.
     """
     if _libc is None:
-        return False
+        return None
     prefix = f"{name}=".encode()
-    new = value.encode()
     environ = ctypes.POINTER(ctypes.c_void_p).in_dll(_libc, "environ")
     i = 0
     while environ[i]:
         addr = environ[i]
         if ctypes.string_at(addr, len(prefix)) == prefix:
-            current = ctypes.string_at(addr)
-            if len(current) - len(prefix) != len(new):
-                return False
-            ctypes.memmove(addr + len(prefix), new, len(new))
-            return True
+            return addr + len(prefix), len(ctypes.string_at(addr)) - len(prefix)
         i += 1
-    return False
+    return None
+
+
+def write_exec_env_slot(slot: tuple[int, int] | None, value: bytes) -> bool:
+    """Overwrite the slot exec_env_slot found (in a forked copy of the finder); False if it cannot hold `value`.
+
+    One memmove: the forked run does this first thing, and every object a
+    Python-level search of the block touched would be a page the run owns a
+    copy of.
+    """
+    if slot is None or len(value) != slot[1]:
+        return False
+    ctypes.memmove(slot[0], value, len(value))
+    return True
 
 
 # -- clone3(CLONE_INTO_CGROUP) ----------------------------------------------------
@@ -330,7 +339,7 @@ def prewarm_sandbox() -> None:
     """
     if _libc is None:
         return
-    for name in ("prctl", "unshare", "mount", "sethostname", "capset", "setns"):
+    for name in ("prctl", "unshare", "mount", "sethostname", "capset", "capget", "setns"):
         getattr(_libc, name)
 
 
@@ -370,11 +379,29 @@ _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 #: copy-on-write page fault, so the sandbox allocates as little as it can.
 _CAP_HEADER = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
 _CAP_NONE = (_CapData * 2)()
+_CAP_READ = (_CapData * 2)()  # capget's answer lands here: a page the run writes anyway, no new objects
 
 
 def clear_capabilities() -> None:
     """Empty the effective, permitted and inheritable sets (capset(2), 64-bit layout)."""
     _check(_need_libc().capset(ctypes.byref(_CAP_HEADER), _CAP_NONE), "capset")
+
+
+def capabilities_held() -> dict[str, int]:
+    """The effective, permitted and inheritable sets that are not empty, as capget(2) reports them.
+
+    The kernel's own answer, as /proc/self/status would give it, without the
+    text to parse. The ambient set needs no look: it is always within the
+    permitted and the inheritable sets.
+    """
+    _check(_need_libc().capget(ctypes.byref(_CAP_HEADER), _CAP_READ), "capget")
+    low, high = _CAP_READ
+    if not (low.effective or low.permitted or low.inheritable or high.effective or high.permitted
+            or high.inheritable):
+        return {}
+    sets = {"CapEff": low.effective | high.effective << 32, "CapPrm": low.permitted | high.permitted << 32,
+            "CapInh": low.inheritable | high.inheritable << 32}
+    return {name: value for name, value in sets.items() if value}
 
 
 def last_capability() -> int:

@@ -97,16 +97,35 @@ PR_SET_SECCOMP = 22
 SECCOMP_MODE_FILTER = 2
 _libc = ctypes.CDLL(None, use_errno=True)
 _prctl = _libc.prctl  # looked up here, in the spawner, not in each run
+_prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+_prctl.restype = ctypes.c_int
 
 
-def load(program: bytes) -> None:
+class Prepared:
+    """A program laid out once, in the spawner, as the kernel reads it (a sock_fprog and its buffer).
+
+    Each run loads it with one prctl on an address: building the buffer
+    and the struct in the run would make objects there, and every object
+    made in a freshly forked run is a page it owns a copy of.
+    """
+
+    def __init__(self, program: bytes):
+        self.program = program
+        self._buffer = ctypes.create_string_buffer(program, len(program))
+        self._fprog = _SockFprog(len(program) // 8, ctypes.cast(self._buffer, ctypes.c_void_p))
+        self.address = ctypes.addressof(self._fprog)
+
+
+def prepare(program: bytes) -> Prepared:
+    return Prepared(program)
+
+
+def load(prepared: Prepared) -> None:
     """Install the filter on the calling thread (and so on everything it forks).
 
     Needs no-new-privileges first (the sandbox sets it) unless the caller
     has CAP_SYS_ADMIN.
     """
-    buf = ctypes.create_string_buffer(program, len(program))
-    prog = _SockFprog(len(program) // 8, ctypes.cast(buf, ctypes.c_void_p))
-    if _prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0) != 0:
+    if _prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, prepared.address, 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"prctl(PR_SET_SECCOMP): {os.strerror(err)}")
