@@ -107,7 +107,7 @@ class SpawnerClient:
         code = (f"import sys; sys.path[:0] = {paths!r}; "
                 f"from deadstop.worker.spawner import main; main({fd}, {isolated!r})")
         env = dict(os.environ if env is None else env)
-        # Fixed-width slot each forked run overwrites with its id (worker.platform.rewrite_exec_env).
+        # Fixed-width slot each forked run overwrites with its id (worker.platform.exec_env_slot).
         env[framing.ENV_MARKER] = "-" * framing.RUN_ID_CHARS
         try:
             proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=[fd], env=env, close_fds=True)
