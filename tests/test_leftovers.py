@@ -377,6 +377,29 @@ def test_make_runtime_dir_is_predictable_private_and_owned(monkeypatch, xdg) -> 
     assert not [n for n in os.listdir(os.path.dirname(path)) if n.startswith(".ds-new-")]
 
 
+def _fs_type(path: str) -> str:
+    """The filesystem type of `path` as coreutils' stat sees it (statfs), not as deadstop parses it."""
+    return subprocess.run(["stat", "-f", "-c", "%T", path], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_without_xdg_the_runtime_dir_sits_on_a_memory_filesystem_where_one_is_offered(monkeypatch) -> None:
+    # Every run's endpoint is made and removed in this directory: on a disk filesystem that is
+    # inode allocation at each start and stop. /dev/shm is tmpfs on Linux wherever it exists.
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    bases = leftovers.runtime_bases()
+    parents = [os.path.dirname(b) for b in bases]
+    memory = [p for p in parents if _fs_type(p) in ("tmpfs", "ramfs")]
+    if not memory:
+        pytest.skip("no candidate base on a memory filesystem here")
+    assert _fs_type(parents[0]) in ("tmpfs", "ramfs"), list(zip(bases, map(_fs_type, parents)))
+    path = leftovers.make_runtime_dir("0123abcf")
+    try:
+        assert _fs_type(path) in ("tmpfs", "ramfs")
+        assert os.stat(path).st_mode & 0o777 == 0o700
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def test_make_runtime_dir_refuses_a_symlinked_base(monkeypatch, xdg, tmp_path) -> None:
     target = tmp_path / "elsewhere"
     target.mkdir(mode=0o700)

@@ -322,8 +322,12 @@ class LocalHost:
             endpoint_dir = os.path.join(self.runtime_dir, f"r-{run_id}")
             os.mkdir(endpoint_dir, 0o710)
             os.chown(endpoint_dir, 0, uid)
+        # A run without an identity of its own reaches the shared socket in the runtime directory:
+        # that directory is then what its mount namespace must still show (the base may sit on a
+        # filesystem the sandbox covers with a private tmpfs, as /dev/shm or a private /tmp).
+        reached = endpoint_dir if endpoint_dir is not None else self.runtime_dir
         plan = iso.sandbox_plan(self.isolation, run_id, uid, workdir, argv, network,
-                                self._planners[bool(private_tmp)], endpoint_dir, self._voids, masks=masks)
+                                self._planners[bool(private_tmp)], reached, self._voids, masks=masks)
         summary: dict[str, Any] = {**self.isolation.to_dict(), "network": network, "private_tmp": private_tmp}
         if network == "host":
             summary["missing"] = {**summary["missing"], "namespace:network": "network='host': the run is unconfined"}

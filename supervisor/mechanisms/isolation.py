@@ -300,9 +300,10 @@ def unreadable(paths: Iterable[str], uid: int, gid: int) -> list[str]:
 
 
 def sandbox_plan(profile: IsolationProfile, run_id: str, uid: int | None, cwd: str, argv: list[str] | None,
-                 network: str, base: MountPlanner, endpoint_dir: str | None, voids: tuple[str, str],
+                 network: str, base: MountPlanner, egress_dir: str | None, voids: tuple[str, str],
                  masks: list[str]) -> dict[str, Any]:
-    """One run's sandbox, from the layers the host gives and what the run needs to reach."""
+    """One run's sandbox, from the layers the host gives and what the run needs to reach
+    (`egress_dir`: the directory of the socket its egress goes to)."""
     namespaces = [n for n in NAMESPACES if profile.has(f"namespace:{n}") and not (n == "network" and network == "host")]
     plan: dict[str, Any] = {
         "namespaces": namespaces, "userns": not profile.is_root and bool(namespaces),
@@ -318,8 +319,8 @@ def sandbox_plan(profile: IsolationProfile, run_id: str, uid: int | None, cwd: s
     for arg in argv or ():
         if os.path.isabs(arg) and os.path.exists(arg):
             needed += [arg, os.path.realpath(arg)]
-    if endpoint_dir:
-        needed.append(endpoint_dir)
+    if egress_dir:
+        needed.append(egress_dir)
     for path in sorted(set(needed), key=lambda q: q.count("/")):
         planner.expose(path)
     planner.expose(cwd, writable=True)
