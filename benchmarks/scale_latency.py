@@ -9,6 +9,10 @@ For each size N (one measurement each; the figures are totals, not trials):
 start     N runs started concurrently through the asyncio core (isolation as
           configured, default on); from the first start() call to the last
           run's first tool call. Target (issue 13): >= 300 runs/s at 1,000.
+          Floor: N forks, one after another, of a fresh interpreter holding the
+          spawner's imports, each child writing as many of its pages as a run
+          owns (its USS) and then saying so on a pipe; what the host charges
+          for forking and copying that much, with nothing of deadstop's.
 USS       median unique memory of 50 sampled run leaders (psutil); the
           supervisor process's RSS beside it. Targets: <= 3 MB and <= 150 MB.
 idle      the supervisor process's CPU over IDLE_SECONDS with the N runs idle and
@@ -95,6 +99,48 @@ def cgroup_kill_floor(n: int) -> float | None:
         os.rmdir(cg)
 
 
+#: The fork floor's parent: the spawner's warm imports, a heap to copy from, N children that
+#: each write `pages` pages of it, report on a pipe and wait for the parent to go.
+_FORK_FLOOR = r"""
+import json, os, sys, time
+import cloudpickle, msgspec, psutil, zmq
+n, pages = int(sys.argv[1]), int(sys.argv[2])
+heap = bytearray(b"\1" * (pages * 4096))
+ready_r, ready_w = os.pipe()
+release_r, release_w = os.pipe()
+t0 = time.monotonic_ns()
+for _ in range(n):
+    if os.fork() == 0:
+        os.close(release_w)
+        for i in range(0, len(heap), 4096):
+            heap[i] = 2
+        os.write(ready_w, b"x")
+        os.read(release_r, 1)  # EOF once the parent is gone
+        os._exit(0)
+got = 0
+while got < n:
+    got += len(os.read(ready_r, n))
+took = time.monotonic_ns() - t0
+os.close(release_w)
+for _ in range(n):
+    os.wait()
+print(json.dumps({"ns": took}))
+"""
+
+
+def fork_floor(n: int, pages: int) -> float | None:
+    """ns for n forks of a warm interpreter whose children each copy `pages` pages (None if it failed)."""
+    import json
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-c", _FORK_FLOOR, str(n), str(pages)], capture_output=True, text=True,
+                          timeout=300)
+    if proc.returncode != 0:
+        log(f"fork floor failed: {proc.stderr[-500:]}")
+        return None
+    return float(json.loads(proc.stdout)["ns"])
+
+
 async def idle_share(sup: Any) -> float:
     """Share of one core the supervisor process used while its runs idled, a lifecycle subscriber following."""
     import psutil
@@ -156,11 +202,15 @@ def measure(cfg: Config, chan: ReadyChannel) -> list[Row]:
         log(f"{n} runs: start concurrently, sample memory, stop_all; then the cgroup.kill floor of {n} processes")
         got = asyncio.run(one_size(n))
         floor = cgroup_kill_floor(n)
+        pages = int(got["uss"] // 4096) if got["uss"] == got["uss"] else 700
+        start_floor = fork_floor(n, pages)
+        start_floor_rate = n / (start_floor / 1e9) if start_floor else None
         section = f"{n} idle runs"
         rate = n / (got["start_ns"] / 1e9)
         big = n >= 1000
         rows += [
             Row(section, "start, concurrently (first start() -> last run's first call)", "calls/s", rate, rate, 1,
+                "forks of a warm interpreter, each copying a run's USS", start_floor_rate,
                 target=">= 300 runs/s" if big else "", limit=300 if big else None, higher_is_better=True,
                 note=f"{got['start_ns'] / 1e9:.2f} s in all"),
             Row(section, "USS per idle run (median of a sample)", "MiB", got["uss"], got["uss"], 1, target="<= 3 MB",
