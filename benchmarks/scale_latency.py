@@ -158,7 +158,7 @@ async def idle_share(sup: Any) -> float:
         after, took = me.cpu_times(), time.monotonic() - t0
     finally:
         follower.cancel()
-    return (after.user + after.system - before.user - before.system) / took
+    return max(0.0, after.user + after.system - before.user - before.system) / took  # clock ticks: never below 0
 
 
 async def one_size(n: int) -> dict[str, Any]:
