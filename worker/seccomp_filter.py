@@ -116,10 +116,6 @@ class Prepared:
         self.address = ctypes.addressof(self._fprog)
 
 
-def prepare(program: bytes) -> Prepared:
-    return Prepared(program)
-
-
 def load(prepared: Prepared) -> None:
     """Install the filter on the calling thread (and so on everything it forks).
 

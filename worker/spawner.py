@@ -127,7 +127,7 @@ class Spawner:
             try:
                 from . import seccomp_filter
 
-                self.seccomp = seccomp_filter.prepare(seccomp_filter.build())
+                self.seccomp = seccomp_filter.Prepared(seccomp_filter.build())
             except OSError as exc:
                 self.seccomp_error = str(exc)
             # The spawner never execs, so its bounding set grants it nothing;

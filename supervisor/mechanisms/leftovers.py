@@ -33,12 +33,13 @@ disk filesystem that is inode allocation (on ext4 without a journal, a scan
 past every inode freed in the last half minute: about 1 ms of the
 supervisor's CPU per start with a thousand runs, measured). A candidate is
 skipped if the socket paths under it would get long (AF_UNIX allows ~107
-bytes), or if it is a symlink, not ours or writable by others. The base is mode 0711 so that per-run endpoint
-directories below a supervisor's directory can later be reached by runs with
-their own uid; nothing relies on the base being unlistable. The directory is
-made under a staging name (.ds-new-XXXX), the owner record is written into
-it (tmp file + rename), and only then is it renamed to ds-<id>: a ds-*
-directory always carries its record, so a sweeper never sees one half made.
+bytes), or if it is a symlink, not ours or writable by others. The base is
+mode 0711 so that per-run endpoint directories below a supervisor's
+directory can later be reached by runs with their own uid; nothing relies
+on the base being unlistable. The directory is made under a staging name
+(.ds-new-XXXX), the owner record is written into it (tmp file + rename),
+and only then is it renamed to ds-<id>: a ds-* directory always carries its
+record, so a sweeper never sees one half made.
 A staging directory left by a supervisor killed between the two steps
 carries a record too, unless it was killed before writing it: such a staging
 directory is removed once it is older than STAGING_STALE seconds.
