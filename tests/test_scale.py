@@ -1,5 +1,5 @@
 """Many runs on one host, at a size CI affords: all started concurrently, all stopped in one stop_all,
-nothing left alive (an independent /proc scan), the supervisor's memory bounded.
+nothing left alive (an independent /proc scan), the supervisor's memory and each run's bounded.
 
 300 at once is past where a burst of starts used to fill the spawner's socket both ways and take
 every run down with a "spawner stopped reading" (it failed so at 300 before the start window)."""
@@ -19,6 +19,10 @@ RUNS = 300
 #: what RUNS idle runs may add to the supervisor's own resident memory (the runs are other processes;
 #: this process also holds pytest and whatever earlier tests imported, so its growth is what is bounded)
 RSS_GROWTH_BOUND = 60 << 20
+#: the unique memory of an idle run (its pages copied from the spawner, psutil's USS); about 3 MiB
+#: measured (benchmarks/scale_latency.py), so this catches a start path that copies the heap, not noise
+USS_BOUND = 6 << 20
+USS_SAMPLE = 20
 
 
 def test_three_hundred_runs_start_together_and_one_stop_all_ends_them(tmp_path) -> None:
@@ -38,6 +42,8 @@ def test_three_hundred_runs_start_together_and_one_stop_all_ends_them(tmp_path) 
             assert {r.id for r in runs} <= set(alive.values()), "every run has a live process"
             grown = psutil.Process(os.getpid()).memory_info().rss - before
             assert grown < RSS_GROWTH_BOUND, f"{RUNS} idle runs grew the supervisor by {grown >> 20} MiB"
+            uss = sorted(psutil.Process(r.pid).memory_full_info().uss for r in runs[:: RUNS // USS_SAMPLE])
+            assert uss[len(uss) // 2] < USS_BOUND, f"idle runs own {[u >> 10 for u in uss]} KiB each"
             reports = await sup.stop_all(grace=1.0)
             assert len(reports) == RUNS and all(r.survivors == 0 for r in reports)
             assert max(r.revoked_at for r in reports) < min(r.term_sent_at or r.kill_sent_at for r in reports)
