@@ -47,3 +47,33 @@ def test_the_wal_is_checkpointed_while_the_supervisor_runs(tmp_path) -> None:
     assert n == calls, "every row is in the record"
     assert not [t for t in threading.enumerate() if t.name == "deadstop-journal-checkpoint"], \
         "closing the supervisor ended the checkpoint thread"
+
+
+def test_a_journal_with_the_old_egress_index_opens_with_the_new_one_and_keeps_its_rows(tmp_path) -> None:
+    """A journal written before egress_by_run: its (run_id, decision) index is dropped, the rows stay,
+    and a run's log in seq order is read from the index without a sort (SQLite's own plan says so)."""
+    from deadstop.supervisor.store.journal import Journal
+
+    path = str(tmp_path / "old.db")
+    old = sqlite3.connect(path)
+    old.executescript("""
+        CREATE TABLE egress(seq INTEGER PRIMARY KEY, run_id TEXT, t_ns INTEGER, req_id INTEGER, verb TEXT,
+                            tool TEXT, decision TEXT, code INTEGER, detail TEXT);
+        CREATE INDEX egress_run ON egress(run_id, decision);
+    """)
+    old.executemany("INSERT INTO egress(run_id, t_ns, req_id, verb, tool, decision) VALUES (?,?,?,?,?,?)",
+                    [("r1", i, i, "call", "echo", ("dispatched", "completed")[i % 2]) for i in range(10)])
+    old.commit()
+    old.close()
+    Journal(path).close()
+    db = sqlite3.connect(path)
+    try:
+        indexes = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'"
+                                                  " AND tbl_name = 'egress'")}
+        assert indexes == {"egress_by_run"}
+        assert db.execute("SELECT count(*) FROM egress WHERE run_id = 'r1'").fetchone() == (10,)
+        plan = [row[3] for row in db.execute("EXPLAIN QUERY PLAN SELECT * FROM egress WHERE run_id = ?"
+                                             " ORDER BY seq LIMIT 50", ("r1",))]
+        assert any("egress_by_run" in step for step in plan) and not any("TEMP B-TREE" in s for s in plan), plan
+    finally:
+        db.close()

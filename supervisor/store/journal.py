@@ -71,7 +71,7 @@ CREATE TABLE IF NOT EXISTS revocations(
 CREATE TABLE IF NOT EXISTS egress(
     seq INTEGER PRIMARY KEY, run_id TEXT, t_ns INTEGER, req_id INTEGER, verb TEXT,
     tool TEXT, decision TEXT, code INTEGER, detail TEXT);
-CREATE INDEX IF NOT EXISTS egress_run ON egress(run_id, decision);
+CREATE INDEX IF NOT EXISTS egress_by_run ON egress(run_id);
 CREATE TABLE IF NOT EXISTS stops(run_id TEXT PRIMARY KEY, t_ns INTEGER, report TEXT);
 """
 
@@ -113,7 +113,12 @@ class Journal:
         self.closed = False
 
     def _migrate(self) -> None:
-        """Add columns that a journal written by an older version lacks."""
+        """Add columns that a journal written by an older version lacks; drop the index it no longer needs."""
+        # (run_id, decision) was the egress index before egress_by_run: its entries of one run are in
+        # decision order, so a run's log in seq order needed a sort of all its rows, and an insert
+        # landed in as many places of it as the run has decisions. (run_id) keeps each run's rows in
+        # seq order (the rowid ends every entry) and appends.
+        self.db.execute("DROP INDEX IF EXISTS egress_run")
         wanted = {"ended_wall": "REAL", "session": "TEXT", "generation": "INTEGER", "usage": "TEXT"}
         have = {row[1] for row in self.db.execute("PRAGMA table_info(runs)")}
         for column, kind in wanted.items():
