@@ -138,6 +138,15 @@ def create_time(pid: int) -> float:
     return ticks / _CLOCK_TICKS + booted
 
 
+def parent_pid(pid: int) -> int | None:
+    """The parent of `pid` from /proc/<pid>/stat (field 4, after the command name's last ')'); None if gone."""
+    try:
+        stat = read_small(f"/proc/{pid}/stat")
+        return int(stat[stat.rindex(b")") + 2:].split(None, 2)[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def process_uid(pid: int) -> int | None:
     """Real uid of a process from /proc/<pid>/status (exact even when it is not dumpable,
     and a marker a run with its own uid cannot change)."""

@@ -52,7 +52,6 @@ import time
 from typing import Any, NamedTuple
 
 import msgspec
-import psutil
 import struct
 
 from ..ipc import framing
@@ -534,17 +533,14 @@ class Spawner:
                 os.killpg(pid, signal.SIGKILL)  # group pinned by the zombie leader
             except OSError:
                 pass
-        me = psutil.Process(self.pid)
+        # Then whatever is left below us, by a walk of /proc (no psutil in this template: its
+        # megabytes would be mapped, copied at every fork and unmapped at every run's death).
         for _ in range(50):
-            try:
-                rest = me.children(recursive=True)
-            except psutil.Error:
-                rest = []
-            for proc in rest:
-                try:
-                    proc.kill()  # psutil refuses if the pid was recycled
-                except psutil.Error:
-                    pass
+            rest = self._descendants()
+            for pid, parent in rest:
+                # The pidfd pins the process; the parent check proves it is still the one found
+                # (a recycled pid has another parent, or is a new child of our own descendant).
+                platform.kill_checked(pid, lambda p, parent=parent: platform.parent_pid(p) == parent)
             while True:
                 try:
                     got, _ = os.waitpid(-1, os.WNOHANG)
@@ -556,7 +552,18 @@ class Spawner:
                     break
             if not rest:
                 return
-            psutil.wait_procs(rest, timeout=0.1)
+            time.sleep(0.01)  # the kills take effect; orphans re-parent to us (the subreaper) to be reaped
+
+    def _descendants(self) -> list[tuple[int, int]]:
+        """(pid, parent pid) of every process below the spawner, from the children files."""
+        found: list[tuple[int, int]] = []
+        parents = [self.pid]
+        while parents:
+            parent = parents.pop()
+            for child in platform.direct_children(parent):
+                found.append((child, parent))
+                parents.append(child)
+        return found
 
 
 def main(ctrl_fd: int, isolated: bool = False) -> None:
