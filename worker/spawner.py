@@ -41,6 +41,7 @@ when it is killed (about 0.15 ms of kill latency per run, measured).
 from __future__ import annotations
 
 import _signal
+import functools
 import gc
 import os
 import select
@@ -540,7 +541,7 @@ class Spawner:
             for pid, parent in rest:
                 # The pidfd pins the process; the parent check proves it is still the one found
                 # (a recycled pid has another parent, or is a new child of our own descendant).
-                platform.kill_checked(pid, lambda p, parent=parent: platform.parent_pid(p) == parent)
+                platform.kill_checked(pid, functools.partial(_has_parent, parent))
             while True:
                 try:
                     got, _ = os.waitpid(-1, os.WNOHANG)
@@ -564,6 +565,10 @@ class Spawner:
                 found.append((child, parent))
                 parents.append(child)
         return found
+
+
+def _has_parent(parent: int, pid: int) -> bool:
+    return platform.parent_pid(pid) == parent
 
 
 def main(ctrl_fd: int, isolated: bool = False) -> None:
