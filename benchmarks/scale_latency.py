@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import math
 import os
 import signal
 import statistics
@@ -202,7 +203,7 @@ def measure(cfg: Config, chan: ReadyChannel) -> list[Row]:
         log(f"{n} runs: start concurrently, sample memory, stop_all; then the cgroup.kill floor of {n} processes")
         got = asyncio.run(one_size(n))
         floor = cgroup_kill_floor(n)
-        pages = int(got["uss"] // 4096) if got["uss"] == got["uss"] else 700
+        pages = 700 if math.isnan(got["uss"]) else int(got["uss"] // 4096)  # 700: about a run's, if none was sampled
         start_floor = fork_floor(n, pages)
         start_floor_rate = n / (start_floor / 1e9) if start_floor else None
         section = f"{n} idle runs"

@@ -127,9 +127,8 @@ def create_time(pid: int) -> float:
     them): psutil's Process object and its machinery wrote about 100 pages,
     400 KiB of every idle run's USS. Raises OSError where /proc cannot say.
     """
-    stat = read_small(f"/proc/{pid}/stat")
     try:
-        ticks = int(stat[stat.rindex(b")") + 2:].split(None, 20)[19])  # field 22; the name before ")" is free text
+        ticks = int(_stat_fields(pid, 20)[19])  # field 22
         host = read_small("/proc/stat")
         at = host.index(b"\nbtime ")
         booted = float(host[at + 7:host.index(b"\n", at + 1)])
@@ -139,12 +138,19 @@ def create_time(pid: int) -> float:
 
 
 def parent_pid(pid: int) -> int | None:
-    """The parent of `pid` from /proc/<pid>/stat (field 4, after the command name's last ')'); None if gone."""
+    """The parent of `pid` from /proc/<pid>/stat (field 4); None if it is gone."""
     try:
-        stat = read_small(f"/proc/{pid}/stat")
-        return int(stat[stat.rindex(b")") + 2:].split(None, 2)[1])
+        return int(_stat_fields(pid, 2)[1])
     except (OSError, ValueError, IndexError):
         return None
+
+
+def _stat_fields(pid: int, upto: int) -> list[bytes]:
+    """/proc/<pid>/stat from field 3 (the state) on, split `upto` times (the spawner's start path
+    makes as few objects as it can); the command name before them is free text up to the last ')'.
+    Raises OSError if the process is gone, ValueError if the file is not a stat line."""
+    stat = read_small(f"/proc/{pid}/stat")
+    return stat[stat.rindex(b")") + 2:].split(None, upto)
 
 
 def process_uid(pid: int) -> int | None:
@@ -425,21 +431,6 @@ def drop_bounding_set() -> None:
     """Remove every capability from the bounding set, so that no exec can regain one."""
     for cap in range(last_capability() + 1):
         prctl(PR_CAPBSET_DROP, cap)
-
-
-def capability_sets() -> dict[str, int]:
-    """This process's capability sets as the kernel reports them (/proc/self/status)."""
-    fd = os.open("/proc/self/status", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        data = os.read(fd, 8192)
-    finally:
-        os.close(fd)
-    out: dict[str, int] = {}
-    for line in data.split(b"\n"):
-        if line.startswith(b"Cap"):
-            name, _, value = line.partition(b":")
-            out[name.decode()] = int(value, 16)
-    return out
 
 
 SIOCGIFFLAGS = 0x8913

@@ -175,7 +175,7 @@ def _capabilities(plan: dict[str, Any]) -> None:
     if not plan.get("caps"):
         return
     if plan.get("uid") is None:  # no identity change: what we still hold, we drop here
-        if not plan.get("bounding_empty") and p.capability_sets().get("CapEff", 0) & (1 << CAP_SETPCAP):
+        if not plan.get("bounding_empty") and p.capabilities_held().get("CapEff", 0) & (1 << CAP_SETPCAP):
             p.drop_bounding_set()
         p.prctl(p.PR_CAP_AMBIENT, p.PR_CAP_AMBIENT_CLEAR_ALL)
     p.clear_capabilities()

@@ -50,8 +50,9 @@ import signal
 import time
 
 from . import procs
+from .mounts import mount_table
 
-MOUNTINFO = "/proc/self/mountinfo"
+MOUNTINFO = "/proc/self/mountinfo"  # a module constant, read at each call (tests point it elsewhere)
 PROC_CGROUP = "/proc/self/cgroup"
 CONTROLLERS = ("memory", "pids")
 
@@ -63,29 +64,15 @@ _REQUIRED = {
 KILL_BOUND = 5.0
 
 
-def _unescape(path: str) -> str:
-    return path.encode().decode("unicode_escape") if "\\" in path else path
-
-
 def find_v1_mounts(mountinfo: str | None = None) -> dict[str, tuple[str, str]]:
     """controller -> (mount point, mount root) of each v1 hierarchy carrying it."""
-    try:
-        with open(mountinfo or MOUNTINFO) as f:
-            lines = f.readlines()
-    except OSError:
-        return {}
     found: dict[str, tuple[str, str]] = {}
-    for line in lines:
-        left, sep, right = line.partition(" - ")
-        if not sep:
+    for mount in mount_table(mountinfo or MOUNTINFO):
+        if mount.fstype != "cgroup":
             continue
-        fstype, _source, superopts = (right.split() + ["", "", ""])[:3]
-        if fstype != "cgroup":
-            continue
-        fields = left.split()
-        for opt in superopts.split(","):
+        for opt in mount.superopts.split(","):
             if opt in CONTROLLERS and opt not in found:
-                found[opt] = (_unescape(fields[4]), _unescape(fields[3]))
+                found[opt] = (mount.point, mount.root)
     return found
 
 

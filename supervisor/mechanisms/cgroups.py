@@ -30,27 +30,15 @@ import struct
 from typing import Callable
 
 from ...worker.platform import read_small, write_small
+from .mounts import MOUNTINFO, mount_table
 
 
-def find_cgroup2_mount(mountinfo: str = "/proc/self/mountinfo") -> tuple[str, str] | None:
+def find_cgroup2_mount(mountinfo: str = MOUNTINFO) -> tuple[str, str] | None:
     """(mount point, mount root) of the cgroup2 filesystem, if mounted."""
-    try:
-        with open(mountinfo) as f:
-            lines = f.readlines()
-    except OSError:
-        return None
-    for line in lines:
-        left, sep, right = line.partition(" - ")
-        if not sep:
-            continue
-        if right.split()[0] == "cgroup2":
-            fields = left.split()
-            return _unescape(fields[4]), _unescape(fields[3])
+    for mount in mount_table(mountinfo):
+        if mount.fstype == "cgroup2":
+            return mount.point, mount.root
     return None
-
-
-def _unescape(path: str) -> str:
-    return path.encode().decode("unicode_escape") if "\\" in path else path
 
 
 def own_cgroup_path(proc_cgroup: str = "/proc/self/cgroup") -> str | None:

@@ -83,6 +83,7 @@ from typing import Any, Iterable
 
 from . import procs
 from .cgroups import Cgroup, InotifyWatcher, own_cgroup_dir
+from .mounts import filesystem_of, mount_table
 from .procs import boot_id
 
 log = logging.getLogger("deadstop.leftovers")
@@ -189,40 +190,13 @@ def runtime_bases() -> list[str]:
     system.append(os.path.join(tempfile.gettempdir(), f"deadstop-{os.geteuid()}"))
     if os.path.isdir("/dev/shm"):
         system.append(f"/dev/shm/deadstop-{os.geteuid()}")
-    types = _filesystem_types()
-    system.sort(key=lambda base: _filesystem_of(os.path.dirname(base), types) not in MEMORY_FILESYSTEMS)
+    table = mount_table()
+    system.sort(key=lambda base: filesystem_of(os.path.dirname(base), table) not in MEMORY_FILESYSTEMS)
     return out + system
 
 
 #: Filesystems whose inodes live in memory: making and removing one costs no allocator search.
 MEMORY_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
-
-
-def _filesystem_types(mountinfo: str = "/proc/self/mountinfo") -> dict[str, str]:
-    """Mount point -> filesystem type, from this process's view (the last mount on a point wins)."""
-    out: dict[str, str] = {}
-    try:
-        with open(mountinfo) as f:
-            for line in f:
-                fields, _, after = line.partition(" - ")
-                parts = fields.split()
-                if len(parts) >= 5 and after:
-                    point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), parts[4])
-                    out[point] = after.split()[0]
-    except OSError:
-        pass
-    return out
-
-
-def _filesystem_of(path: str, types: dict[str, str]) -> str:
-    """The type of the filesystem `path` is on: that of its longest mounted prefix ('' if unknown)."""
-    path = os.path.realpath(path)
-    while True:
-        if path in types:
-            return types[path]
-        if path == "/":
-            return ""
-        path = os.path.dirname(path)
 
 
 def _base_problem(st: os.stat_result) -> str:
