@@ -101,3 +101,88 @@ def test_arguments_bind_as_the_handlers_signature_says(fn) -> None:
     replies = {r["id"]: (True, r.get("result")) if r["ok"] else (False, r["error"]["code"])
                for _v, body in got for r in body}
     assert replies == expected
+
+
+def test_sync_handlers_in_flight_together_each_get_a_thread() -> None:
+    """Eight blocking calls in flight at once meet at a barrier of eight: none waits for another to return."""
+    import threading
+
+    import batch_agents
+
+    barrier = threading.Barrier(8, timeout=30)
+
+    def meet(i: int) -> int:
+        barrier.wait()  # breaks (BrokenBarrierError) unless all eight run at the same time
+        return i
+
+    with Supervisor() as sup:
+        sup.register_tool("meet", meet)
+        got = sup.start(batch_agents.many_acalls, "meet", 8, tools=["meet"]).result(timeout=60)
+    assert got == list(range(8))
+
+
+def test_sync_handlers_share_no_more_threads_than_configured() -> None:
+    """With tool_threads=2, three blocking calls in flight: two run, the third starts when one returns."""
+    import threading
+
+    import batch_agents
+
+    lock = threading.Lock()
+    running, most = [0], [0]
+    two_in = threading.Barrier(2, timeout=30)
+
+    def counted(i: int) -> int:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            if i < 2:
+                two_in.wait()  # the first two overlap for sure; the third cannot join them
+            return i
+        finally:
+            with lock:
+                running[0] -= 1
+
+    with Supervisor(tool_threads=2) as sup:
+        sup.register_tool("counted", counted)
+        got = sup.start(batch_agents.many_acalls, "counted", 3, tools=["counted"]).result(timeout=60)
+    assert got == [0, 1, 2] and most[0] == 2
+
+
+STUCK_HANDLER_HOST = """
+import sys, threading
+sys.path.insert(0, {tests!r})
+import behaviours
+from deadstop.supervisor import Supervisor
+
+entered = threading.Event()
+def stuck() -> None:
+    entered.set()
+    threading.Event().wait()  # never returns
+
+with Supervisor(state_dir={state!r}) as sup:
+    sup.register_tool("stuck", stuck)
+    run = sup.start(behaviours.slow_tool_caller, "stuck", tools=["stuck"], grace=0.2)
+    assert entered.wait(30)
+    report = run.stop()
+    print(len(report.handlers_outlived_revoke), flush=True)
+print("closed", flush=True)
+"""
+
+
+def test_a_handler_stuck_for_ever_keeps_no_host_from_exiting(tmp_path) -> None:
+    """A blocking handler that never returns outlives its run (the report says so) but not its host:
+    the supervisor closes and the host's interpreter exits, instead of joining the stuck thread."""
+    import os
+    import subprocess
+    import sys
+
+    script = STUCK_HANDLER_HOST.format(tests=os.path.dirname(__file__), state=str(tmp_path / "state"))
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        out, _ = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0 and out.split() == ["1", "closed"]

@@ -34,7 +34,6 @@ step that produced them), before any revocation notice or unbind.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import functools
 import itertools
 import logging
@@ -50,6 +49,7 @@ from ...ipc import framing, schema
 from ...ipc.errors import ErrorCode
 from .channel import Channel, GenerationCell, RevokeRecord, TokenBucket
 from ..store.journal import Journal
+from .threads import ToolThreads
 from .tools import PolicyDenied, Tool, ToolCancelled, ToolContext, ToolFailure, ToolRegistry
 
 log = logging.getLogger("deadstop.broker")
@@ -177,7 +177,7 @@ class Broker:
         self.channels: dict[str, Channel] = {}
         self._by_uid: dict[int, str] = {}  # peer uid -> run id, for runs with an identity of their own
         self._shared_budget = TokenBucket(REFUSAL_RATE, REFUSAL_BURST)
-        self.executor = concurrent.futures.ThreadPoolExecutor(tool_threads, thread_name_prefix="deadstop-tool")
+        self.threads = ToolThreads(loop, tool_threads)
         # One I/O thread (the default), on which the revocation notice relies: see _notify_revoked.
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
@@ -685,7 +685,7 @@ class Broker:
         if tool.is_async:
             handle: Any = self._start_eagerly(tool.fn(*args, **kwargs))
         else:
-            handle = self.loop.run_in_executor(self.executor, _run_sync_handler, tool, ctx, chan, args, kwargs)
+            handle = self.threads.submit(_run_sync_handler, tool, ctx, chan, args, kwargs)
         # Keyed by a broker-wide sequence, not the run's request id: two calls
         # of one run may carry the same id (forked processes, hostile code),
         # and revoke must cancel every one of them.
@@ -794,7 +794,7 @@ class Broker:
 
     def close(self) -> None:
         self.loop.remove_reader(self._fd)
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.threads.close()
         self.sock.close(0)
         self.ctx.term()
 
