@@ -42,6 +42,18 @@ def call_until_refused(message: dict, **context) -> int:
     return message["n"]
 
 
+def call_until_refused_then_sleep(message: dict, **context) -> None:
+    """Call message["tool"] until one call is refused, create message["out"], then sleep until stopped."""
+    while True:
+        try:
+            egress.call(message["tool"])
+        except egress.DeadstopError:
+            break
+    os.close(os.open(message["out"], os.O_WRONLY | os.O_CREAT, 0o644))
+    while True:
+        time.sleep(1)
+
+
 def ready_then_sleep(message, **context) -> None:
     """Say ready, then sleep until stopped."""
     _ready()

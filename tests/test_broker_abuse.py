@@ -30,6 +30,8 @@ import zmq
 import abuse_agents as A
 import behaviours
 from journalscan import rows as _rows
+from procscan import marked_processes
+from waiting import late_start_reply
 from deadstop.ipc import framing
 from deadstop.ipc.errors import ErrorCode
 from deadstop.supervisor import Supervisor
@@ -216,6 +218,20 @@ def test_garbage_flood_is_stopped_for_abuse_with_a_small_journal_and_a_working_b
     assert rows * 10 < min(refused, sent), f"{rows} journal rows for {sent} frames sent, {refused} refused"
     assert during["calls"] > 0 and during["errors"] == [], during
     assert _rows(journal, "SELECT count(*) FROM egress WHERE code = ?", int(ErrorCode.INTERNAL)) == [(0,)]
+
+
+@pytest.mark.parametrize("isolation", ["auto", "off"])
+def test_a_flood_before_the_supervisor_knows_the_run_started_still_stops_it(work, isolation, monkeypatch) -> None:
+    """Abuse seen before the spawner's word that the run started: revoked at once, stopped at attach."""
+    with _supervisor(work, isolation=isolation) as sup:
+        channels = sup.core.broker.channels
+        late_start_reply(sup, monkeypatch, bound=WAIT,
+                         until=lambda: any(c.revocation is not None for c in list(channels.values())))
+        flooder = sup.start(A.garbage_flood, str(work), 10_000_000, 10 * WAIT, cwd=str(work), grace=0.5)
+        info = flooder.wait(timeout=WAIT)
+    assert info.report.revoke_source == "abuse", info.report
+    assert info.report.outcome in ("stopped", "killed") and info.report.survivors == 0, info.report
+    assert marked_processes(flooder.id) == {}, "the flooder outlived its stop"
 
 
 @pytest.mark.parametrize("depth", [1000, 100_000])

@@ -16,7 +16,7 @@ import time
 import limit_agents
 from procscan import marked_processes
 from deadstop.supervisor import Limits, Supervisor
-from waiting import Countdown
+from waiting import Countdown, late_start_reply
 
 QUOTA_EXCEEDED = 14
 BOUND = 30.0  # generous bound on every wait: a hang fails, a slow machine does not
@@ -108,6 +108,22 @@ def test_tool_calls_limit(tmp_path) -> None:
         assert [d for _, d, _ in rows].count("dispatched") == 5, rows
         assert ("work", "refused", QUOTA_EXCEEDED) in rows, rows
         assert s.state == "idle" and s.info()["aborted_last_run"] is True
+
+
+def test_a_limit_crossed_before_the_supervisor_knows_the_run_started_still_stops_it(tmp_path, monkeypatch) -> None:
+    """The run's calls reach the broker before the spawner's word that it started: the quota
+    refusal closes its egress at once, and its stop begins as soon as there is a leader to signal."""
+    work = _workspace(tmp_path)
+    out = work / "refused"
+    with Supervisor(state_dir=str(tmp_path)) as sup:
+        sup.register_tool("work", lambda: "ok")
+        late_start_reply(sup, monkeypatch, until=out.exists, bound=BOUND)
+        run = sup.start(limit_agents.call_until_refused_then_sleep, {"tool": "work", "out": str(out)},
+                        tools=["work"], limits=Limits(tool_calls=2), cwd=str(work), grace=BOUND)
+        assert out.exists(), "the run was not refused before its start was reported"
+        run.wait(BOUND)
+        _assert_stopped_by(run, "tool_calls")
+        assert [d for _, d, _ in _egress(sup.journal_path, run.id)].count("dispatched") == 2
 
 
 def test_tokens_limit(tmp_path) -> None:

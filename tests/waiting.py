@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
+from typing import Any, Callable
 
 
 class Countdown:
@@ -21,3 +24,24 @@ class Countdown:
 
     def wait(self, timeout: float) -> bool:
         return self._open.wait(timeout)
+
+
+def late_start_reply(sup: Any, monkeypatch: Any, until: Callable[[], bool], bound: float = 30.0) -> None:
+    """Hold every start's word from the spawner back until `until()` is true (or `bound` s passed).
+
+    The run itself is forked and running meanwhile, and the supervisor's loop
+    serves its egress: this widens, on purpose, the window a slow host opens
+    by chance, in which a run's requests reach the broker before the
+    supervisor knows the run has started.
+    """
+    host = sup.core.host
+    launch = host.launch
+
+    async def late_launch(*args: Any, **kwargs: Any) -> Any:
+        started = await launch(*args, **kwargs)
+        deadline = time.monotonic() + bound
+        while not until() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return started
+
+    monkeypatch.setattr(host, "launch", late_launch)

@@ -566,14 +566,11 @@ class Engine:
             run.quota(limit)
 
     def on_abuse(self, run_id: str, detail: str) -> None:
-        """The broker revoked a run for spending its refusal budget: stop it (source "abuse").
-
-        A run still starting has no containment to signal yet: it is left
-        revoked (nothing it asks for happens) and is not stopped here.
-        """
+        """The broker revoked a run for spending its refusal budget: stop it (source "abuse"), at
+        once, or the moment it is attached if the spawner has not said yet that it started."""
         run = self.runs.get(run_id)
-        if run is not None and run.machine.live and run._stop_task is None and run.containment is not None:
-            run._begin(StopRequest(StopMode.STOP, RevokeSource.ABUSE, detail, run.grace, time.monotonic_ns()))
+        if run is not None:
+            run.end_for(StopRequest(StopMode.STOP, RevokeSource.ABUSE, detail, run.grace, time.monotonic_ns()))
 
     def inbox_of(self, run_id: str) -> Any:
         run = self.runs.get(run_id)

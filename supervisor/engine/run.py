@@ -112,6 +112,9 @@ class AsyncRun:
         self.progress: StopProgress | None = None
         self._done = asyncio.Event()
         self._stop_task: asyncio.Task[StopReport] | None = None
+        #: a stop the broker or a limit asked for while the run was still starting (nothing to signal
+        #: yet): its egress is closed at once, its stop begins the moment the leader is attached
+        self._deferred: tuple[StopRequest, str | None] | None = None
         self._result: Any = None
         self._has_result = False
         self._failure: tuple[str, str, str] | None = None
@@ -137,6 +140,8 @@ class AsyncRun:
             self._services.loop.add_reader(pidfd, self._on_leader_exit)
         else:  # no pidfd (macOS): a thread waits on psutil for us
             self._services.loop.run_in_executor(None, self._wait_leader_psutil)
+        if self._deferred is not None and self._stop_task is None:
+            self._begin(*self._deferred)
 
     def _wait_leader_psutil(self) -> None:
         import psutil
@@ -178,6 +183,23 @@ class AsyncRun:
     def disconnect(self) -> None:
         """Close the revoked run's endpoint and the connections accepted through it."""
         self._services.broker.disconnect(self.channel)
+
+    def end_for(self, req: StopRequest, limit: str | None = None) -> None:
+        """A stop nobody awaits (abuse, a crossed limit): begun now, or at attach if the run is still starting.
+
+        A run's own requests can reach the broker before the spawner's word
+        that it started: a flood or a quota crossed in that window must still
+        stop it. Its egress is closed now either way; the signals wait for a
+        leader to send them to (a start that fails instead ends it as
+        abort_start does, with this revocation's source).
+        """
+        if self._stop_task is not None or self._deferred is not None or not self.machine.live:
+            return
+        if self.containment is not None:
+            self._begin(req, limit)
+            return
+        self.revoke(req.source, req.reason)
+        self._deferred = (req, limit)
 
     def _begin(self, req: StopRequest, limit: str | None = None) -> asyncio.Task[StopReport]:
         if self._stop_task is None:
@@ -384,11 +406,9 @@ class AsyncRun:
 
     def quota(self, limit: str) -> None:
         """A limit was crossed: stop the run (once), naming the limit."""
-        if self._stop_task is not None or not self.machine.live:
-            return
         value = getattr(self.limits, limit, None)
-        self._begin(StopRequest(StopMode.STOP, RevokeSource.QUOTA, f"{limit} limit ({value}) crossed", self.grace,
-                                time.monotonic_ns()), limit=limit)
+        self.end_for(StopRequest(StopMode.STOP, RevokeSource.QUOTA, f"{limit} limit ({value}) crossed", self.grace,
+                                 time.monotonic_ns()), limit=limit)
 
     # -- pause / resume -------------------------------------------------------------------
     async def pause(self, timeout: float = 5.0) -> bool:
