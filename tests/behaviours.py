@@ -406,6 +406,25 @@ def fetch_all(url: str, refused_url: str, direct: tuple[str, int]) -> dict:
     return out
 
 
+def requests_through_the_proxy_then_sleeps(url: str) -> None:
+    """Connect to the run's proxy and send one GET for `url` at once (the kernel completes the
+    handshake from the listener's backlog, whether or not the proxy is served yet), then say ready
+    and wait for whatever comes back, until stopped."""
+    import socket
+    import urllib.parse
+
+    proxy = urllib.parse.urlsplit(os.environ["HTTP_PROXY"])
+    conn = socket.create_connection((proxy.hostname, proxy.port), timeout=30)
+    host = urllib.parse.urlsplit(url).netloc
+    conn.sendall(f"GET {url} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+    _ready()
+    conn.settimeout(None)
+    while conn.recv(65536):
+        pass
+    while True:
+        time.sleep(1)
+
+
 def uploads_for_ever(url: str, marker_dir: str) -> None:
     """POSTs an endless body through the proxy, counting what it handed to its socket."""
     import http.client

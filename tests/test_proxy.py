@@ -73,6 +73,53 @@ def test_a_proxied_run_reaches_what_is_allowed_and_nothing_else(tmp_path, hello)
     assert len(done) == 3 and all("received" in r[3] for r in done)
 
 
+def test_a_run_revoked_while_it_starts_never_gets_its_network(tmp_path, monkeypatch) -> None:
+    """stop_all while a proxied run is still starting: the request it already queued at its proxy never
+    reaches the destination, and stop_all's reports include the run (stopped once attached)."""
+    from waiting import Countdown, late_start_reply
+
+    requests: list[str] = []
+
+    class _Counting(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            requests.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Counting)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    try:
+        with Supervisor(state_dir=str(tmp_path / "state")) as sup:
+            ready = Countdown(1)
+            sup.register_tool("ready", ready)
+            channels = sup.core.broker.channels
+            late_start_reply(sup, monkeypatch, bound=60,
+                             until=lambda: any(c.revocation is not None for c in list(channels.values())))
+            started: dict = {}
+            starter = threading.Thread(target=lambda: started.setdefault("run", sup.start(
+                behaviours.requests_through_the_proxy_then_sleeps, f"http://127.0.0.1:{port}/after-revoke",
+                tools=["ready"], network=Proxy(allow=[f"127.0.0.1:{port}"]))))
+            starter.start()
+            assert ready.wait(60), "the run never sent its request"
+            reports = sup.stop_all()
+            starter.join(60)
+            run = started["run"]
+            assert [r.run_id for r in reports] == [run.id], reports
+            assert reports[0].outcome == "stopped" and reports[0].survivors == 0, reports[0]
+            assert reports[0].revoke_source == "api", reports[0]
+            assert [r[2] for r in _rows(sup, run.id)] == [], "a connection of a revoked run was let through"
+        time.sleep(0.5)  # anything let through would have reached the server by now
+        assert requests == [], f"{requests} reached the destination after the run was revoked"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_a_proxy_needs_a_namespace_of_the_runs_own(tmp_path) -> None:
     from deadstop.supervisor.errors import InvalidTarget
 

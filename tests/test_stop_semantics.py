@@ -12,7 +12,8 @@ import time
 import pytest
 
 import behaviours
-from waiting import Countdown
+import limit_agents
+from waiting import Countdown, late_start_reply
 from procscan import marked_processes
 from deadstop.supervisor import AsyncSupervisor, Supervisor, ToolCancelled
 
@@ -24,6 +25,30 @@ async def _started(sup: AsyncSupervisor, target, *args, tools=("ready", "tick"))
     run = await sup.start(target, *args, tools=list(tools))
     await asyncio.wait_for(ready.wait(), 30)
     return run
+
+
+def test_stop_all_ends_a_run_that_is_still_starting(monkeypatch) -> None:
+    """A run forked and running, its start not yet reported: stop_all revokes it with the others, in the
+    same step, and its report (stopped once attached) is among stop_all's; nothing of it outlives that."""
+    async def main() -> None:
+        async with AsyncSupervisor() as sup:
+            ready = asyncio.Event()
+            sup.register_tool("ready", ready.set)
+            up = await sup.start(limit_agents.sleep_forever, {})
+            late_start_reply(sup, monkeypatch, bound=60,
+                             until=lambda: any(c.revocation is not None for c in list(sup.broker.channels.values())))
+            starting = asyncio.create_task(sup.start(limit_agents.ready_then_sleep, {}, tools=["ready"]))
+            await asyncio.wait_for(ready.wait(), 60)  # its first call reached the broker: it runs, unreported
+            assert not starting.done()
+            reports = await asyncio.wait_for(sup.stop_all(grace=5), 60)
+            run = await asyncio.wait_for(starting, 60)
+            assert {r.run_id for r in reports} == {up.id, run.id}, reports
+            mine = next(r for r in reports if r.run_id == run.id)
+            assert mine.outcome == "stopped" and mine.revoke_source == "api" and mine.survivors == 0, mine
+            assert run.state.value == "stopped"
+            assert marked_processes(run.id) == {} and marked_processes(up.id) == {}
+
+    asyncio.run(main())
 
 
 def test_kill_escalates_a_stop_in_progress(tmp_path) -> None:

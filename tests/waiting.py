@@ -34,7 +34,7 @@ def late_start_reply(sup: Any, monkeypatch: Any, until: Callable[[], bool], boun
     by chance, in which a run's requests reach the broker before the
     supervisor knows the run has started.
     """
-    host = sup.core.host
+    host = getattr(sup, "core", sup).host  # a Supervisor's engine, or an AsyncSupervisor (the engine itself)
     launch = host.launch
 
     async def late_launch(*args: Any, **kwargs: Any) -> Any:

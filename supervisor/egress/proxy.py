@@ -105,7 +105,11 @@ class RunProxy:
         self.cut_at: int | None = None
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, sock=self._listener, limit=HEAD_LIMIT)
+        server = await asyncio.start_server(self._serve, sock=self._listener, limit=HEAD_LIMIT)
+        if self.cut_at is not None:  # revoked while the server was being set up: it serves nothing
+            server.close()
+            return
+        self._server = server
 
     # -- the revoke ---------------------------------------------------------------------------------
     def cut(self) -> None:

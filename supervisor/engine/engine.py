@@ -414,6 +414,7 @@ class Engine:
         except BaseException as exc:
             why = "start cancelled" if isinstance(exc, asyncio.CancelledError) else f"start failed: {exc}"
             report = abort_start(run, self.host.cgroup_layer(prov.cgroup) if prov.cgroup else None, why)
+            run.start_aborted(report)
             self.broker.close_channel(run_id)
             self.journal.run_ended(run_id, RunState.FAILED.value, report.reaped_at, None, None, report.to_dict())
             self.host.abort(prov)
@@ -422,12 +423,20 @@ class Engine:
                 raise
             raise DeadstopError(f"run {run_id} could not be started: {exc}") from exc
         if proxy is not None and started.proxy_fd is not None:
-            # Served before the run is marked running: its first connection may already wait in the backlog.
             channel.proxy = RunProxy(run_id, started.proxy_fd, proxy, self.journal)
-            await channel.proxy.start()
+            if channel.revocation is not None:
+                channel.proxy.cut()  # revoked while it started (abuse, stop_all): its network never opens
         self._leaders.add(started.pid)
         run.attach(started.pid, started.create_time, started.pidfd,
                    self.host.containment_for(prov, started.pid, lambda: self._leaders))
+        if channel.proxy is not None and channel.proxy.cut_at is None:
+            # After attach, so that a failure or a cancel here ends a run that can be signalled; its first
+            # connection waits in the listener's backlog until then.
+            try:
+                await channel.proxy.start()
+            except BaseException as exc:
+                run.begin_end(StopMode.KILL, "supervisor", f"its network proxy did not start: {exc!r}"[:500])
+                raise
         self._lifecycle(run, "run.started", {"pid": started.pid, "kind": kind, "target": desc})
         self._ensure_usage_events()
         if limits is not None and (limits.cpu_seconds or limits.memory_bytes or limits.processes):
@@ -452,10 +461,11 @@ class Engine:
 
         Every run is revoked first, in this one step, and the revocations are
         committed to the journal once (not once per run) before any signal.
+        A run still starting is among them: stopped as soon as it is attached.
         """
         requested_at = time.monotonic_ns()  # every report's requested_at: before any revoke
         StopRequest.of(StopMode.STOP, source, reason, 0.0, 0)  # an unknown source fails before any revoke
-        live = [r for r in self.runs.values() if r.state in LIVE and r.containment is not None]
+        live = [r for r in self.runs.values() if r.state in LIVE]
         for run in live:
             run.revoke(source, reason, commit=False)
         self.journal.commit_now()

@@ -115,6 +115,8 @@ class AsyncRun:
         #: a stop the broker or a limit asked for while the run was still starting (nothing to signal
         #: yet): its egress is closed at once, its stop begins the moment the leader is attached
         self._deferred: tuple[StopRequest, str | None] | None = None
+        #: set once the start is over either way: attached (any deferred stop begun) or aborted (report set)
+        self._start_settled = asyncio.Event()
         self._result: Any = None
         self._has_result = False
         self._failure: tuple[str, str, str] | None = None
@@ -142,6 +144,12 @@ class AsyncRun:
             self._services.loop.run_in_executor(None, self._wait_leader_psutil)
         if self._deferred is not None and self._stop_task is None:
             self._begin(*self._deferred)
+        self._start_settled.set()
+
+    def start_aborted(self, report: StopReport) -> None:
+        """The start failed or was cancelled before attach (stop.abort_start made `report`)."""
+        self.report = report
+        self._start_settled.set()
 
     def _wait_leader_psutil(self) -> None:
         import psutil
@@ -193,13 +201,22 @@ class AsyncRun:
         leader to send them to (a start that fails instead ends it as
         abort_start does, with this revocation's source).
         """
-        if self._stop_task is not None or self._deferred is not None or not self.machine.live:
+        if self._stop_task is not None or not self.machine.live:
             return
         if self.containment is not None:
             self._begin(req, limit)
             return
         self.revoke(req.source, req.reason)
-        self._deferred = (req, limit)
+        if self._deferred is None or (req.mode is StopMode.KILL and self._deferred[0].mode is not StopMode.KILL):
+            self._deferred = (req, limit)  # a kill asked meanwhile replaces a stop: no grace once it is up
+
+    async def _end_of_start(self) -> StopReport:
+        """The report of a run whose end was asked while it was still starting."""
+        await self._start_settled.wait()
+        if self._stop_task is not None:
+            return await asyncio.shield(self._stop_task)
+        assert self.report is not None, "an aborted start leaves its report"
+        return self.report
 
     def _begin(self, req: StopRequest, limit: str | None = None) -> asyncio.Task[StopReport]:
         if self._stop_task is None:
@@ -455,7 +472,8 @@ class AsyncRun:
     # -- verbs ---------------------------------------------------------------------------
     def begin_end(self, mode: str, source: str, reason: str, grace: float | None = None,
                   requested_at: int | None = None) -> asyncio.Task[StopReport]:
-        """Start ending the run without waiting: revoke now, signal when the task runs.
+        """Start ending the run without waiting: revoke now, signal when the task runs (a run still
+        starting: once it is attached).
 
         The one entry of every verb that ends a run. A kill while a stop is in
         progress escalates that stop instead of starting another. A session
@@ -464,6 +482,11 @@ class AsyncRun:
         """
         req = StopRequest.of(mode, source, reason, 0.0 if mode == StopMode.KILL else
                              (self.grace if grace is None else grace), requested_at or time.monotonic_ns())
+        if self.containment is None and self._stop_task is None:
+            # Still starting: egress closes now, the signals go out once it is attached (or the aborted
+            # start's own kill ends it); the task is that end's report either way.
+            self.end_for(req)
+            return self._services.loop.create_task(self._end_of_start(), name=f"deadstop-end-of-start-{self.id}")
         if req.mode is StopMode.KILL and self.progress is not None:  # a stop is under way: cut it short
             self.progress.kill_requested = True
             self.progress.escalated.set()

@@ -257,7 +257,7 @@ class Supervisor:
         return Run(self, core)
 
     def stop_all(self, grace: float | None = None) -> list[StopReport]:
-        """Stop every live run concurrently; their reports in start order."""
+        """Stop every live run concurrently, those still starting included; their reports in start order."""
         return self._call(self._core.stop_all(grace))
 
     def run(self, run_id: str) -> Run:
