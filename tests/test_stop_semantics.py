@@ -51,6 +51,31 @@ def test_stop_all_ends_a_run_that_is_still_starting(monkeypatch) -> None:
     asyncio.run(main())
 
 
+def test_a_cancelled_start_leaves_no_run_behind(layer, monkeypatch) -> None:
+    """The caller gives up on start() while the spawner has forked the run and its answer is on the way
+    (a gateway's timeout): the run is still killed, through its layer, and its end is on record."""
+    async def main() -> None:
+        async with AsyncSupervisor(containment=layer) as sup:
+            ready = asyncio.Event()
+            sup.register_tool("ready", ready.set)
+            gave_up = asyncio.Event()
+            late_start_reply(sup, monkeypatch, until=gave_up.is_set, bound=60)
+            starting = asyncio.create_task(sup.start(limit_agents.ready_then_sleep, {}, tools=["ready"]))
+            await asyncio.wait_for(ready.wait(), 60)  # forked and running, its start not yet reported
+            (run,) = list(sup.runs.values())
+            starting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await starting
+            gave_up.set()
+            info = await run.wait(60)  # the spawner's answer arrives; the run is attached and killed
+            assert marked_processes(run.id) == {}, "a process of the cancelled start outlived it"
+            report = info.report
+            assert report.revoke_source == "supervisor" and report.revoke_reason == "start cancelled", report
+            assert report.outcome == "killed" and report.survivors == 0, report
+
+    asyncio.run(main())
+
+
 def test_kill_escalates_a_stop_in_progress(tmp_path) -> None:
     async def main() -> None:
         async with AsyncSupervisor() as sup:

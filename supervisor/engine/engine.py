@@ -32,9 +32,9 @@ from ..egress.mcp import McpServers, McpServerSpec, server_environment
 from ..egress.proxy import PROXY_PORT, Proxy, RunProxy
 from ..egress.tools import ToolCancelled, ToolRegistry
 from ..errors import DeadstopError, InvalidTarget, RunNotFound, StopIncomplete, SupervisorClosed
-from ..host.local import LocalHost
+from ..host.local import LocalHost, Provisioned
 from ..host.recovery import recover
-from ..host.spawner_client import SpawnerClient
+from ..host.spawner_client import SpawnerClient, Started
 from ..mechanisms import isolation as iso
 from ..mechanisms import leftovers
 from ..mechanisms.cgroups import CgroupTree
@@ -95,6 +95,7 @@ class Engine:
         self.mcp.session_of = self._session_of_run
         self.runs: dict[str, AsyncRun] = {}  # live runs (starting, running, paused, stopping)
         self._leaders: set[int] = set()  # their leader pids (the sweeps skip these subtrees)
+        self._cancelled_starts: set[asyncio.Task[None]] = set()  # starts seen through after their caller left
         self._ended: collections.OrderedDict[str, AsyncRun] = collections.OrderedDict()
         self._subscribers: list[Subscription] = []
         self._lifecycle_subscribers = 0  # how many of them want lifecycle events (egress path: one int test)
@@ -145,6 +146,8 @@ class Engine:
         if not self._opened:
             return
         self._closing()
+        if self._cancelled_starts:  # runs the spawner forks after their caller left: attached (and killing) first
+            await asyncio.gather(*self._cancelled_starts, return_exceptions=True)
         live = [r for r in self.runs.values() if r.state in LIVE and r.containment is not None]
         results = await asyncio.gather(
             *(r.kill(source="supervisor", reason="supervisor closing") for r in live), return_exceptions=True)
@@ -409,19 +412,51 @@ class Engine:
                                       limits=limits)
         if proxy is not None:
             msg.proxy_port = PROXY_PORT
+        # Shielded: a caller that gives up (a cancel, a timeout) does not take the spawner's answer with it.
+        launch = asyncio.ensure_future(self.host.launch(msg, credential, stdio_fd,
+                                                        still_wanted=lambda: channel.revocation is None))
         try:
-            started = await self.host.launch(msg, credential, stdio_fd)
+            started = await asyncio.shield(launch)
+        except asyncio.CancelledError:
+            # The spawner may be forking the run at this very moment (or have forked it, its answer on the
+            # way): the run is ended like any other, killed the moment it is attached, or never forked if
+            # it was still queued for a start slot (the revocation makes still_wanted False).
+            run.end_for(StopRequest(StopMode.KILL, RevokeSource.SUPERVISOR, "start cancelled", 0.0, time.monotonic_ns()))
+            ending = self.loop.create_task(self._end_cancelled_start(run, prov, launch, proxy),
+                                           name=f"deadstop-cancelled-start-{run_id}")
+            self._cancelled_starts.add(ending)
+            ending.add_done_callback(self._cancelled_starts.discard)
+            raise
         except BaseException as exc:
-            why = "start cancelled" if isinstance(exc, asyncio.CancelledError) else f"start failed: {exc}"
-            report = abort_start(run, self.host.cgroup_layer(prov.cgroup) if prov.cgroup else None, why)
-            run.start_aborted(report)
-            self.broker.close_channel(run_id)
-            self.journal.run_ended(run_id, RunState.FAILED.value, report.reaped_at, None, None, report.to_dict())
-            self.host.abort(prov)
-            self._retire(run)
-            if isinstance(exc, (DeadstopError, asyncio.CancelledError)):
+            self._abort_start(run, prov, f"start failed: {exc}")
+            if isinstance(exc, DeadstopError):
                 raise
             raise DeadstopError(f"run {run_id} could not be started: {exc}") from exc
+        await self._attach_started(run, prov, started, proxy)
+        return run
+
+    def _abort_start(self, run: AsyncRun, prov: Provisioned, why: str) -> None:
+        """A start that failed before attach: whatever was forked killed, the run FAILED, its record written."""
+        report = abort_start(run, self.host.cgroup_layer(prov.cgroup) if prov.cgroup else None, why)
+        run.start_aborted(report)
+        self.broker.close_channel(run.id)
+        self.journal.run_ended(run.id, RunState.FAILED.value, report.reaped_at, None, None, report.to_dict())
+        self.host.abort(prov)
+        self._retire(run)
+
+    async def _end_cancelled_start(self, run: AsyncRun, prov: Provisioned, launch: "asyncio.Future[Started]",
+                                   proxy: Proxy | None) -> None:
+        """See a start its caller cancelled through: a run the spawner forked anyway is attached and killed."""
+        try:
+            started = await launch
+        except BaseException as exc:  # never forked (given up in the queue, or failed): nothing to kill
+            self._abort_start(run, prov, f"start cancelled ({exc})" if str(exc) else "start cancelled")
+            return
+        await self._attach_started(run, prov, started, proxy)  # its deferred kill begins there
+
+    async def _attach_started(self, run: AsyncRun, prov: Provisioned, started: Started, proxy: Proxy | None) -> None:
+        """The spawner forked the run: its proxy, its leader watched, its stop possible from here."""
+        run_id, channel, limits = run.id, run.channel, run.limits
         if proxy is not None and started.proxy_fd is not None:
             channel.proxy = RunProxy(run_id, started.proxy_fd, proxy, self.journal)
             if channel.revocation is not None:
@@ -437,12 +472,11 @@ class Engine:
             except BaseException as exc:
                 run.begin_end(StopMode.KILL, "supervisor", f"its network proxy did not start: {exc!r}"[:500])
                 raise
-        self._lifecycle(run, "run.started", {"pid": started.pid, "kind": kind, "target": desc})
+        self._lifecycle(run, "run.started", {"pid": started.pid, "kind": run.kind, "target": run.target})
         self._ensure_usage_events()
         if limits is not None and (limits.cpu_seconds or limits.memory_bytes or limits.processes):
             self._sampled[run.id] = run
             self._ensure_sampler()
-        return run
 
     def check_limits(self, limits: Limits | None) -> dict[str, str]:
         """How each limit would be enforced here (limit -> mechanism); raises

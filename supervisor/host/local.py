@@ -247,12 +247,14 @@ class LocalHost:
             # v1 memory/pids groups, joined (as root, before any user code) right after the v2 cgroup
             join_cgroups=kernel.join_files() if kernel is not None else [])
 
-    async def launch(self, msg: spawner_wire.Start, credential: bytes, stdio_fd: int | None = None) -> Started:
+    async def launch(self, msg: spawner_wire.Start, credential: bytes, stdio_fd: int | None = None, *,
+                     still_wanted: Callable[[], bool] | None = None) -> Started:
         """Fork the run; its credential travels in a sealed memfd, never in its environment.
-        stdio_fd: the run's stdin and stdout (an argv run)."""
+        stdio_fd: the run's stdin and stdout (an argv run). still_wanted: asked once a start slot is
+        free, before the spawner is; False fails the start (nothing was forked)."""
         cred_fd = framing.credential_memfd(credential)
         try:
-            return await self.spawner.start(msg, cred_fd, stdio_fd)
+            return await self.spawner.start(msg, cred_fd, stdio_fd, still_wanted=still_wanted)
         finally:
             os.close(cred_fd)
 

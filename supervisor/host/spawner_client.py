@@ -18,7 +18,7 @@ import socket
 import struct
 import threading
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import subprocess
 
@@ -208,9 +208,16 @@ class SpawnerClient:
         """Tell the spawner what it must clean up should the supervisor die."""
         self._send(config)
 
-    async def start(self, msg: wire.Start, credential_fd: int | None = None, stdio_fd: int | None = None) -> Started:
-        """Fork a run; `credential_fd` (a sealed memfd) and `stdio_fd` go to it over SCM_RIGHTS."""
+    async def start(self, msg: wire.Start, credential_fd: int | None = None, stdio_fd: int | None = None, *,
+                    still_wanted: Callable[[], bool] | None = None) -> Started:
+        """Fork a run; `credential_fd` (a sealed memfd) and `stdio_fd` go to it over SCM_RIGHTS.
+
+        `still_wanted` is asked once a start slot is free: a start given up while it queued for one
+        (a cancelled caller, a stop_all) fails there, and the spawner never forks it.
+        """
         async with self._start_slots:
+            if still_wanted is not None and not still_wanted():
+                raise DeadstopError(f"start of run {msg.run_id} given up before the spawner was asked")
             fut = self.loop.create_future()
             self._starts[msg.run_id] = fut
             fds = [fd for fd in (credential_fd, stdio_fd) if fd is not None]
