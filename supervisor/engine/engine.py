@@ -413,8 +413,13 @@ class Engine:
         if proxy is not None:
             msg.proxy_port = PROXY_PORT
         # Shielded: a caller that gives up (a cancel, a timeout) does not take the spawner's answer with it.
-        launch = asyncio.ensure_future(self.host.launch(msg, credential, stdio_fd,
+        # The launch then outlives the caller's stdio descriptor, which it closes when it leaves: the launch
+        # sends a copy of its own, never a number that may name another file by then.
+        stdio = os.dup(stdio_fd) if stdio_fd is not None else None
+        launch = asyncio.ensure_future(self.host.launch(msg, credential, stdio,
                                                         still_wanted=lambda: channel.revocation is None))
+        if stdio is not None:
+            launch.add_done_callback(lambda _: os.close(stdio))
         try:
             started = await asyncio.shield(launch)
         except asyncio.CancelledError:
