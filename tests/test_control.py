@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import threading
 import time
 
 import msgspec
@@ -20,7 +21,7 @@ import pytest
 
 import session_agents
 from procscan import cpu_seconds, marked_processes
-from waiting import Countdown
+from waiting import Countdown, late_start_reply
 from deadstop.ipc import control as wire
 from deadstop.supervisor import AsyncSupervisor, ControlFault, Fault, Principal, Supervisor
 
@@ -135,6 +136,32 @@ def test_takeover_and_stop(caller_kind, tmp_path) -> None:
         info = caller.show("chat")
         assert info["state"] == "idle" and info["generation"] == 3 and info["aborted_last_run"] is True
         assert caller.keys() == ["chat"]
+
+
+@pytest.mark.parametrize("verb", ["sessions.stop", "sessions.stop_all"])
+def test_a_session_stopped_while_its_run_starts_ends_that_run_too(verb, monkeypatch) -> None:
+    """The run is forked and running, its start not yet returned to the session: the stop reaches it,
+    its report is in the reply, and nothing of it is left (sessions.stop_all used to skip the session)."""
+    ready = Countdown(1)
+    with Supervisor() as sup:
+        sup.register_tool("ready", ready)
+        sup.register_agent("sleeper", session_agents.sleeper, tools=["ready"])
+        channels = sup.core.broker.channels
+        late_start_reply(sup, monkeypatch, bound=WAIT,
+                         until=lambda: any(c.revocation is not None for c in list(channels.values())))
+        operator = OperatorCaller(sup)
+        sent: dict[str, str] = {}
+        sender = threading.Thread(target=lambda: sent.setdefault("run", operator.send("chat", "hi", agent="sleeper")))
+        sender.start()
+        assert ready.wait(WAIT), "the run never came up"
+        reply = operator(verb, **({"key": "chat"} if verb == "sessions.stop" else {}))
+        sender.join(WAIT)
+        run_id = sent["run"]
+        assert [r["run_id"] for r in reply["reports"]] == [run_id], reply
+        (report,) = reply["reports"]
+        assert report["survivors"] == 0 and report["revoke_source"] == operator.source, report
+        assert marked_processes(run_id) == {}
+        assert operator.show("chat")["state"] == "idle"
 
 
 def test_stopping_a_tree(caller_kind, tmp_path) -> None:

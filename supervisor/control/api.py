@@ -159,8 +159,7 @@ class ControlAPI:
     def begin_stop_session(self, who: Principal, key: str, grace: float | None = None) -> list[str]:
         """Revoke the session's tree and start its stop; returns the revoked run ids without waiting."""
         target = self._stoppable(who, key, "sessions.stop")
-        live = [s.active_run.id for s in [target, *target.descendants()]
-                if s.active_run is not None and s.active_run.state in LIVE]
+        live = [run.id for s in [target, *target.descendants()] for run in s.live_runs()]
         target.begin_end("stop", source=who.source, reason=self._reason(who, "session stop requested"), grace=grace)
         return live
 

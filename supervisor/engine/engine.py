@@ -408,6 +408,8 @@ class Engine:
         run.kernel_limits, run.limits_enforcement = prov.kernel, plan
         run.isolation = prov.confined.summary
         self.runs[run_id] = run
+        if owner is not None:
+            owner.run_created(run)  # a stop of its session from here on reaches it, still starting or not
         msg = self.host.start_message(prov, blob=blob, argv=argv, generation=generation, egress=channel.address,
                                       limits=limits)
         if proxy is not None:

@@ -117,9 +117,12 @@ class SessionRegistry:
             kind, desc, blob, argv = self.engine.prepare_target(spec.target, (message,), context)
         else:
             kind, desc, blob, argv = self.engine.prepare_target(spec.target, (), {})
-        run = await self.engine.launch(kind, desc, blob, argv, list(spec.tools), spec.grace, spec.env, spec.cwd,
-                                       limits=spec.limits, owner=session, inbox=inbox, network=spec.network,
-                                       private_tmp=spec.private_tmp, isolation=spec.isolation)
+        try:
+            run = await self.engine.launch(kind, desc, blob, argv, list(spec.tools), spec.grace, spec.env, spec.cwd,
+                                           limits=spec.limits, owner=session, inbox=inbox, network=spec.network,
+                                           private_tmp=spec.private_tmp, isolation=spec.isolation)
+        finally:
+            session.starting_run = None
         session.active_run = run
         session.runs.append(run.id)
         self.store(session)

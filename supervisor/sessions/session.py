@@ -97,6 +97,8 @@ class AsyncSession:
         self.updated_wall = self.created_wall
         self._inbox: list[tuple[Any, asyncio.Future[AsyncRun]]] = []
         self._driver: asyncio.Task[None] | None = None
+        #: the run being started for it, from its creation until its start returns (then active_run)
+        self.starting_run: AsyncRun | None = None
         self._ending: list[asyncio.Task[StopReport]] = []
         self._on_behalf_of: tuple[AsyncSession, int] | None = None  # who sent the queued messages
 
@@ -205,6 +207,7 @@ class AsyncSession:
                         fut.set_exception(SessionStopped(f"session {self.key}: the run that sent the message "
                                                          "was stopped or superseded before it started"))
                 continue
+            generation = self.generation
             try:
                 run = await self._registry.start_run(self, combine(messages), messages)
                 if self._sender_superseded():  # the sender ended while this child was starting
@@ -214,9 +217,13 @@ class AsyncSession:
                     run.revoke(self.last_stop_source, "the session was stopped while this run was starting")
                     self._ending.append(run.begin_end("kill", self.last_stop_source, "superseded while starting"))
             except BaseException as exc:
+                err = exc if isinstance(exc, Exception) else DeadstopError(repr(exc))
+                if isinstance(exc, Exception) and not self.is_current(generation):
+                    # Stopped or superseded before the spawner was asked: the start was given up, nothing forked.
+                    err = SessionStopped(f"session {self.key}: stopped before the run for this message started")
                 for _, fut in batch:
                     if not fut.done():
-                        fut.set_exception(exc if isinstance(exc, Exception) else DeadstopError(repr(exc)))
+                        fut.set_exception(err)
                 if not isinstance(exc, Exception):
                     raise
                 continue
@@ -255,7 +262,7 @@ class AsyncSession:
                 s.bump()
             if s is not self or clear_inbox:
                 s._drop_inbox(reason)
-        runs = [s.active_run for s in sessions if s.active_run is not None and s.active_run.state in LIVE]
+        runs = [run for s in sessions for run in s.live_runs()]
         for run in runs:
             run.revoke(source, reason, commit=False)
         return runs
@@ -267,10 +274,15 @@ class AsyncSession:
         self._ending.extend(tasks)
         return tasks
 
+    def live_runs(self) -> "list[AsyncRun]":
+        """Its run, if live, and one still starting. A stop ends that one with the rest (signalled the
+        moment it is attached) rather than leaving it to the look at its generation once its start
+        returns: the stop's reports then include it."""
+        return [run for run in (self.active_run, self.starting_run) if run is not None and run.state in LIVE]
+
     def busy(self) -> bool:
-        """Something of the tree is live, or waits in an inbox: a stop of it would end something."""
-        return any((s.active_run is not None and s.active_run.state in LIVE) or s._inbox
-                   for s in [self, *self.descendants()])
+        """Something of the tree is live, starting, or waits in an inbox: a stop of it would end something."""
+        return any(s.active or s._inbox for s in [self, *self.descendants()])
 
     def close_inbox(self, reason: str) -> None:
         """Nothing queued will start (the supervisor is closing): fail the queued messages, stop driving."""
@@ -349,6 +361,9 @@ class AsyncSession:
         return [s.active_run for s in sessions if s.active_run is not None and s.active_run.state in LIVE]
 
     # -- called by the supervisor when a run of this session ends --------------------------
+    def run_created(self, run: "AsyncRun") -> None:
+        self.starting_run = run
+
     def run_ended(self, run: "AsyncRun") -> None:
         self.ended_usage.add(run.usage)
         self.updated_wall = time.time()
