@@ -445,7 +445,6 @@ class Engine:
     def _abort_start(self, run: AsyncRun, prov: Provisioned, why: str) -> None:
         """A start that failed before attach: whatever was forked killed, the run FAILED, its record written."""
         report = abort_start(run, self.host.cgroup_layer(prov.cgroup) if prov.cgroup else None, why)
-        run.start_aborted(report)
         self.broker.close_channel(run.id)
         self.journal.run_ended(run.id, RunState.FAILED.value, report.reaped_at, None, None, report.to_dict())
         self.host.abort(prov)

@@ -119,6 +119,7 @@ class AsyncRun:
         self._deferred: tuple[StopRequest, str | None] | None = None
         #: set once the start is over either way: attached (any deferred stop begun) or aborted (report set)
         self._start_settled = asyncio.Event()
+        self._end_of_start_task: asyncio.Task[StopReport] | None = None  # what _begin hands out meanwhile
         self._result: Any = None
         self._has_result = False
         self._failure: tuple[str, str, str] | None = None
@@ -144,12 +145,12 @@ class AsyncRun:
             self._services.loop.add_reader(pidfd, self._on_leader_exit)
         else:  # no pidfd (macOS): a thread waits on psutil for us
             self._services.loop.run_in_executor(None, self._wait_leader_psutil)
-        if self._deferred is not None and self._stop_task is None:
+        if self._deferred is not None:
             self._begin(*self._deferred)
         self._start_settled.set()
 
     def start_aborted(self, report: StopReport) -> None:
-        """The start failed or was cancelled before attach (stop.abort_start made `report`)."""
+        """The start failed or was cancelled before attach: `report` (stop.abort_start's) is its end."""
         self.report = report
         self._start_settled.set()
 
@@ -195,25 +196,27 @@ class AsyncRun:
         self._services.broker.disconnect(self.channel)
 
     def end_for(self, req: StopRequest, limit: str | None = None) -> None:
-        """A stop nobody awaits (abuse, a crossed limit): begun now, or at attach if the run is still starting.
+        """A stop nobody awaits (abuse, a crossed limit, a cancelled start), once."""
+        if self._stop_task is None and self.machine.live:
+            self._begin(req, limit)
+
+    def _defer(self, req: StopRequest, limit: str | None) -> asyncio.Task[StopReport]:
+        """An end asked before the leader is attached (nothing to signal yet): egress closed now, the stop
+        begun at attach, or the aborted start's own kill as the end; the task is that end's report.
 
         A run's own requests can reach the broker before the spawner's word
-        that it started: a flood or a quota crossed in that window must still
-        stop it. Its egress is closed now either way; the signals wait for a
-        leader to send them to (a start that fails instead ends it as
-        abort_start does, with this revocation's source).
+        that it started, and a stop_all or a session stop can come in the
+        middle of a start: none of them may leave the run running.
         """
-        if self._stop_task is not None or not self.machine.live:
-            return
-        if self.containment is not None:
-            self._begin(req, limit)
-            return
         self.revoke(req.source, req.reason)
         if self._deferred is None or (req.mode is StopMode.KILL and self._deferred[0].mode is not StopMode.KILL):
             self._deferred = (req, limit)  # a kill asked meanwhile replaces a stop: no grace once it is up
+        if self._end_of_start_task is None:
+            self._end_of_start_task = self._services.loop.create_task(
+                self._end_of_start(), name=f"deadstop-end-of-start-{self.id}")
+        return self._end_of_start_task
 
     async def _end_of_start(self) -> StopReport:
-        """The report of a run whose end was asked while it was still starting."""
         await self._start_settled.wait()
         if self._stop_task is not None:
             return await asyncio.shield(self._stop_task)
@@ -221,6 +224,8 @@ class AsyncRun:
         return self.report
 
     def _begin(self, req: StopRequest, limit: str | None = None) -> asyncio.Task[StopReport]:
+        if self._stop_task is None and self.containment is None:  # still starting, or a start aborted
+            return self._defer(req, limit)
         if self._stop_task is None:
             self.progress = StopProgress(req, limit=limit, was_paused=self.machine.state is RunState.PAUSED,
                                          kill_requested=req.mode is StopMode.KILL)
@@ -484,11 +489,6 @@ class AsyncRun:
         """
         req = StopRequest.of(mode, source, reason, 0.0 if mode == StopMode.KILL else
                              (self.grace if grace is None else grace), requested_at or time.monotonic_ns())
-        if self.containment is None and self._stop_task is None:
-            # Still starting: egress closes now, the signals go out once it is attached (or the aborted
-            # start's own kill ends it); the task is that end's report either way.
-            self.end_for(req)
-            return self._services.loop.create_task(self._end_of_start(), name=f"deadstop-end-of-start-{self.id}")
         if req.mode is StopMode.KILL and self.progress is not None:  # a stop is under way: cut it short
             self.progress.kill_requested = True
             self.progress.escalated.set()

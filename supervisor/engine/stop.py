@@ -271,7 +271,7 @@ def abort_start(run: "AsyncRun", layer: Containment | None, why: str) -> StopRep
             layer.kill()
             report.swept = len(left)
     report.reaped_at = time.monotonic_ns()
-    run.report = report
+    run.start_aborted(report)
     return report
 
 

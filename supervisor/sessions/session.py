@@ -221,6 +221,7 @@ class AsyncSession:
                 if isinstance(exc, Exception) and not self.is_current(generation):
                     # Stopped or superseded before the spawner was asked: the start was given up, nothing forked.
                     err = SessionStopped(f"session {self.key}: stopped before the run for this message started")
+                    err.__cause__ = exc
                 for _, fut in batch:
                     if not fut.done():
                         fut.set_exception(err)
