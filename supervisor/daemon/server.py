@@ -20,6 +20,7 @@ import asyncio
 import logging
 import os
 import signal
+import threading
 import time
 from typing import Any, Callable
 
@@ -205,12 +206,27 @@ class Daemon:
         log.info("deadstop console on %s (`deadstop console` prints a login link)", url)
 
     def _new_file_login(self) -> None:
-        """The connection file's login link: good once; when it is used, the file gets a fresh one."""
+        """The connection file's login link: good once; when it is used, the file gets a fresh one.
+
+        The login is answered only once the file holds the fresh link (or after a bound), so whoever
+        reads the file after a login never reads the link that login spent."""
         assert self.console is not None
         loop = asyncio.get_running_loop()
 
-        def used() -> None:  # on the console's thread
-            loop.call_soon_threadsafe(self._file_login_used)
+        def used() -> None:  # on the console's thread, inside the login's request
+            replaced = threading.Event()
+
+            def replace() -> None:
+                try:
+                    self._file_login_used()
+                finally:
+                    replaced.set()
+
+            try:
+                loop.call_soon_threadsafe(replace)
+            except RuntimeError:  # the daemon's loop is closed: there is no file left to refresh
+                return
+            replaced.wait(5.0)
 
         self._console_login = self.console.login_link("write", ttl=None, on_use=used)
 
