@@ -441,8 +441,9 @@ def uploads_for_ever(url: str, marker_dir: str) -> None:
     while True:
         conn.send(chunk)
         sent += len(chunk)
-        with open(os.path.join(marker_dir, "sent"), "w") as f:
+        with open(os.path.join(marker_dir, "sent.tmp"), "w") as f:
             f.write(str(sent))
+        os.replace(os.path.join(marker_dir, "sent.tmp"), os.path.join(marker_dir, "sent"))  # a kill leaves a whole count
 
 
 def blocking_send(to: str, ready_path: str, outbox: str) -> str:
