@@ -53,6 +53,14 @@ def emitter(message, **context):
         i += 1
 
 
+def emits_then_waits(message, **context):
+    """Emit `message` (a count) progress events, say so through `ready`, then wait to be stopped."""
+    for i in range(int(message)):
+        egress.emit("progress", {"i": i})
+    _ready()
+    time.sleep(600)
+
+
 def busy_tree(message, **context):
     """20 busy-looping children (CPU time grows unless frozen)."""
     busy_children(20)

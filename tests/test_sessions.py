@@ -20,7 +20,8 @@ import pytest
 import session_agents
 from procscan import cpu_seconds, marked_processes
 from deadstop.supervisor import AsyncSupervisor, InvalidTarget, SessionStopped, Supervisor
-from waiting import Countdown
+from deadstop.supervisor.engine.events import HELD_PER_RUN
+from waiting import Countdown, late_start_reply
 
 
 def test_takeover_while_the_old_run_floods(tmp_path) -> None:
@@ -76,6 +77,39 @@ def test_takeover_while_the_old_run_floods(tmp_path) -> None:
             assert {c for d, c in after if d == "refused"} <= {5, 6}, after
             refused = sum(1 for d, _ in after if d == "refused")
             assert refused >= old.report.refused_after_revoke
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("count", [20, HELD_PER_RUN + 50])
+def test_no_subscriber_sees_a_runs_output_before_its_start(count, tmp_path, monkeypatch) -> None:
+    """A run's first events can reach the broker before the spawner's word that the run started:
+    they wait for its run.started, then come in the order the run sent them; what overflows the
+    hold (a run flooding in that window) is counted as one events.dropped, as a slow reader's is."""
+    async def main() -> None:
+        async with AsyncSupervisor(state_dir=str(tmp_path)) as sup:
+            ready = asyncio.Event()
+            sup.register_tool("ready", ready.set)
+            sup.register_agent("emitter", session_agents.emits_then_waits, tools=["ready"])
+            late_start_reply(sup, monkeypatch, until=ready.is_set, bound=60)  # all emitted before it is heard
+            events = sup.subscribe(session="feed", lifecycle=True)
+            first = asyncio.ensure_future(events.__anext__())
+            s = sup.session("feed", agent="emitter")
+            run = await s.send(str(count))
+            assert ready.is_set(), "the start was answered before the run emitted: the window was not opened"
+            seen = [await asyncio.wait_for(first, 30)]
+            held = min(count, HELD_PER_RUN)
+            while [e.kind for e in seen].count("progress") < held:
+                seen.append(await asyncio.wait_for(events.__anext__(), 30))
+            if count > held:
+                seen.append(await asyncio.wait_for(events.__anext__(), 30))
+            mine = [e for e in seen if e.run_id == run.id and e.kind in ("run.started", "progress", "events.dropped")]
+            assert mine[0].kind == "run.started", [e.kind for e in seen][:5]
+            assert [e.data["i"] for e in mine[1:held + 1]] == list(range(held))
+            if count > held:
+                assert mine[-1].kind == "events.dropped" and mine[-1].data == {"count": count - held}
+            await s.stop()
+            await events.aclose()
 
     asyncio.run(main())
 

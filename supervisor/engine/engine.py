@@ -43,7 +43,7 @@ from ..mechanisms.limits import TOKEN_KEYS, Limits
 from ..mechanisms.statelock import StateLock
 from ..store.journal import Journal
 from ..store.report import StopReport
-from .events import Event, Subscription
+from .events import Event, HeldEvents, Subscription
 from .run import AsyncRun, RunOwner, RunServices
 from .states import LIVE, RunState
 from .stop import RevokeSource, StopMode, StopRequest, abort_start
@@ -96,6 +96,7 @@ class Engine:
         self.runs: dict[str, AsyncRun] = {}  # live runs (starting, running, paused, stopping)
         self._leaders: set[int] = set()  # their leader pids (the sweeps skip these subtrees)
         self._cancelled_starts: set[asyncio.Task[None]] = set()  # starts seen through after their caller left
+        self._held: dict[str, HeldEvents] = {}  # run id -> its output while it is starting
         self._ended: collections.OrderedDict[str, AsyncRun] = collections.OrderedDict()
         self._subscribers: list[Subscription] = []
         self._lifecycle_subscribers = 0  # how many of them want lifecycle events (egress path: one int test)
@@ -408,6 +409,7 @@ class Engine:
         run.kernel_limits, run.limits_enforcement = prov.kernel, plan
         run.isolation = prov.confined.summary
         self.runs[run_id] = run
+        self._held[run_id] = HeldEvents()  # its output waits for its run.started (_release_held)
         if owner is not None:
             owner.run_created(run)  # a stop of its session from here on reaches it, still starting or not
         msg = self.host.start_message(prov, blob=blob, argv=argv, generation=generation, egress=channel.address,
@@ -448,6 +450,7 @@ class Engine:
         self.broker.close_channel(run.id)
         self.journal.run_ended(run.id, RunState.FAILED.value, report.reaped_at, None, None, report.to_dict())
         self.host.abort(prov)
+        self._held.pop(run.id, None)  # it never started, as far as any subscriber heard: its output neither
         self._retire(run)
 
     async def _end_cancelled_start(self, run: AsyncRun, prov: Provisioned, launch: "asyncio.Future[Started]",
@@ -479,6 +482,7 @@ class Engine:
                 run.begin_end(StopMode.KILL, "supervisor", f"its network proxy did not start: {exc!r}"[:500])
                 raise
         self._lifecycle(run, "run.started", {"pid": started.pid, "kind": run.kind, "target": run.target})
+        self._release_held(run.id)
         self._ensure_usage_events()
         if limits is not None and (limits.cpu_seconds or limits.memory_bytes or limits.processes):
             self._sampled[run.id] = run
@@ -554,6 +558,7 @@ class Engine:
         self.host.release(run.id, run.uid)
         if run.owner is not None:
             run.owner.run_ended(run)
+        self._release_held(run.id)  # it ended before its start was announced (its proxy failed): output first
         self._publish(Event(run.id, "run.ended", {"state": run.state.value}, time.monotonic_ns(),
                             run.owner.key if run.owner else None, run.generation))
 
@@ -567,8 +572,19 @@ class Engine:
             self.journal.fenced(run_id, t_ns, "emit", f"event {kind!r} of generation {run.generation}")
             self._lifecycle(run, "run.fenced", {"what": "emit", "kind": kind})
             return
-        self._publish(Event(run_id, kind, data, t_ns, run.owner.key if run and run.owner else None,
-                            run.generation if run else 0))
+        event = Event(run_id, kind, data, t_ns, run.owner.key if run and run.owner else None,
+                      run.generation if run else 0)
+        held = self._held.get(run_id)
+        if held is not None:
+            held.hold(event)  # the run emitted before the spawner's word that it started
+        else:
+            self._publish(event)
+
+    def _release_held(self, run_id: str) -> None:
+        held = self._held.pop(run_id, None)
+        if held is not None:
+            for event in held.released():
+                self._publish(event)
 
     def on_result(self, run_id: str, value: Any) -> None:
         run = self.runs.get(run_id)

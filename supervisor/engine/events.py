@@ -30,6 +30,39 @@ LIFECYCLE_KINDS = frozenset({"run.started", "run.tool_call", "run.usage", "run.s
 SUBSCRIBER_BACKLOG = 10_000
 
 
+#: A starting run's own events held until its run.started is out; beyond, they are counted.
+HELD_PER_RUN = 1_000
+
+
+class HeldEvents:
+    """A starting run's own events, held until the supervisor has said the run started.
+
+    The run's first requests can reach the broker before the spawner's word that it forked
+    the run; without this hold a subscriber would see the run's output before its
+    run.started. Bounded: what a run emits beyond HELD_PER_RUN in that window is counted
+    and announced as one events.dropped, as a slow subscriber's overflow is."""
+
+    __slots__ = ("events", "dropped")
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self.dropped = 0
+
+    def hold(self, event: Event) -> None:
+        if len(self.events) < HELD_PER_RUN:
+            self.events.append(event)
+        else:
+            self.dropped += 1
+
+    def released(self) -> list[Event]:
+        """What to publish, in order, now that the run's start is out."""
+        if not self.dropped:
+            return self.events
+        last = self.events[-1]
+        return [*self.events, Event(last.run_id, "events.dropped", {"count": self.dropped}, time.monotonic_ns(),
+                                    last.session, last.generation)]
+
+
 class _Gap:
     """Where a slow subscriber's backlog overflowed: how many events it missed there."""
 

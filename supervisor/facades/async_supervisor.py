@@ -126,6 +126,7 @@ class AsyncSupervisor(Engine):
 
         lifecycle: also the supervisor's own events (session.message,
         session.stopped, run.started, run.tool_call, run.usage, run.fenced).
+        A run's own events never come before its run.started (HeldEvents).
 
         Stale output fence: an event is checked again as it is handed out; if
         its session has moved to a newer generation meanwhile, it is dropped
