@@ -574,9 +574,13 @@ class Engine:
             return
         event = Event(run_id, kind, data, t_ns, run.owner.key if run and run.owner else None,
                       run.generation if run else 0)
+        self._publish_of(run_id, event)
+
+    def _publish_of(self, run_id: str, event: Event) -> None:
+        """An event of a run: published, or held if the run's run.started is not out yet."""
         held = self._held.get(run_id)
-        if held is not None:
-            held.hold(event)  # the run emitted before the spawner's word that it started
+        if held is not None and event.kind != "run.started":
+            held.hold(event)  # the run acted before the spawner's word that it started
         else:
             self._publish(event)
 
@@ -618,8 +622,8 @@ class Engine:
     def _lifecycle(self, run: AsyncRun, kind: str, data: Any) -> None:
         """A supervisor-made event about a run (nothing is built when no one subscribes)."""
         if self._lifecycle_subscribers:
-            self._publish(Event(run.id, kind, data, time.monotonic_ns(), run.owner.key if run.owner else None,
-                                run.generation))
+            self._publish_of(run.id, Event(run.id, kind, data, time.monotonic_ns(),
+                                           run.owner.key if run.owner else None, run.generation))
 
     def publish_session(self, key: str, kind: str, data: Any, generation: int) -> None:
         """A supervisor-made event about a session (session.message, session.stopped)."""
