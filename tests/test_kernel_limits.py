@@ -234,7 +234,8 @@ def test_fork_bomb_never_exceeds_processes(layer, tmp_path) -> None:
         assert watch.peak.get("pids.current", 0) <= limit, watch.peak
         assert watch.peak.get(peak_file, 0) <= limit, watch.peak
         assert run.report and s.usage.peak_processes <= limit, s.usage
-        assert seen >= 2, "the bomb never forked: the test proves nothing"
+        # the /proc counter may miss the bomb's short-lived children on a loaded host; the kernel's peak does not
+        assert max(seen, watch.peak.get(peak_file, 0)) >= 2, "the bomb never forked: the test proves nothing"
         assert _gone(f"run-{run.id}"), "the run's cgroups outlived it"
 
 
