@@ -84,12 +84,29 @@ def _shots(tmp_path) -> str:
 
 
 def _until(driver, what, timeout: float = WAIT):
-    """Wait for `what` to hold; an element replaced while it was read (the page re-rendered) is read again."""
-    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    """Wait for `what` to hold; an element replaced while it was read (the page re-rendered) is read again.
+    If it never does, the failure says what the page showed then."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException, TimeoutException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, timeout, poll_frequency=0.05,
-                         ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)).until(what)
+    try:
+        return WebDriverWait(driver, timeout, poll_frequency=0.05,
+                             ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)).until(what)
+    except TimeoutException:
+        raise AssertionError(f"not within {timeout:g} s; the page showed: {_page_state(driver)}") from None
+
+
+def _page_state(driver) -> str:
+    from selenium.webdriver.common.by import By
+
+    try:
+        rows = {tr.get_attribute("data-session"): tr.get_attribute("data-state")
+                for tr in driver.find_elements(By.CSS_SELECTOR, "tbody tr[data-session]")}
+        found = driver.find_elements(By.ID, "feedback")
+        logs = [e["message"] for e in driver.get_log("browser")]
+        return f"rows {rows}, feedback {found[0].text if found else None!r}, browser log {logs}"
+    except Exception as exc:  # the page itself is gone
+        return f"(unreadable: {exc!r})"
 
 
 def _cell(driver, key: str, field: str):
@@ -145,6 +162,7 @@ def test_an_operator_watches_pauses_resumes_and_stops_a_tree_from_the_browser(da
     child = next(k for k in keys if k.startswith("planner/"))
     assert keys.index(child) == keys.index("planner") + 1
 
+    _until(browser, lambda d: _button(d, "work", "pause").is_enabled())
     _button(browser, "work", "pause").click()
     _until(browser, lambda d: _cell(d, "work", "state") == "paused")
     _until(browser, lambda d: "sessions.pause work: true" in _feedback(d))  # the reply may land after the event

@@ -12,6 +12,7 @@ import time
 
 import pytest
 import zmq
+import zmq.asyncio
 import zmq.auth
 
 from daemonctl import SLEEPER_CONFIG, Daemon, Ready
@@ -518,3 +519,42 @@ def test_a_client_that_disconnects_mid_call_wedges_nothing(daemon, ready) -> Non
         assert info.state == "stopped" and info.report["ended_by"] == "sigkill", info
         assert c.health().live_runs == 0
     assert marked_processes(run_id) == {}
+
+
+def test_an_async_client_survives_a_reply_it_cannot_read(tmp_path) -> None:
+    """A reply that does not fit its verb fails that call only: the client's reader lives on, and the
+    next call is answered (a dead reader left every later call waiting for ever: the console's client
+    waits with no bound). The daemon here is a stand-in ROUTER socket, so the reply can be wrong."""
+    from deadstop.ipc import gateway
+    from deadstop.supervisor.client.aio import AsyncClient
+
+    async def main() -> None:
+        ctx = zmq.asyncio.Context()
+        router = ctx.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        endpoint = f"ipc://{tmp_path}/control"
+        router.bind(endpoint)
+        where = gateway.ConnectionFile(control=[endpoint], events=[f"ipc://{tmp_path}/events"], pid=os.getpid(),
+                                       started=time.time(), state_dir=str(tmp_path), supervisor_id="stand-in")
+
+        async def answer(result: object) -> None:
+            ident, version, req_id, body = await router.recv_multipart()
+            assert json.loads(body)["verb"] == "sessions.show"
+            await router.send_multipart([ident, version, req_id, json.dumps({"ok": True, "result": result}).encode()])
+
+        try:
+            async with AsyncClient(where, timeout=None) as client:
+                first = asyncio.ensure_future(client.session("chat"))
+                await asyncio.wait_for(answer({"key": ["not", "a", "key"]}), 30)
+                with pytest.raises(Exception) as unreadable:
+                    await asyncio.wait_for(first, 30)
+                assert not isinstance(unreadable.value, asyncio.TimeoutError), "the call was never answered"
+                second = asyncio.ensure_future(client.session("chat"))
+                info = {"key": "chat", "agent": "sleeper", "state": "idle", "generation": 1}
+                real = await asyncio.wait_for(asyncio.gather(answer(info), second), 30)
+                assert real[1].key == "chat"
+        finally:
+            router.close()
+            ctx.term()
+
+    asyncio.run(main())

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import itertools
+import logging
 import secrets
 from typing import Any, AsyncIterator, Callable
 
@@ -27,6 +28,8 @@ from ...ipc import gateway
 from ...ipc.control import ControlFault, Fault
 from .client import SUBSCRIBE_WAIT, _request, _result, _routing_id, _Transport, _Verbs, is_mark
 from .locate import locate
+
+log = logging.getLogger("deadstop.client")
 
 
 class AsyncClient(_Verbs):
@@ -93,7 +96,10 @@ class AsyncClient(_Verbs):
             if len(frames) != 3 or frames[0] != gateway.VERSION:
                 continue
             if frames[1] == gateway.PUSH_ID:
-                self._push(msgspec.json.decode(frames[2]))
+                try:
+                    self._push(msgspec.json.decode(frames[2]))
+                except (msgspec.DecodeError, msgspec.ValidationError, TypeError, ValueError):
+                    log.warning("deadstop client: a push it cannot read was ignored")
                 continue
             entry = self._pending.get(frames[1])
             if entry is None or entry[1].done():
@@ -101,7 +107,7 @@ class AsyncClient(_Verbs):
             name, fut = entry
             try:
                 fut.set_result(_result(name, frames[2]))
-            except ControlFault as exc:
+            except Exception as exc:  # a fault, or a reply this client cannot read: that call fails, not the reader
                 fut.set_exception(exc)
 
     # -- providing tools ------------------------------------------------------------------------------

@@ -32,6 +32,9 @@ COALESCE = 0.05
 SERIES_POINTS, SERIES_RUNS = 720, 256
 #: Messages a page may have waiting; a page further behind is dropped (it reconnects and gets a snapshot).
 PAGE_BACKLOG = 1000
+#: A row's refresh unanswered this long is given up and tried again (the console's client itself waits for
+#: ever: a page's stop may take that long); seconds before a failed refresh is tried again.
+REFRESH_TIMEOUT, REFRESH_RETRY = 10.0, 1.0
 
 _ROW_EVENTS = frozenset({"run.started", "run.ended", "run.usage", "run.fenced", "session.message",
                          "session.stopped", "run.tool_call"})
@@ -101,6 +104,9 @@ class Feed:
             await self._snapshot()
             self.ready.set()
             async for event in stream:
+                if refresher.done():  # it failed: the rows would go stale for good; follow again from a snapshot
+                    refresher.result()
+                    raise RuntimeError("the refresher ended")
                 self._apply(event)
         finally:
             refresher.cancel()
@@ -167,12 +173,17 @@ class Feed:
 
     async def _refresh(self, key: str) -> None:
         try:
-            info = msgspec.to_builtins(await self.client.session(key))
+            info = msgspec.to_builtins(await asyncio.wait_for(self.client.session(key), REFRESH_TIMEOUT))
         except ControlFault as exc:
             if exc.fault is Fault.NO_SUCH_SESSION:
                 self._seqs.pop(key, None)
-            if exc.fault is Fault.NO_SUCH_SESSION and self.rows.pop(key, None) is not None:
-                self._broadcast("remove", {"key": key})
+                if self.rows.pop(key, None) is not None:
+                    self._broadcast("remove", {"key": key})
+            else:
+                self._retry(key, exc)
+            return
+        except asyncio.TimeoutError as exc:
+            self._retry(key, exc)
             return
         old = self.rows.get(key)
         row = self._row(info, old)
@@ -180,6 +191,11 @@ class Feed:
         if old is None and row.get("parent") in self.rows:
             self._mark(row["parent"])  # its children changed
         self._broadcast("row", row)
+
+    def _retry(self, key: str, exc: BaseException) -> None:
+        """A refresh that failed is not the row's last word: it is read again shortly."""
+        log.warning("deadstop console: session %r not refreshed (%r); trying again", key, exc)
+        asyncio.get_running_loop().call_later(REFRESH_RETRY, self._mark, key)
 
     def _row(self, info: dict[str, Any], old: dict[str, Any] | None = None) -> dict[str, Any]:
         """The session as the table shows it: its info, and the newest sample of its active run."""
