@@ -10,6 +10,7 @@ import signal
 import sqlite3
 import time
 
+import msgspec
 import pytest
 import zmq
 import zmq.asyncio
@@ -546,9 +547,8 @@ def test_an_async_client_survives_a_reply_it_cannot_read(tmp_path) -> None:
             async with AsyncClient(where, timeout=None) as client:
                 first = asyncio.ensure_future(client.session("chat"))
                 await asyncio.wait_for(answer({"key": ["not", "a", "key"]}), 30)
-                with pytest.raises(Exception) as unreadable:
+                with pytest.raises(msgspec.ValidationError):  # not a TimeoutError: the call was answered
                     await asyncio.wait_for(first, 30)
-                assert not isinstance(unreadable.value, asyncio.TimeoutError), "the call was never answered"
                 second = asyncio.ensure_future(client.session("chat"))
                 info = {"key": "chat", "agent": "sleeper", "state": "idle", "generation": 1}
                 real = await asyncio.wait_for(asyncio.gather(answer(info), second), 30)

@@ -98,7 +98,7 @@ class AsyncClient(_Verbs):
             if frames[1] == gateway.PUSH_ID:
                 try:
                     self._push(msgspec.json.decode(frames[2]))
-                except (msgspec.DecodeError, msgspec.ValidationError, TypeError, ValueError):
+                except (TypeError, ValueError):  # msgspec's decode and validation errors are ValueErrors
                     log.warning("deadstop client: a push it cannot read was ignored")
                 continue
             entry = self._pending.get(frames[1])

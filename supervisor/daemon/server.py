@@ -20,7 +20,6 @@ import asyncio
 import logging
 import os
 import signal
-import threading
 import time
 from typing import Any, Callable
 
@@ -214,23 +213,14 @@ class Daemon:
         loop = asyncio.get_running_loop()
 
         def used() -> None:  # on the console's thread, inside the login's request
-            replaced = threading.Event()
-
-            def replace() -> None:
-                try:
-                    self._file_login_used()
-                finally:
-                    replaced.set()
-
             try:
-                loop.call_soon_threadsafe(replace)
-            except RuntimeError:  # the daemon's loop is closed: there is no file left to refresh
-                return
-            replaced.wait(5.0)
+                asyncio.run_coroutine_threadsafe(self._file_login_used(), loop).result(5.0)
+            except Exception:  # not in time, or the file could not be written: the login itself stands
+                log.warning("deadstop console: the connection file's login link was not replaced", exc_info=True)
 
         self._console_login = self.console.login_link("write", ttl=None, on_use=used)
 
-    def _file_login_used(self) -> None:
+    async def _file_login_used(self) -> None:
         if self.console is not None and not self._stopping.is_set():
             self._new_file_login()
             self._write_connection_file()

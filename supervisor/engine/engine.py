@@ -409,7 +409,7 @@ class Engine:
         run.kernel_limits, run.limits_enforcement = prov.kernel, plan
         run.isolation = prov.confined.summary
         self.runs[run_id] = run
-        self._held[run_id] = HeldEvents()  # its output waits for its run.started (_release_held)
+        self._held[run_id] = HeldEvents()  # its output waits for its run.started (_attach_started)
         if owner is not None:
             owner.run_created(run)  # a stop of its session from here on reaches it, still starting or not
         msg = self.host.start_message(prov, blob=blob, argv=argv, generation=generation, egress=channel.address,
@@ -481,8 +481,9 @@ class Engine:
             except BaseException as exc:
                 run.begin_end(StopMode.KILL, "supervisor", f"its network proxy did not start: {exc!r}"[:500])
                 raise
+        held = self._held.pop(run.id, None)  # first run.started, then what the run did before it was out
         self._lifecycle(run, "run.started", {"pid": started.pid, "kind": run.kind, "target": run.target})
-        self._release_held(run.id)
+        self._publish_held(held)
         self._ensure_usage_events()
         if limits is not None and (limits.cpu_seconds or limits.memory_bytes or limits.processes):
             self._sampled[run.id] = run
@@ -558,7 +559,7 @@ class Engine:
         self.host.release(run.id, run.uid)
         if run.owner is not None:
             run.owner.run_ended(run)
-        self._release_held(run.id)  # it ended before its start was announced (its proxy failed): output first
+        self._publish_held(self._held.pop(run.id, None))  # ended before its start was out (its proxy failed)
         self._publish(Event(run.id, "run.ended", {"state": run.state.value}, time.monotonic_ns(),
                             run.owner.key if run.owner else None, run.generation))
 
@@ -579,13 +580,12 @@ class Engine:
     def _publish_of(self, run_id: str, event: Event) -> None:
         """An event of a run: published, or held if the run's run.started is not out yet."""
         held = self._held.get(run_id)
-        if held is not None and event.kind != "run.started":
+        if held is not None:
             held.hold(event)  # the run acted before the spawner's word that it started
         else:
             self._publish(event)
 
-    def _release_held(self, run_id: str) -> None:
-        held = self._held.pop(run_id, None)
+    def _publish_held(self, held: HeldEvents | None) -> None:
         if held is not None:
             for event in held.released():
                 self._publish(event)
